@@ -1,0 +1,182 @@
+"""model.stream(): layer groups read ahead by a background thread, bounded by ``prefetch``.
+
+CPU: each group's bytes are read straight into freshly allocated tensors (pread from the
+shared page cache, split across a few threads for large groups), or handed out as
+zero-copy views with ``copy=False``.
+
+CUDA: a ring of ``prefetch + 1`` pinned host buffers, each as large as the largest group.
+The reader fills a slot (waiting first for that slot's previous H2D copy to finish), then
+issues ``non_blocking`` copies on a side stream and records one event per group. The
+consumer's current stream waits on that event only, so layer i+1 is copied while layer i
+computes; tensors are marked with ``record_stream`` for the caching allocator.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from ._dtypes import torch_dtype, torch_module
+from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from ._model import Model, TensorMeta
+
+READ_SPLIT = 8 << 20  # bytes per parallel read
+READ_THREADS = 4
+
+_DONE = object()
+
+
+def _flat_u8(t: Any) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's storage."""
+    torch = torch_module()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class LayerStream:
+    """Iterator of (group name, {tensor name: tensor}). ``groups_read`` and ``groups_yielded``
+    are public so the prefetch bound can be observed; ``close()`` stops the reader early."""
+
+    def __init__(self, model: Model, groups: list[tuple[str, list[TensorMeta]]], device: Any, prefetch: int,
+                 copy: bool) -> None:  # fmt: skip
+        if prefetch < 1:
+            raise InvalidInputError(f"prefetch={prefetch}: must be at least 1")
+        torch = torch_module()
+        self.model = model
+        self.groups = groups
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.copy = copy
+        self.groups_read = 0
+        self.groups_yielded = 0
+        self.max_ahead = 0
+        self._slots = threading.Semaphore(prefetch)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="wc-read")
+        self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            if not torch.cuda.is_available():
+                raise InvalidInputError(f"device {self.device} requested but CUDA is not available")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            biggest = max((sum(t.length for t in ts) for _, ts in groups), default=0)
+            self._side = torch.cuda.Stream(device=self.device)
+            self._ring = [torch.empty(max(biggest, 1), dtype=torch.uint8, pin_memory=True) for _ in range(prefetch + 1)]
+            self._ring_free: list[Any] = [None] * (prefetch + 1)
+        elif self.device.type != "cpu":
+            raise InvalidInputError(f"device {self.device}: stream() supports cpu and cuda")
+        self._thread = threading.Thread(target=self._reader, name="wc-stream", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- reader thread
+
+    def _read(self, t: TensorMeta, dest: memoryview) -> None:
+        backing = self.model._backing(t.file)
+        if len(dest) <= READ_SPLIT:
+            backing.read_into(t.offset, dest)
+            return
+        futs = [self._pool.submit(backing.read_into, t.offset + o, dest[o : o + READ_SPLIT])
+                for o in range(0, len(dest), READ_SPLIT)]  # fmt: skip
+        for f in futs:
+            f.result()
+
+    def _reader(self) -> None:
+        try:
+            for i, (name, metas) in enumerate(self.groups):
+                while not self._slots.acquire(timeout=0.1):
+                    if self._stop.is_set():
+                        return
+                if self._stop.is_set():
+                    return
+                item = self._read_cuda(i, metas) if self._cuda else self._read_cpu(metas)
+                self.groups_read += 1
+                self.max_ahead = max(self.max_ahead, self.groups_read - self.groups_yielded)
+                self._queue.put((name, *item))
+            self._queue.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._queue.put(exc)
+
+    def _read_cpu(self, metas: list[TensorMeta]) -> tuple[dict[str, Any], Any]:
+        torch = torch_module()
+        out: dict[str, Any] = {}
+        for t in metas:
+            if not self.copy:
+                out[t.name] = self.model.get_tensor(t.name)
+                continue
+            dtype = torch_dtype(t.dtype)
+            dst = torch.empty(t.shape, dtype=dtype)
+            if t.length:
+                self._read(t, _flat_u8(dst))
+            out[t.name] = dst
+        return out, None
+
+    def _read_cuda(self, i: int, metas: list[TensorMeta]) -> tuple[dict[str, Any], Any]:
+        torch = torch_module()
+        slot = i % len(self._ring)
+        if self._ring_free[slot] is not None:
+            self._ring_free[slot].synchronize()  # that slot's previous H2D copy is finished
+        staging = self._ring[slot]
+        sview = _flat_u8(staging)
+        pos = 0
+        spans = []
+        for t in metas:
+            if t.length:
+                self._read(t, sview[pos : pos + t.length])
+            spans.append((t, pos))
+            pos += t.length
+        out: dict[str, Any] = {}
+        with torch.cuda.stream(self._side):
+            for t, p in spans:
+                dst = torch.empty(t.shape, dtype=torch_dtype(t.dtype), device=self.device)
+                if t.length:
+                    dst.reshape(-1).view(torch.uint8).copy_(staging[p : p + t.length], non_blocking=True)
+                out[t.name] = dst
+            done = torch.cuda.Event()
+            done.record(self._side)
+        self._ring_free[slot] = done
+        return out, done
+
+    # ---------------------------------------------------------------- consumer
+
+    def __iter__(self) -> LayerStream:
+        return self
+
+    def __next__(self) -> tuple[str, dict[str, Any]]:
+        item = self._queue.get()
+        if item is _DONE:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        name, tensors, event = item
+        if event is not None:
+            torch = torch_module()
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in tensors.values():
+                t.record_stream(current)
+        self.groups_yielded += 1
+        self._slots.release()
+        return name, tensors
+
+    def close(self) -> None:
+        self._stop.set()
+        self._slots.release()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        self._pool.shutdown(wait=True)
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def stream_groups(model: Model, groups: list[tuple[str, list[TensorMeta]]], device: Any, prefetch: int,
+                  copy: bool) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
+    return LayerStream(model, groups, device, prefetch, copy)
+

@@ -1,0 +1,120 @@
+"""The error tree shared by the daemon, cachectl and the client library.
+
+    WeightcacheError
+    ├── NotFoundError          NOT_FOUND            no such model, snapshot, file or blob
+    ├── AlreadyExistsError     ALREADY_EXISTS
+    ├── BusyError              FAILED_PRECONDITION  in use (leased, locked by another daemon)
+    ├── InvalidInputError      INVALID_ARGUMENT     bad request or bad file (names the rule)
+    ├── CorruptedError         DATA_LOSS            bytes do not match their digest
+    ├── PermissionDeniedError  PERMISSION_DENIED    caller or source not allowed
+    ├── ExhaustedError         RESOURCE_EXHAUSTED   out of space, over capacity, too many clients
+    ├── SourceError            UNAVAILABLE          the source (S3, directory, HTTP) failed
+    ├── DeadlineError          DEADLINE_EXCEEDED
+    └── InternalError          INTERNAL             a bug: the message says where
+
+Every message carries its context ("blob sha256:ab12… of model llama-8b: …").
+``CODE_OF`` / ``ERROR_OF`` are the one table between these classes and gRPC
+status codes; the daemon maps exceptions with it and the client maps statuses
+back, so a caller sees the same category and message on both sides.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "CODE_OF",
+    "ERROR_OF",
+    "AlreadyExistsError",
+    "BusyError",
+    "CorruptedError",
+    "DeadlineError",
+    "ExhaustedError",
+    "InternalError",
+    "InvalidInputError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "SourceError",
+    "WeightcacheError",
+    "from_code",
+]
+
+
+class WeightcacheError(Exception):
+    """Base of every error weightcache raises on purpose."""
+
+
+class NotFoundError(WeightcacheError):
+    pass
+
+
+class AlreadyExistsError(WeightcacheError):
+    pass
+
+
+class BusyError(WeightcacheError):
+    pass
+
+
+class InvalidInputError(WeightcacheError, ValueError):
+    pass
+
+
+class CorruptedError(WeightcacheError):
+    pass
+
+
+class PermissionDeniedError(WeightcacheError, PermissionError):
+    pass
+
+
+class ExhaustedError(WeightcacheError):
+    pass
+
+
+class SourceError(WeightcacheError):
+    pass
+
+
+class DeadlineError(WeightcacheError, TimeoutError):
+    pass
+
+
+class InternalError(WeightcacheError):
+    pass
+
+
+CODE_OF: dict[type[WeightcacheError], grpc.StatusCode] = {
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    BusyError: grpc.StatusCode.FAILED_PRECONDITION,
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    CorruptedError: grpc.StatusCode.DATA_LOSS,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    ExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SourceError: grpc.StatusCode.UNAVAILABLE,
+    DeadlineError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    InternalError: grpc.StatusCode.INTERNAL,
+}
+ERROR_OF: dict[grpc.StatusCode, type[WeightcacheError]] = {code: cls for cls, code in CODE_OF.items()}
+
+
+def code_for(exc: WeightcacheError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in CODE_OF:
+            return CODE_OF[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+def from_code(code: grpc.StatusCode | str, message: str) -> WeightcacheError:
+    """The exception for a gRPC status (or its name, as fd.sock sends it)."""
+    if isinstance(code, str):
+        code = grpc.StatusCode[code] if code in grpc.StatusCode.__members__ else grpc.StatusCode.UNKNOWN
+    cls = ERROR_OF.get(code)
+    if cls is None:
+        if code == grpc.StatusCode.UNAVAILABLE:
+            cls = SourceError
+        else:
+            cls = InternalError
+            message = f"{code.name}: {message}"
+    return cls(message)

@@ -1,0 +1,67 @@
+"""Framing of fd.sock: 4-byte big-endian length + one protobuf message, with descriptors
+as SCM_RIGHTS ancillary data on the sendmsg() that carries the frame (see the proto)."""
+
+from __future__ import annotations
+
+import array
+import socket
+import struct
+
+MAX_FRAME = 16 << 20  # an Acquire response for thousands of files stays far below this
+MAX_FDS_PER_MSG = 250  # the kernel's SCM_MAX_FD is 253
+
+
+def pack(payload: bytes) -> bytes:
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"fd.sock frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+    return struct.pack(">I", len(payload)) + payload
+
+
+def recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """Blocking receive of one frame and the descriptors that came with it.
+
+    Raises ConnectionError on EOF. Descriptors are returned even if the frame is bad, so
+    the caller can close them.
+    """
+    fds: list[int] = []
+    header = b""
+    while len(header) < 4:
+        data, anc, _flags, _ = sock.recvmsg(4 - len(header), socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4))
+        fds.extend(_fds(anc))
+        if not data:
+            _close(fds)
+            raise ConnectionError("fd.sock closed by the peer")
+        header += data
+    (n,) = struct.unpack(">I", header)
+    if n > MAX_FRAME:
+        _close(fds)
+        raise ConnectionError(f"fd.sock frame of {n} bytes exceeds {MAX_FRAME}")
+    body = bytearray()
+    while len(body) < n:
+        data, anc, _flags, _ = sock.recvmsg(n - len(body), socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4))
+        fds.extend(_fds(anc))
+        if not data:
+            _close(fds)
+            raise ConnectionError("fd.sock closed in the middle of a frame")
+        body += data
+    return bytes(body), fds
+
+
+def _fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    out: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            out.extend(arr)
+    return out
+
+
+def _close(fds: list[int]) -> None:
+    import os
+
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,167 @@
+"""The safetensors format: header parsing and the validation rules (DESIGN decision 6).
+
+Layout: 8 bytes little-endian header length N, N bytes of UTF-8 JSON object, then the
+data section. Every tensor entry is ``{"dtype", "shape", "data_offsets": [begin, end]}``
+with offsets relative to the start of the data section. A valid file:
+
+* has N >= 2 and the header inside the file, and N <= MAX_HEADER (100 MB);
+* has a UTF-8 JSON object header starting with ``{`` and no duplicate keys;
+* has ``__metadata__`` (optional) mapping strings to strings;
+* names known dtypes; shapes are lists of non-negative integers;
+* has bytes == product(shape) * dtype bits / 8 (exact Python ints, so no overflow);
+* has data offsets sorted, contiguous from 0, without overlap, ending exactly at the
+  end of the file (no trailing bytes, no gaps).
+
+``parse_header`` raises InvalidInputError naming the file and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidInputError
+
+__all__ = ["DTYPE_BITS", "MAX_HEADER", "TensorInfo", "parse_header", "read_header"]
+
+MAX_HEADER = 100_000_000
+
+# Bits per element of every dtype the safetensors format defines.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute offset of the first byte within the file
+    length: int
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Dup(key)
+        out[key] = value
+    return out
+
+
+class _Dup(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def read_header(fd: int, file_size: int, label: str) -> tuple[int, bytes]:
+    """Read (header length, header bytes) from an open file, checking the length rules."""
+    if file_size < 8:
+        raise InvalidInputError(f"{label}: file is {file_size} bytes, shorter than the 8-byte header length")
+    raw = os.pread(fd, 8, 0)
+    n = int.from_bytes(raw, "little")
+    if n > MAX_HEADER:
+        raise InvalidInputError(f"{label}: header length {n} exceeds the {MAX_HEADER}-byte limit")
+    if n < 2:
+        raise InvalidInputError(f"{label}: header length {n} is too small to hold a JSON object")
+    if 8 + n > file_size:
+        raise InvalidInputError(f"{label}: header length {n} runs past the end of the {file_size}-byte file")
+    header = os.pread(fd, n, 8)
+    if len(header) != n:
+        raise InvalidInputError(f"{label}: file ended inside the {n}-byte header")
+    return n, header
+
+
+def parse_header(header: bytes, file_size: int, label: str) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Validate a header against the file size; return tensors in offset order and metadata."""
+    n = len(header)
+    if not header.startswith(b"{"):
+        raise InvalidInputError(f"{label}: header does not start with '{{' (not a JSON object)")
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{label}: header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except _Dup as dup:
+        raise InvalidInputError(f"{label}: header has duplicate key {dup.key!r}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidInputError(f"{label}: header is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise InvalidInputError(f"{label}: header is not a JSON object")
+    metadata: dict[str, str] = {}
+    raw_meta = obj.pop("__metadata__", None)
+    if raw_meta is not None:
+        if not isinstance(raw_meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()):
+            raise InvalidInputError(f"{label}: __metadata__ must map strings to strings")
+        metadata = dict(raw_meta)
+    data_start = 8 + n
+    data_size = file_size - data_start
+    entries: list[tuple[int, int, str, str, tuple[int, ...]]] = []
+    for name, entry in obj.items():
+        where = f"{label}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise InvalidInputError(f"{where}: entry is not an object")
+        unknown = set(entry) - {"dtype", "shape", "data_offsets"}
+        missing = {"dtype", "shape", "data_offsets"} - set(entry)
+        if missing:
+            raise InvalidInputError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
+        if unknown:
+            raise InvalidInputError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        dtype = entry["dtype"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise InvalidInputError(f"{where}: unknown dtype {dtype!r}")
+        shape = entry["shape"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise InvalidInputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        offs = entry["data_offsets"]
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int and o >= 0 for o in offs)):
+            raise InvalidInputError(f"{where}: data_offsets {offs!r} is not [begin, end] of non-negative integers")
+        begin, end = offs
+        if end < begin:
+            raise InvalidInputError(f"{where}: data_offsets end {end} is before begin {begin}")
+        nelem = 1
+        for d in shape:
+            nelem *= d  # Python ints: exact, no overflow
+        bits = nelem * DTYPE_BITS[dtype]
+        if bits % 8:
+            raise InvalidInputError(f"{where}: {nelem} elements of {dtype} do not fill whole bytes")
+        if bits // 8 != end - begin:
+            raise InvalidInputError(
+                f"{where}: shape {shape} of {dtype} needs {bits // 8} bytes but data_offsets span {end - begin}"
+            )
+        entries.append((begin, end, name, dtype, tuple(shape)))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    cursor = 0
+    tensors: list[TensorInfo] = []
+    for begin, end, name, dtype, shape in entries:
+        if begin < cursor:
+            raise InvalidInputError(f"{label}: tensor {name!r} at [{begin}, {end}) overlaps the previous tensor ending at {cursor}")
+        if begin > cursor:
+            raise InvalidInputError(f"{label}: gap of {begin - cursor} bytes before tensor {name!r} (offsets must be contiguous from 0)")
+        cursor = end
+        tensors.append(TensorInfo(name, dtype, shape, data_start + begin, end - begin))
+    if cursor != data_size:
+        if cursor > data_size:
+            raise InvalidInputError(f"{label}: tensors need {cursor} data bytes but the file has {data_size}")
+        raise InvalidInputError(f"{label}: {data_size - cursor} trailing bytes after the last tensor")
+    return tensors, metadata
+
+
+def validate_file(path: str, label: str | None = None) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Open and validate a safetensors file on disk."""
+    label = label or path
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        _, header = read_header(fd, size, label)
+        return parse_header(header, size, label)
+    finally:
+        os.close(fd)

@@ -1,0 +1,272 @@
+"""cachectl: the operator CLI over the admin socket.
+
+Every listing takes --json; prefetch draws a progress bar on a terminal and is quiet
+otherwise; a failure prints the daemon's message and exits non-zero (2 for bad input,
+1 for everything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from weightcache import paths
+from weightcache.errors import InvalidInputError, SourceError, WeightcacheError, from_code
+from weightcache.v1 import weightcache_pb2 as pb
+from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
+
+from .progress import Bar, human
+
+
+def admin_socket(arg: Path | None) -> Path:
+    if arg:
+        return arg
+    env = os.environ
+    if env.get("WEIGHTCACHE_ADMIN_SOCKET"):
+        return Path(env["WEIGHTCACHE_ADMIN_SOCKET"])
+    return paths.SYSTEM_ADMIN_SOCKET if os.geteuid() == 0 else paths.user_admin_socket(env)
+
+
+def _stub(sock: Path) -> pb_grpc.AdminStub:
+    if not sock.exists():
+        raise SourceError(f"admin socket {sock} does not exist: is weightcached running? (--admin-socket or "
+                          "WEIGHTCACHE_ADMIN_SOCKET point elsewhere)")  # fmt: skip
+    channel = grpc.insecure_channel(f"unix://{sock}", options=[("grpc.max_receive_message_length", 64 << 20)])
+    return pb_grpc.AdminStub(channel)
+
+
+def _call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    try:
+        return fn(*args, **kw)
+    except grpc.RpcError as exc:
+        raise from_code(exc.code(), exc.details() or "") from None
+
+
+def _dict(msg: Any) -> dict[str, Any]:
+    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _out(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_prefetch(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
+    req = pb.PrefetchRequest(uri=a.uri, name=a.name or "", pin=a.pin, include=a.include or [], exclude=a.exclude or [])
+    bar = Bar(enabled=sys.stderr.isatty() and not a.json)
+    model = None
+    try:
+        for ev in stub.Prefetch(req):
+            if ev.HasField("progress"):
+                p = ev.progress
+                bar.update(p.bytes_done, p.bytes_total, p.bytes_per_second,
+                           f"{p.files_done}/{p.files_total} files {pb.Progress.Phase.Name(p.phase).lower()}")  # fmt: skip
+            else:
+                model = ev.model
+    except grpc.RpcError as exc:
+        bar.close()
+        raise from_code(exc.code(), exc.details() or "") from None
+    bar.close()
+    if model is None:
+        raise WeightcacheError("the daemon ended the prefetch without a result")
+    if a.json:
+        _out(_dict(model))
+    else:
+        print(f"{model.name}: snapshot {model.snapshot_id}, {model.file_count} files, {human(model.size)}"
+              f"{' (pinned)' if model.pinned else ''}\n  {model.path}")  # fmt: skip
+    return 0
+
+
+def _leases(m: Any) -> str:
+    return ",".join(f"{le.pid}/{le.uid}" for le in m.leases) or "-"
+
+
+def cmd_ls(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
+    resp = _call(stub.List, pb.ListRequest())
+    if a.json:
+        _out([_dict(m) for m in resp.models])
+        return 0
+    rows = [[m.name, m.snapshot_id[:12], human(m.size), str(m.file_count), "yes" if m.pinned else "",
+             _when(m.last_used_at), _leases(m), m.source] for m in resp.models]  # fmt: skip
+    _table(rows, ["NAME", "SNAPSHOT", "SIZE", "FILES", "PINNED", "LAST USED", "LEASES(pid/uid)", "SOURCE"])
+    return 0
+
+
+def cmd_show(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
+    resp = _call(stub.Show, pb.ShowRequest(model=a.model, tensors=a.tensors))
+    if a.json:
+        _out(_dict(resp))
+        return 0
+    m, man = resp.model, resp.manifest
+    print(f"name:      {m.name or '(unnamed snapshot)'}")
+    print(f"snapshot:  {man.snapshot_id}")
+    print(f"source:    {man.source}")
+    print(f"path:      {man.path}")
+    if m.name:
+        print(f"size:      {human(m.size)} in {m.file_count} files; pinned: {'yes' if m.pinned else 'no'}; "
+              f"last used {_when(m.last_used_at)}")  # fmt: skip
+        print(f"leases:    {', '.join(f'pid {le.pid} uid {le.uid} gid {le.gid}' for le in m.leases) or 'none'}")
+    print("files:")
+    for f in man.files:
+        print(f"  {human(f.size):>10}  sha256:{f.sha256[:16]}…  {f.path}")
+    if a.tensors:
+        print(f"tensors ({len(man.tensors)}, {len(man.layers)} layers):")
+        for t in man.tensors:
+            print(f"  {t.layer:<12} {t.name:<60} {t.dtype:<8} {list(t.shape)!s:<20} {human(t.length):>10}  {t.file}")
+    return 0
+
+
+def cmd_evict(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
+    if not a.models and not a.all_unpinned:
+        raise InvalidInputError("evict needs MODEL names or --all-unpinned")
+    resp = _call(stub.Evict, pb.EvictRequest(models=a.models, all_unpinned=a.all_unpinned, dry_run=a.dry_run,
+                                             force=a.force))  # fmt: skip
+    if a.json:
+        _out(_dict(resp))
+        return 0
+    verb = "would evict" if resp.dry_run else "evicted"
+    print(f"{verb} {len(resp.models)} model(s): {', '.join(resp.models) or '-'}")
+    print(f"  snapshots: {len(resp.snapshots)}, blobs: {len(resp.blobs)}, "
+          f"{'would free' if resp.dry_run else 'freed'} {human(resp.bytes_freed)}")  # fmt: skip
+    return 0
+
+
+def cmd_pin(stub: pb_grpc.AdminStub, a: argparse.Namespace, pin: bool) -> int:
+    m = _call(stub.Pin if pin else stub.Unpin, pb.PinRequest(model=a.model))
+    if a.json:
+        _out(_dict(m))
+    else:
+        print(f"{m.name}: {'pinned' if m.pinned else 'unpinned'}")
+    return 0
+
+
+def cmd_stats(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
+    s = _call(stub.Stats, pb.StatsRequest())
+    if a.json:
+        _out(_dict(s))
+        return 0
+    saved = s.logical_bytes - s.stored_bytes
+    print(f"cache dir:        {s.cache_dir}")
+    print(f"models:           {s.models} ({s.snapshots} snapshots, {s.blobs} blobs)")
+    print(f"logical bytes:    {human(s.logical_bytes)}")
+    print(f"stored bytes:     {human(s.stored_bytes)}  (dedup saves {human(max(saved, 0))})")
+    print(f"capacity:         {human(s.max_size) if s.max_size else 'unlimited'}; filesystem free {human(s.filesystem_free)}")
+    print(f"downloaded:       {human(s.bytes_downloaded)} since start; {s.active_downloads} download(s) running")
+    print(f"leases:           {s.leases}")
+    return 0
+
+
+def cmd_verify(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
+    bar = Bar(enabled=sys.stderr.isatty() and not a.json)
+    result = None
+    try:
+        for ev in stub.Verify(pb.VerifyRequest(model=a.model or "")):
+            if ev.HasField("progress"):
+                p = ev.progress
+                bar.update(p.bytes_done, p.bytes_total, 0.0, f"{p.files_done}/{p.files_total} blobs")
+            else:
+                result = ev.result
+    except grpc.RpcError as exc:
+        bar.close()
+        raise from_code(exc.code(), exc.details() or "") from None
+    bar.close()
+    assert result is not None
+    if a.json:
+        _out(_dict(result))
+    else:
+        print(f"checked {result.blobs_checked} blob(s), {human(result.bytes_checked)}")
+        for d in result.corrupt:
+            print(f"  CORRUPT sha256:{d}")
+        for d in result.missing:
+            print(f"  MISSING sha256:{d}")
+    return 1 if (result.corrupt or result.missing) else 0
+
+
+def cmd_gc(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
+    r = _call(stub.GC, pb.GCRequest(dry_run=a.dry_run))
+    if a.json:
+        _out(_dict(r))
+        return 0
+    verb = "would remove" if r.dry_run else "removed"
+    print(f"{verb} {len(r.blobs)} orphan blob(s), {len(r.ingests)} stale ingest(s), {len(r.snapshots)} unnamed "
+          f"snapshot(s): {human(r.bytes_freed)}")  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cachectl", description="Operate the weightcache daemon over its admin socket.")
+    ap.add_argument("--admin-socket", type=Path, help="default: $WEIGHTCACHE_ADMIN_SOCKET, then the daemon's default")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = add("prefetch", "download a model into the cache (s3://bucket/prefix/ or file:///dir/)")
+    p.add_argument("uri")
+    p.add_argument("--name", help="model name (default: the URI's last path component)")
+    p.add_argument("--pin", action="store_true", help="never evict it automatically")
+    p.add_argument("--include", action="append", metavar="GLOB", help="only files matching (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="skip files matching (repeatable)")
+    add("ls", "list cached models")
+    p = add("show", "show one model (name, source URI or snapshot id)")
+    p.add_argument("model")
+    p.add_argument("--tensors", action="store_true", help="also list every tensor")
+    p = add("evict", "remove models (plans first; blobs shared with other models stay)")
+    p.add_argument("models", nargs="*", metavar="MODEL")
+    p.add_argument("--all-unpinned", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the bytes it would free")
+    p.add_argument("--force", action="store_true", help="also evict models leased by running processes")
+    for name in ("pin", "unpin"):
+        p = add(name, f"{name} a model")
+        p.add_argument("model")
+    add("stats", "sizes: logical vs stored (dedup), downloads, leases")
+    p = add("verify", "re-hash blobs and report corrupt or missing ones")
+    p.add_argument("model", nargs="?")
+    p = add("gc", "remove orphan blobs, stale ingests and unnamed snapshots")
+    p.add_argument("--dry-run", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    try:
+        stub = _stub(admin_socket(a.admin_socket))
+        handlers: dict[str, Callable[[pb_grpc.AdminStub, argparse.Namespace], int]] = {
+            "prefetch": cmd_prefetch, "ls": cmd_ls, "show": cmd_show, "evict": cmd_evict,
+            "pin": lambda s, a: cmd_pin(s, a, True), "unpin": lambda s, a: cmd_pin(s, a, False),
+            "stats": cmd_stats, "verify": cmd_verify, "gc": cmd_gc,
+        }  # fmt: skip
+        code = handlers[a.command](stub, a)
+    except WeightcacheError as exc:
+        print(f"cachectl {a.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, InvalidInputError) else 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Daemon configuration: read once (TOML file, then environment, then flags) into frozen dataclasses.
+
+Nothing else in the daemon reads ``os.environ`` or the config file; the ``Config`` built
+here is passed down.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from weightcache import paths
+from weightcache.errors import InvalidInputError
+
+__all__ = ["Config", "DownloadConfig", "SourceConfig", "load", "parse_size"]
+
+DEFAULT_INCLUDE = (
+    "*.safetensors",
+    "*.json",
+    "*.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+    "tokenizer*",
+)
+
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5,
+          "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "PB": 1000**5,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4, "PIB": 1024**5}  # fmt: skip
+
+
+def parse_size(value: str | int, what: str) -> int:
+    """'800G' -> 800e9, '16MiB' -> 16*2**20, 1234 -> 1234."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise InvalidInputError(f"{what}: size {value} is negative")
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise InvalidInputError(f"{what}: {value!r} is not a size (examples: 800G, 16MiB, 1073741824)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Settings for sources whose URI starts with ``prefix`` (longest prefix wins)."""
+
+    prefix: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    profile: str | None = None
+    # HTTP(S) proxy for this source, e.g. a Dragonfly dfdaemon proxy in front of the origin.
+    proxy: str | None = None
+    max_attempts: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    concurrency: int = 16  # ranged GETs in flight per job
+    part_size: int = 16 * 1024 * 1024
+    rate_limit: int = 0  # bytes/second for the whole daemon; 0 = unlimited
+    max_restarts: int = 3  # per file, when the object changes under us (If-Match fails)
+
+
+@dataclass(frozen=True)
+class Config:
+    cache_dir: Path
+    socket_dir: Path
+    admin_socket: Path
+    max_size: int = 0  # 0 = unlimited
+    log_format: str = "console"
+    metrics_address: str | None = None
+    client_sources: tuple[str, ...] = ()
+    include: tuple[str, ...] = DEFAULT_INCLUDE
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    sources: tuple[SourceConfig, ...] = ()
+    system: bool = False
+    config_file: Path | None = None
+
+    def source_for(self, uri: str) -> SourceConfig:
+        best = SourceConfig(prefix="")
+        for s in self.sources:
+            if uri.startswith(s.prefix) and len(s.prefix) >= len(best.prefix):
+                best = s
+        return best
+
+    def client_may_fetch(self, uri: str) -> bool:
+        return any(fnmatch.fnmatchcase(uri, pattern) for pattern in self.client_sources)
+
+
+_TOP_KEYS = {"cache_dir", "socket_dir", "admin_socket", "max_size", "log_format", "metrics_address",
+             "client_sources", "include", "download", "sources"}  # fmt: skip
+
+
+def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = table[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise InvalidInputError(f"{where}: {key} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _sources(raw: Any, where: str) -> tuple[SourceConfig, ...]:
+    if not isinstance(raw, list):
+        raise InvalidInputError(f"{where}: sources must be an array of tables ([[sources]])")
+    out = []
+    allowed = set(SourceConfig.__dataclass_fields__)
+    for i, item in enumerate(raw):
+        w = f"{where}: sources[{i}]"
+        if not isinstance(item, dict) or "prefix" not in item:
+            raise InvalidInputError(f"{w}: needs a prefix")
+        extra = set(item) - allowed
+        if extra:
+            raise InvalidInputError(f"{w}: unknown key(s) {', '.join(sorted(extra))}")
+        out.append(SourceConfig(**item))
+    return tuple(out)
+
+
+def load(
+    env: Mapping[str, str],
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    euid: int | None = None,
+) -> Config:
+    """Build the Config: defaults < TOML file < WEIGHTCACHE_* environment < flags."""
+    euid = os.geteuid() if euid is None else euid
+    system = euid == 0
+    if config_file is None and env.get("WEIGHTCACHE_CONFIG"):
+        config_file = Path(env["WEIGHTCACHE_CONFIG"])
+    data: dict[str, Any] = {}
+    where = str(config_file)
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text())
+        except FileNotFoundError:
+            raise InvalidInputError(f"config file {config_file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidInputError(f"config file {config_file}: {exc}") from None
+        unknown = set(data) - _TOP_KEYS
+        if unknown:
+            raise InvalidInputError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    for key, var in (("cache_dir", "WEIGHTCACHE_CACHE_DIR"), ("socket_dir", "WEIGHTCACHE_SOCKET_DIR"),
+                     ("admin_socket", "WEIGHTCACHE_ADMIN_SOCKET"), ("max_size", "WEIGHTCACHE_MAX_SIZE"),
+                     ("log_format", "WEIGHTCACHE_LOG_FORMAT")):  # fmt: skip
+        if env.get(var):
+            data[key] = env[var]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+
+    cache_dir = Path(data["cache_dir"]) if "cache_dir" in data else (
+        paths.SYSTEM_CACHE_DIR if system else paths.user_cache_dir(env))
+    socket_dir = Path(data["socket_dir"]) if "socket_dir" in data else (
+        paths.SYSTEM_SOCKET_DIR if system else paths.user_socket_dir(env))
+    admin_socket = Path(data["admin_socket"]) if "admin_socket" in data else (
+        paths.SYSTEM_ADMIN_SOCKET if system else paths.user_admin_socket(env))
+    if admin_socket.parent.resolve() == socket_dir.resolve():
+        raise InvalidInputError(
+            f"admin socket {admin_socket} must not be inside the client socket directory {socket_dir} "
+            "(containers mount that directory)")
+    # Decision 7: a developer daemon without a config file serves its own user, so clients
+    # may fetch anything; a configured daemon allows only what the config lists.
+    if "client_sources" in data:
+        cs = data["client_sources"]
+        if not isinstance(cs, list) or not all(isinstance(s, str) for s in cs):
+            raise InvalidInputError(f"{where}: client_sources must be a list of URI glob patterns")
+        client_sources = tuple(cs)
+    else:
+        client_sources = () if config_file is not None else ("*",)
+    log_format = str(data.get("log_format", "json" if env.get("JOURNAL_STREAM") else "console"))
+    if log_format not in ("json", "console"):
+        raise InvalidInputError(f"log_format {log_format!r}: must be 'json' or 'console'")
+    dl_raw = data.get("download", {})
+    if not isinstance(dl_raw, dict):
+        raise InvalidInputError(f"{where}: [download] must be a table")
+    extra = set(dl_raw) - set(DownloadConfig.__dataclass_fields__)
+    if extra:
+        raise InvalidInputError(f"{where}: [download] unknown key(s) {', '.join(sorted(extra))}")
+    download = DownloadConfig(
+        concurrency=int(dl_raw.get("concurrency", DownloadConfig.concurrency)),
+        part_size=parse_size(dl_raw.get("part_size", DownloadConfig.part_size), "download.part_size"),
+        rate_limit=parse_size(dl_raw.get("rate_limit", 0), "download.rate_limit"),
+        max_restarts=int(dl_raw.get("max_restarts", DownloadConfig.max_restarts)),
+    )
+    if download.concurrency < 1 or download.part_size < 64 * 1024:
+        raise InvalidInputError("download.concurrency must be >= 1 and download.part_size >= 64KiB")
+    include = data.get("include", list(DEFAULT_INCLUDE))
+    if not isinstance(include, list) or not all(isinstance(s, str) for s in include):
+        raise InvalidInputError(f"{where}: include must be a list of globs")
+    return Config(
+        cache_dir=cache_dir,
+        socket_dir=socket_dir,
+        admin_socket=admin_socket,
+        max_size=parse_size(data.get("max_size", 0), "max_size"),
+        log_format=log_format,
+        metrics_address=data.get("metrics_address"),
+        client_sources=client_sources,
+        include=tuple(include),
+        download=download,
+        sources=_sources(data.get("sources", []), where),
+        system=system,
+        config_file=config_file,
+    )

@@ -1,0 +1,58 @@
+"""Core records -> protobuf messages (the only place that knows both)."""
+
+from __future__ import annotations
+
+from weightcache.v1 import weightcache_pb2 as pb
+
+from .core import Manifest, ModelView, Stats
+from .jobs import ProgressState
+from .leases import Lease
+
+
+def progress(p: ProgressState) -> pb.Progress:
+    return pb.Progress(
+        phase=pb.Progress.Phase.Value(p.phase),
+        bytes_done=p.bytes_done,
+        bytes_total=p.bytes_total,
+        files_done=p.files_done,
+        files_total=p.files_total,
+        bytes_per_second=p.bytes_per_second,
+        current_file=p.current_file,
+    )
+
+
+def manifest(m: Manifest) -> pb.Manifest:
+    return pb.Manifest(
+        model=m.model,
+        snapshot_id=m.snapshot_id,
+        source=m.source,
+        files=[pb.FileEntry(path=f.path, sha256=f.sha256, size=f.size) for f in m.files],
+        tensors=[
+            pb.Tensor(name=t.info.name, file=t.file, dtype=t.info.dtype, shape=list(t.info.shape),
+                      offset=t.info.offset, length=t.info.length, layer=t.layer, layer_index=t.layer_index)
+            for t in m.tensors
+        ],  # fmt: skip
+        layers=m.layers,
+        path=m.path,
+    )
+
+
+def lease(le: Lease) -> pb.Lease:
+    return pb.Lease(snapshot_id=le.snapshot_id, pid=le.pid, uid=le.uid, gid=le.gid, since=le.since)
+
+
+def model(v: ModelView, with_leases: bool = True) -> pb.ModelInfo:
+    r = v.row
+    return pb.ModelInfo(
+        name=r.name, source=r.source, snapshot_id=r.snapshot_id, size=v.size, file_count=v.file_count,
+        pinned=r.pinned, created_at=r.created, last_used_at=r.last_used,
+        leases=[lease(le) for le in v.leases] if with_leases else [], path=v.path,
+    )  # fmt: skip
+
+
+def stats(s: Stats, cache_dir: str, max_size: int) -> pb.StatsResponse:
+    return pb.StatsResponse(
+        models=s.models, snapshots=s.snapshots, blobs=s.blobs, logical_bytes=s.logical_bytes,
+        stored_bytes=s.stored_bytes, bytes_downloaded=s.bytes_downloaded, active_downloads=s.active_downloads,
+        leases=s.leases, cache_dir=cache_dir, max_size=max_size, filesystem_free=s.filesystem_free,
+    )  # fmt: skip

@@ -1,0 +1,347 @@
+"""The cache core: what the gRPC handlers and the descriptor server call.
+
+Handlers validate and convert; everything that decides lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from weightcache.errors import BusyError, InvalidInputError, NotFoundError, PermissionDeniedError
+from weightcache.layers import default_layer_of, order_layers
+from weightcache.safetensors_format import TensorInfo
+
+from .config import Config
+from .index import FileRow, Index, ModelRow
+from .jobs import Fetcher, JobKey, ProgressState
+from .leases import Lease, Leases
+from .sources import parse_uri
+from .store import LocalBlobStore, check_digest, hash_file
+from .views import build_view, remove_view, view_path
+
+log = structlog.get_logger("weightcached.core")
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?")
+_SNAPSHOT = re.compile(r"[0-9a-f]{32}")
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise InvalidInputError(
+            f"model name {name[:200]!r}: use letters, digits, '.', '_', '-' (at most 128), optionally one 'org/' prefix"
+        )
+    return name
+
+
+def default_name(uri: str) -> str:
+    _, _, path = parse_uri(uri)
+    last = [p for p in path.split("/") if p]
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", last[-1] if last else "model").lstrip("._-") or "model"
+    return name[:128]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    info: TensorInfo
+    file: str
+    layer: str
+    layer_index: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: str
+    snapshot_id: str
+    source: str
+    files: list[FileRow]
+    tensors: list[TensorEntry]
+    layers: list[str]
+    path: str
+
+
+@dataclass(frozen=True)
+class ModelView:
+    row: ModelRow
+    size: int
+    file_count: int
+    leases: list[Lease]
+    path: str
+
+
+@dataclass
+class EvictPlan:
+    models: list[str] = field(default_factory=list)
+    snapshots: list[str] = field(default_factory=list)
+    views: list[tuple[str, str]] = field(default_factory=list)
+    blobs: list[str] = field(default_factory=list)
+    bytes_freed: int = 0
+
+
+@dataclass(frozen=True)
+class Stats:
+    models: int
+    snapshots: int
+    blobs: int
+    logical_bytes: int
+    stored_bytes: int
+    bytes_downloaded: int
+    active_downloads: int
+    leases: int
+    filesystem_free: int
+
+
+class Core:
+    def __init__(self, cfg: Config, store: LocalBlobStore, index: Index, fetcher: Fetcher, leases: Leases) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.index = index
+        self.fetcher = fetcher
+        self.leases = leases
+
+    # ---------------------------------------------------------------- resolution
+
+    def resolve(self, model: str) -> tuple[str, ModelRow | None]:
+        """A name, snapshot id or source URI of a cached model -> (snapshot id, model row)."""
+        if not model:
+            raise InvalidInputError("model is empty: give a name, a snapshot id or a source URI")
+        row = self.index.model(model)
+        if row is not None:
+            return row.snapshot_id, row
+        if _SNAPSHOT.fullmatch(model) and self.index.snapshot_source(model) is not None:
+            rows = self.index.models_of_snapshot(model)
+            return model, rows[0] if rows else None
+        if "://" in model:
+            for r in self.index.models():
+                if r.source == model:
+                    return r.snapshot_id, r
+        raise NotFoundError(f"model {model[:200]!r} is not in the cache (cachectl prefetch URI --name NAME adds it)")
+
+    def check_snapshot(self, snapshot_id: str) -> str:
+        if not _SNAPSHOT.fullmatch(snapshot_id):
+            raise InvalidInputError(f"snapshot id {snapshot_id[:80]!r} is not 32 lowercase hex characters")
+        if self.index.snapshot_source(snapshot_id) is None:
+            raise NotFoundError(f"snapshot {snapshot_id} is not in the cache")
+        return snapshot_id
+
+    def _key(self, uri: str, include: list[str], exclude: list[str]) -> JobKey:
+        parse_uri(uri)  # validates the shape
+        return JobKey(uri, tuple(include) or self.cfg.include, tuple(exclude))
+
+    # ---------------------------------------------------------------- fetch
+
+    async def fetch(
+        self, model: str, name: str, include: list[str], exclude: list[str], *, admin: bool, pin: bool | None = None,
+    ) -> AsyncIterator[ProgressState | Manifest]:
+        """Ensure (client) and Prefetch (admin): progress events, then the Manifest."""
+        if "://" not in model:
+            if name or include or exclude:
+                raise InvalidInputError(f"model {model[:200]!r}: name/include/exclude apply to source URIs only")
+            snapshot, row = self.resolve(model)
+            if row is not None:
+                self.index.touch(row.name)
+                if pin is not None:
+                    self.index.set_pinned(row.name, pin)
+            yield self.manifest(snapshot, row.name if row else "")
+            return
+        key = self._key(model, include, exclude)
+        name = check_name(name or default_name(model))
+        if not admin:
+            if not self.cfg.client_may_fetch(model):
+                raise PermissionDeniedError(
+                    f"source {model}: clients may not trigger this download (not in the daemon's client_sources "
+                    f"allow-list); an admin can run: cachectl prefetch {model}"
+                )
+            # A client asks for presence, not freshness: a cached copy of the same source answers at once.
+            cached = [r for r in self.index.models_by_source(key.uri, key.filters) if r.name == name] or \
+                self.index.models_by_source(key.uri, key.filters)  # fmt: skip
+            if cached:
+                self.index.touch(cached[0].name)
+                yield self.manifest(cached[0].snapshot_id, cached[0].name)
+                return
+        job = self.fetcher.start(key, name)
+        async for p in job.watch():
+            if not job.result.done():
+                yield p
+        snapshot = await asyncio.shield(job.result)
+        self.name_model(name, key, snapshot, pin)
+        yield self.manifest(snapshot, name)
+
+    def name_model(self, name: str, key: JobKey, snapshot: str, pin: bool | None) -> None:
+        build_view(self.store, name, snapshot, self.index.files(snapshot))
+        old = self.index.model(name)
+        self.index.set_model(name, key.uri, snapshot, key.filters, pin)
+        if old is not None and old.snapshot_id != snapshot:
+            log.info("model_updated", model=name, old_snapshot=old.snapshot_id, snapshot=snapshot)
+
+    # ---------------------------------------------------------------- reading
+
+    def manifest(self, snapshot_id: str, model: str = "", with_tensors: bool = True) -> Manifest:
+        files = self.index.files(snapshot_id)
+        entries: list[tuple[TensorInfo, str, str]] = []
+        if with_tensors:
+            for f in files:
+                if f.path.endswith(".safetensors"):
+                    entries.extend((t, f.path, default_layer_of(t.name)) for t in self.index.tensors(f.sha256))
+        layers = order_layers(e[2] for e in entries)
+        pos = {name: i for i, name in enumerate(layers)}
+        file_pos = {f.path: i for i, f in enumerate(files)}
+        entries.sort(key=lambda e: (pos[e[2]], file_pos[e[1]], e[0].offset))
+        names = self.index.models_of_snapshot(snapshot_id)
+        view_model = model or (names[0].name if names else "")
+        path = str(view_path(self.store, view_model, snapshot_id)) if view_model else ""
+        return Manifest(
+            model=model,
+            snapshot_id=snapshot_id,
+            source=self.index.snapshot_source(snapshot_id) or "",
+            files=files,
+            tensors=[TensorEntry(t, fp, layer, pos[layer]) for t, fp, layer in entries],
+            layers=layers,
+            path=path,
+        )
+
+    def view(self, row: ModelRow) -> ModelView:
+        files = self.index.files(row.snapshot_id)
+        return ModelView(row, sum(f.size for f in files), len(files), self.leases.of(row.snapshot_id),
+                         str(view_path(self.store, row.name, row.snapshot_id)))  # fmt: skip
+
+    def list_models(self) -> list[ModelView]:
+        return [self.view(r) for r in self.index.models()]
+
+    def show(self, model: str) -> tuple[ModelView | None, Manifest]:
+        snapshot, row = self.resolve(model)
+        return (self.view(row) if row else None), self.manifest(snapshot, row.name if row else "")
+
+    def set_pin(self, model: str, pinned: bool) -> ModelView:
+        _, row = self.resolve(model)
+        if row is None:
+            raise NotFoundError(f"snapshot {model} has no name to pin; pin a model name")
+        self.index.set_pinned(row.name, pinned)
+        new = self.index.model(row.name)
+        assert new is not None
+        return self.view(new)
+
+    def stats(self) -> Stats:
+        blobs = self.index.blobs()
+        st = os.statvfs(self.store.root)
+        return Stats(
+            models=len(self.index.models()),
+            snapshots=len(self.index.snapshot_ids()),
+            blobs=len(blobs),
+            logical_bytes=self.index.logical_bytes(),
+            stored_bytes=sum(blobs.values()),
+            bytes_downloaded=self.fetcher.bytes_downloaded,
+            active_downloads=len(self.fetcher.jobs),
+            leases=len(self.leases),
+            filesystem_free=st.f_bavail * st.f_frsize,
+        )
+
+    # ---------------------------------------------------------------- eviction
+
+    def plan_evict(self, models: list[str], all_unpinned: bool, force: bool) -> EvictPlan:
+        if models and all_unpinned:
+            raise InvalidInputError("give model names or --all-unpinned, not both")
+        if not models and not all_unpinned:
+            raise InvalidInputError("nothing to evict: give model names or --all-unpinned")
+        rows: list[ModelRow] = []
+        if all_unpinned:
+            rows = [r for r in self.index.models() if not r.pinned]
+        for m in models:
+            _, row = self.resolve(m)
+            if row is None:
+                raise NotFoundError(f"snapshot {m} has no name; evict by name, or run cachectl gc")
+            if row.pinned:
+                raise BusyError(f"model {row.name} is pinned; cachectl unpin {row.name} first")
+            rows.append(row)
+        names = {r.name for r in rows}
+        held = self.leases.held()
+        plan = EvictPlan()
+        remaining = [r for r in self.index.models() if r.name not in names]
+        kept_snaps = {r.snapshot_id for r in remaining}
+        for r in sorted(rows, key=lambda r: r.last_used):
+            if r.snapshot_id in held and not force:
+                if all_unpinned:
+                    continue  # in use right now: skipped, not an error, when sweeping
+                raise BusyError(
+                    f"model {r.name} is in use by {len(self.leases.of(r.snapshot_id))} process(es); "
+                    "use --force to evict anyway (running processes keep their mappings)"
+                )
+            plan.models.append(r.name)
+            plan.views.append((r.name, r.snapshot_id))
+            if r.snapshot_id not in kept_snaps and r.snapshot_id not in plan.snapshots:
+                plan.snapshots.append(r.snapshot_id)
+        kept_blobs = {f.sha256 for s in kept_snaps for f in self.index.files(s)}
+        sizes = self.index.blobs()
+        for s in plan.snapshots:
+            for f in self.index.files(s):
+                if f.sha256 not in kept_blobs and f.sha256 not in plan.blobs:
+                    plan.blobs.append(f.sha256)
+                    plan.bytes_freed += sizes.get(f.sha256, 0)
+        return plan
+
+    def execute_evict(self, plan: EvictPlan) -> None:
+        # References go before what they refer to: index rows, then views, then blobs.
+        self.index.delete(plan.models, plan.snapshots, plan.blobs)
+        for name, snap in plan.views:
+            remove_view(self.store, name, snap)
+        for b in plan.blobs:
+            self.store.remove(b)
+        log.info("evicted", models=plan.models, snapshots=plan.snapshots, blobs=len(plan.blobs),
+                 bytes_freed=plan.bytes_freed)  # fmt: skip
+
+    # ---------------------------------------------------------------- verify / gc
+
+    def verify_targets(self, model: str) -> dict[str, int]:
+        sizes = self.index.blobs()
+        if not model:
+            return sizes
+        snapshot, _ = self.resolve(model)
+        return {f.sha256: f.size for f in self.index.files(snapshot)}
+
+    def verify_blob(self, digest: str) -> str:
+        """'ok', 'missing' or 'corrupt' for one blob."""
+        check_digest(digest)
+        path = self.store.path(digest)
+        if not path.is_file() or path.is_symlink():
+            return "missing"
+        return "ok" if hash_file(path) == digest else "corrupt"
+
+    def plan_gc(self) -> tuple[list[str], list[Path], list[str], int]:
+        """(orphan blobs, stale ingest dirs, unnamed snapshots, bytes freed)."""
+        if self.fetcher.jobs:
+            # A running job has blobs committed but not yet indexed: they would look orphaned.
+            raise BusyError(f"{len(self.fetcher.jobs)} download(s) in progress; run gc when they finish")
+        named = {r.snapshot_id for r in self.index.models()}
+        snapshots = [s for s in self.index.snapshot_ids() if s not in named]
+        keep = {f.sha256 for s in named for f in self.index.files(s)}
+        on_disk = set(self.store.digests())
+        indexed = self.index.blobs()
+        orphans = sorted((on_disk | set(indexed)) - keep)
+        freed = 0
+        for b in orphans:
+            try:
+                freed += self.store.path(b).lstat().st_size
+            except FileNotFoundError:
+                pass
+        stale = sorted(self.store.ingest.iterdir())
+        for p in stale:
+            freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        return orphans, stale, snapshots, freed
+
+    def execute_gc(self, orphans: list[str], stale: list[Path], snapshots: list[str]) -> None:
+        self.index.delete([], snapshots, orphans)
+        for s in snapshots:
+            for d in self.store.snapshots.glob(f"**/{s}"):
+                shutil.rmtree(d, ignore_errors=True)
+        for b in orphans:
+            self.store.remove(b)
+        for p in stale:
+            self.store.remove_ingest(p)
+

@@ -1,0 +1,258 @@
+"""gRPC handlers: validate, call the core, convert, map errors. Nothing else.
+
+Errors are mapped through the one table in weightcache.errors; anything unexpected is
+logged with its traceback and answered INTERNAL with the handler's name, never UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from weightcache.errors import InvalidInputError, WeightcacheError, code_for
+from weightcache.v1 import weightcache_pb2 as pb
+from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
+
+from . import convert
+from .core import Core, Manifest
+
+log = structlog.get_logger("weightcached.rpc")
+
+DEFAULT_CHUNK = 1 << 20
+MAX_CHUNK = 4 << 20
+MAX_LIST = 4096  # bounds on repeated request fields
+MAX_STR = 4096
+
+T = TypeVar("T")
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], name: str, exc: BaseException) -> None:
+    if isinstance(exc, WeightcacheError):
+        log.info("rpc_error", rpc=name, code=code_for(exc).name, error=str(exc))
+        await context.abort(code_for(exc), str(exc))
+    log.exception("rpc_crashed", rpc=name)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {type(exc).__name__}: {exc}")
+
+
+def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> T:
+        try:
+            return await fn(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
+            await _abort(context, fn.__name__, exc)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def streaming(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[T]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort(context, fn.__name__, exc)
+
+    return wrapper
+
+
+def _strings(values: Any, what: str) -> list[str]:
+    out = list(values)
+    if len(out) > MAX_LIST or any(len(v) > MAX_STR for v in out):
+        raise InvalidInputError(f"{what}: at most {MAX_LIST} entries of {MAX_STR} characters")
+    return out
+
+
+def _str(value: str, what: str) -> str:
+    if len(value) > MAX_STR or "\x00" in value:
+        raise InvalidInputError(f"{what}: longer than {MAX_STR} characters or contains NUL")
+    return value
+
+
+class CacheService(pb_grpc.CacheServicer):
+    """The client API (weightcache.sock)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    @streaming
+    async def Ensure(self, request: pb.EnsureRequest, context: Any) -> AsyncIterator[pb.EnsureResponse]:
+        events = self.core.fetch(
+            _str(request.model, "model"), _str(request.name, "name"), _strings(request.include, "include"),
+            _strings(request.exclude, "exclude"), admin=False,
+        )  # fmt: skip
+        async for ev in events:
+            if isinstance(ev, Manifest):
+                yield pb.EnsureResponse(manifest=convert.manifest(ev))
+            else:
+                yield pb.EnsureResponse(progress=convert.progress(ev))
+
+    @unary
+    async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
+        # Clients see names and snapshots, not who else holds them.
+        return pb.ListResponse(models=[convert.model(v, with_leases=False) for v in self.core.list_models()])
+
+    @streaming
+    async def ReadRange(self, request: pb.ReadRangeRequest, context: Any) -> AsyncIterator[pb.ReadRangeChunk]:
+        sid = self.core.check_snapshot(_str(request.snapshot_id, "snapshot_id"))
+        chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
+        kind = request.WhichOneof("range")
+        if kind == "file":
+            files = {f.path: f for f in self.core.index.files(sid)}
+            f = files.get(request.file.path)
+            if f is None:
+                raise _not_found(f"file {request.file.path[:200]!r} is not in snapshot {sid}")
+            off = request.file.offset
+            length = request.file.length or max(f.size - off, 0)
+            if off > f.size or off + length > f.size:
+                raise InvalidInputError(
+                    f"range [{off}, {off + length}) is outside file {f.path} of snapshot {sid} ({f.size} bytes)")
+            spans = [(f.path, f.sha256, off, length, "")]
+        elif kind == "layers":
+            m = self.core.manifest(sid)
+            first, last = request.layers.first, request.layers.last
+            if first > last or last >= len(m.layers):
+                raise InvalidInputError(
+                    f"layer range {first}..{last} is outside snapshot {sid}'s {len(m.layers)} layers")
+            digests = {f.path: f.sha256 for f in m.files}
+            spans = [(t.file, digests[t.file], t.info.offset, t.info.length, t.info.name)
+                     for t in m.tensors if first <= t.layer_index <= last]  # fmt: skip
+        else:
+            raise InvalidInputError("ReadRange needs a file range or a layer range")
+        for path, digest, off, length, tensor in spans:
+            if length == 0:  # an empty tensor still announces itself
+                yield pb.ReadRangeChunk(file=path, file_offset=off, tensor=tensor)
+                continue
+            fd = self.core.store.open(digest)
+            try:
+                done = 0
+                while done < length:
+                    n = min(chunk, length - done)
+                    data = await asyncio.to_thread(os.pread, fd, n, off + done)
+                    if len(data) != n:
+                        raise _corrupt(f"blob sha256:{digest} ({path}) is shorter than the index says")
+                    yield pb.ReadRangeChunk(file=path, file_offset=off + done, tensor=tensor, tensor_offset=done,
+                                            data=data)  # fmt: skip
+                    done += n
+            finally:
+                os.close(fd)
+
+
+def _not_found(msg: str) -> WeightcacheError:
+    from weightcache.errors import NotFoundError
+
+    return NotFoundError(msg)
+
+
+def _corrupt(msg: str) -> WeightcacheError:
+    from weightcache.errors import CorruptedError
+
+    return CorruptedError(msg)
+
+
+class AdminService(pb_grpc.AdminServicer):
+    """The operator API (admin.sock)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    @streaming
+    async def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> AsyncIterator[pb.PrefetchResponse]:
+        uri = _str(request.uri, "uri")
+        if "://" not in uri:
+            raise InvalidInputError(f"prefetch needs a source URI (s3://bucket/prefix/ or file:///dir/), got {uri!r}")
+        events = self.core.fetch(uri, _str(request.name, "name"), _strings(request.include, "include"),
+                                 _strings(request.exclude, "exclude"), admin=True, pin=request.pin or None)  # fmt: skip
+        async for ev in events:
+            if isinstance(ev, Manifest):
+                row = self.core.index.model(ev.model)
+                assert row is not None
+                yield pb.PrefetchResponse(model=convert.model(self.core.view(row)))
+            else:
+                yield pb.PrefetchResponse(progress=convert.progress(ev))
+
+    @unary
+    async def Evict(self, request: pb.EvictRequest, context: Any) -> pb.EvictResponse:
+        plan = self.core.plan_evict(_strings(request.models, "models"), request.all_unpinned, request.force)
+        if not request.dry_run:
+            self.core.execute_evict(plan)
+        return pb.EvictResponse(models=plan.models, snapshots=plan.snapshots, blobs=plan.blobs,
+                                bytes_freed=plan.bytes_freed, dry_run=request.dry_run)  # fmt: skip
+
+    @unary
+    async def Pin(self, request: pb.PinRequest, context: Any) -> pb.ModelInfo:
+        return convert.model(self.core.set_pin(_str(request.model, "model"), True))
+
+    @unary
+    async def Unpin(self, request: pb.PinRequest, context: Any) -> pb.ModelInfo:
+        return convert.model(self.core.set_pin(_str(request.model, "model"), False))
+
+    @unary
+    async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
+        return pb.ListResponse(models=[convert.model(v) for v in self.core.list_models()])
+
+    @unary
+    async def Show(self, request: pb.ShowRequest, context: Any) -> pb.ShowResponse:
+        view, m = self.core.show(_str(request.model, "model"))
+        out = pb.ShowResponse(manifest=convert.manifest(m))
+        if not request.tensors:
+            del out.manifest.tensors[:]
+        if view is not None:
+            out.model.CopyFrom(convert.model(view))
+        return out
+
+    @unary
+    async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
+        return convert.stats(self.core.stats(), str(self.core.cfg.cache_dir), self.core.cfg.max_size)
+
+    @streaming
+    async def Verify(self, request: pb.VerifyRequest, context: Any) -> AsyncIterator[pb.VerifyResponse]:
+        targets = self.core.verify_targets(_str(request.model, "model"))
+        total = sum(targets.values())
+        result = pb.VerifyResult()
+        done_bytes = 0
+        last = 0.0
+        sem = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
+
+        async def check(digest: str) -> tuple[str, str]:
+            async with sem:
+                return digest, await asyncio.to_thread(self.core.verify_blob, digest)
+
+        for fut in asyncio.as_completed([check(d) for d in sorted(targets)]):
+            digest, state = await fut
+            result.blobs_checked += 1
+            done_bytes += targets[digest]
+            if state == "corrupt":
+                result.corrupt.append(digest)
+                log.error("blob_corrupt", blob=digest)
+            elif state == "missing":
+                result.missing.append(digest)
+                log.error("blob_missing", blob=digest)
+            if time.monotonic() - last > 0.2:
+                last = time.monotonic()
+                yield pb.VerifyResponse(progress=pb.Progress(
+                    phase=pb.Progress.VERIFYING, bytes_done=done_bytes, bytes_total=total,
+                    files_done=result.blobs_checked, files_total=len(targets)))  # fmt: skip
+        result.bytes_checked = done_bytes
+        yield pb.VerifyResponse(result=result)
+
+    @unary
+    async def GC(self, request: pb.GCRequest, context: Any) -> pb.GCResponse:
+        orphans, stale, snaps, freed = self.core.plan_gc()
+        if not request.dry_run:
+            self.core.execute_gc(orphans, stale, snaps)
+        return pb.GCResponse(blobs=orphans, ingests=[p.name for p in stale], snapshots=snaps, bytes_freed=freed,
+                             dry_run=request.dry_run)  # fmt: skip

@@ -1,0 +1,227 @@
+"""index.db: what the store holds, in SQLite (WAL mode, one writer).
+
+models -> snapshots -> snapshot_files -> blobs, plus the tensors of each safetensors blob
+and a cache of source objects already fetched (object URI + version -> blob), so an
+unchanged object is never downloaded twice. The blobs on disk are the truth; this index
+is written only after a blob is committed, and can be rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from weightcache.errors import CorruptedError, NotFoundError
+from weightcache.safetensors_format import TensorInfo
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (
+    sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tensors (
+    sha256 TEXT NOT NULL REFERENCES blobs(sha256) ON DELETE CASCADE,
+    name TEXT NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
+    offset INTEGER NOT NULL, length INTEGER NOT NULL, PRIMARY KEY (sha256, name));
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY, source TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshot_files (
+    snapshot_id TEXT NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    path TEXT NOT NULL, sha256 TEXT NOT NULL REFERENCES blobs(sha256),
+    PRIMARY KEY (snapshot_id, path));
+CREATE INDEX IF NOT EXISTS snapshot_files_blob ON snapshot_files(sha256);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY, source TEXT NOT NULL, snapshot_id TEXT NOT NULL REFERENCES snapshots(id),
+    filters TEXT NOT NULL, pinned INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL, last_used REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS source_objects (
+    uri TEXT PRIMARY KEY, version TEXT NOT NULL, size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL REFERENCES blobs(sha256) ON DELETE CASCADE);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FileRow:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRow:
+    name: str
+    source: str
+    snapshot_id: str
+    filters: str
+    pinned: bool
+    created: float
+    last_used: float
+
+
+@dataclass(frozen=True, slots=True)
+class NewFile:
+    path: str
+    sha256: str
+    size: int
+    tensors: tuple[TensorInfo, ...]
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise CorruptedError(f"index {path} is unreadable ({exc}); move it away and restart to rebuild") from None
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise CorruptedError(f"index {path} has schema {row[0]}, this daemon expects {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _q(self, sql: str, args: Iterable[object] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    # ---------------------------------------------------------------- source objects
+
+    def known_object(self, uri: str, version: str, size: int) -> str | None:
+        rows = self._q("SELECT sha256 FROM source_objects WHERE uri=? AND version=? AND size=?", (uri, version, size))
+        return str(rows[0][0]) if rows else None
+
+    # ---------------------------------------------------------------- commit
+
+    def has_blob(self, sha256: str) -> bool:
+        return bool(self._q("SELECT 1 FROM blobs WHERE sha256=?", (sha256,)))
+
+    def add_snapshot(
+        self,
+        snapshot_id: str,
+        source: str,
+        files: list[NewFile],
+        objects: list[tuple[str, str, int, str]],
+    ) -> None:
+        """Record committed blobs and a snapshot made of them, in one transaction."""
+        now = time.time()
+        with self._tx() as db:
+            for f in files:
+                cur = db.execute("INSERT OR IGNORE INTO blobs VALUES (?,?,?)", (f.sha256, f.size, now))
+                if cur.rowcount:
+                    db.executemany(
+                        "INSERT OR REPLACE INTO tensors VALUES (?,?,?,?,?,?)",
+                        [(f.sha256, t.name, t.dtype, json.dumps(t.shape), t.offset, t.length) for t in f.tensors],
+                    )
+            db.execute("INSERT OR IGNORE INTO snapshots VALUES (?,?,?)", (snapshot_id, source, now))
+            db.executemany(
+                "INSERT OR IGNORE INTO snapshot_files VALUES (?,?,?)", [(snapshot_id, f.path, f.sha256) for f in files]
+            )
+            db.executemany("INSERT OR REPLACE INTO source_objects VALUES (?,?,?,?)", objects)
+
+    def set_model(self, name: str, source: str, snapshot_id: str, filters: str, pinned: bool | None) -> None:
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT pinned, created FROM models WHERE name=?", (name,)).fetchone()
+            keep_pin = bool(row[0]) if row else False
+            db.execute(
+                "INSERT OR REPLACE INTO models VALUES (?,?,?,?,?,?,?)",
+                (name, source, snapshot_id, filters, int(keep_pin if pinned is None else pinned),
+                 row[1] if row else now, now),
+            )  # fmt: skip
+
+    # ---------------------------------------------------------------- lookups
+
+    def model(self, name: str) -> ModelRow | None:
+        rows = self._q("SELECT * FROM models WHERE name=?", (name,))
+        return _model(rows[0]) if rows else None
+
+    def models(self) -> list[ModelRow]:
+        return [_model(r) for r in self._q("SELECT * FROM models ORDER BY name")]
+
+    def models_by_source(self, source: str, filters: str) -> list[ModelRow]:
+        rows = self._q("SELECT * FROM models WHERE source=? AND filters=? ORDER BY last_used DESC", (source, filters))
+        return [_model(r) for r in rows]
+
+    def models_of_snapshot(self, snapshot_id: str) -> list[ModelRow]:
+        return [_model(r) for r in self._q("SELECT * FROM models WHERE snapshot_id=? ORDER BY name", (snapshot_id,))]
+
+    def snapshot_source(self, snapshot_id: str) -> str | None:
+        rows = self._q("SELECT source FROM snapshots WHERE id=?", (snapshot_id,))
+        return str(rows[0][0]) if rows else None
+
+    def snapshot_ids(self) -> list[str]:
+        return [str(r[0]) for r in self._q("SELECT id FROM snapshots ORDER BY id")]
+
+    def files(self, snapshot_id: str) -> list[FileRow]:
+        rows = self._q(
+            "SELECT f.path, f.sha256, b.size FROM snapshot_files f JOIN blobs b USING (sha256) "
+            "WHERE f.snapshot_id=? ORDER BY f.path",
+            (snapshot_id,),
+        )
+        if not rows and self.snapshot_source(snapshot_id) is None:
+            raise NotFoundError(f"snapshot {snapshot_id} is not in the cache")
+        return [FileRow(str(p), str(s), int(z)) for p, s, z in rows]  # type: ignore[call-overload]
+
+    def tensors(self, sha256: str) -> list[TensorInfo]:
+        rows = self._q("SELECT name, dtype, shape, offset, length FROM tensors WHERE sha256=? ORDER BY offset", (sha256,))
+        return [TensorInfo(str(n), str(d), tuple(json.loads(str(s))), int(o), int(ln)) for n, d, s, o, ln in rows]  # type: ignore[call-overload]
+
+    def blobs(self) -> dict[str, int]:
+        return {str(s): int(z) for s, z in self._q("SELECT sha256, size FROM blobs")}  # type: ignore[call-overload]
+
+    def blob_refs(self) -> set[str]:
+        return {str(r[0]) for r in self._q("SELECT DISTINCT sha256 FROM snapshot_files")}
+
+    def touch(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE models SET last_used=? WHERE name=?", (time.time(), name))
+
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE models SET pinned=? WHERE name=?", (int(pinned), name))
+
+    def logical_bytes(self) -> int:
+        rows = self._q(
+            "SELECT COALESCE(SUM(b.size), 0) FROM models m JOIN snapshot_files f ON f.snapshot_id = m.snapshot_id "
+            "JOIN blobs b ON b.sha256 = f.sha256"
+        )
+        return int(rows[0][0])  # type: ignore[call-overload]
+
+    # ---------------------------------------------------------------- removal
+
+    def delete(self, names: Iterable[str], snapshots: Iterable[str], blobs: Iterable[str]) -> None:
+        """Drop names, then snapshots, then blobs, in one transaction (references before referents)."""
+        with self._tx() as db:
+            db.executemany("DELETE FROM models WHERE name=?", [(n,) for n in names])
+            db.executemany("DELETE FROM snapshots WHERE id=?", [(s,) for s in snapshots])
+            db.executemany("DELETE FROM blobs WHERE sha256=?", [(b,) for b in blobs])
+
+
+def _model(r: tuple[object, ...]) -> ModelRow:
+    name, source, snap, filters, pinned, created, last_used = r
+    return ModelRow(str(name), str(source), str(snap), str(filters), bool(pinned), float(created), float(last_used))  # type: ignore[arg-type]

@@ -1,0 +1,246 @@
+"""Download jobs: one per (source URI, filters), shared by every caller (DESIGN decision 8).
+
+A job lists the source, skips objects already in the store (same object URI and version
+as a previous fetch), downloads the rest through the engine, validates each safetensors
+file as soon as its hash is known, then commits: blobs into the store, one index
+transaction for the snapshot. Nothing of a job is visible until that transaction; on any
+failure its ingest directory is removed and the store is as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from weightcache.errors import InvalidInputError, NotFoundError, WeightcacheError
+from weightcache.safetensors_format import TensorInfo, validate_file
+
+from .config import Config
+from .download import Downloaded, RateLimiter, download
+from .index import Index, NewFile
+from .sources import RemoteObject, open_source
+from .store import LocalBlobStore
+
+log = structlog.get_logger("weightcached.jobs")
+
+TICK = 0.2  # seconds between progress events
+
+
+@dataclass(frozen=True)
+class JobKey:
+    uri: str
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+
+    @property
+    def filters(self) -> str:
+        return json.dumps({"include": list(self.include), "exclude": list(self.exclude)})
+
+
+@dataclass
+class ProgressState:
+    phase: str = "LISTING"
+    bytes_done: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    files_total: int = 0
+    bytes_per_second: float = 0.0
+    current_file: str = ""
+
+
+@dataclass
+class Job:
+    key: JobKey
+    label: str
+    progress: ProgressState = field(default_factory=ProgressState)
+    version: int = 0
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    result: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    bytes_fetched: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def watch(self) -> Any:
+        """Yield ProgressState copies until the job ends (coalesced: a slow reader skips events)."""
+        seen = -1
+        while True:
+            async with self.changed:
+                await self.changed.wait_for(lambda: self.version != seen or self.result.done())
+                seen = self.version
+                snap = ProgressState(**vars(self.progress))
+            yield snap
+            if self.result.done():
+                return
+
+
+def select(objects: list[RemoteObject], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[RemoteObject]:
+    def match(rel: str, patterns: tuple[str, ...]) -> bool:
+        base = rel.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
+
+    return [o for o in objects if match(o.relpath, include) and not match(o.relpath, exclude)]
+
+
+def snapshot_id_of(files: list[tuple[str, str]]) -> str:
+    """Content id of a snapshot: same relative paths with the same bytes -> same id."""
+    h = hashlib.sha256()
+    for path, digest in sorted(files):
+        h.update(f"{path}\0{digest}\n".encode())
+    return h.hexdigest()[:32]
+
+
+class Fetcher:
+    def __init__(self, cfg: Config, store: LocalBlobStore, index: Index) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.index = index
+        self.limiter = RateLimiter(cfg.download.rate_limit)
+        self.jobs: dict[JobKey, Job] = {}
+        self.bytes_downloaded = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, key: JobKey, label: str) -> Job:
+        """The running job for key, or a new one."""
+        job = self.jobs.get(key)
+        if job is not None:
+            return job
+        job = Job(key, label)
+        self.jobs[key] = job
+        task = asyncio.get_running_loop().create_task(self._run(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    async def shutdown(self) -> None:
+        for job in self.jobs.values():
+            job.cancelled.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self, job: Job) -> None:
+        ticker = asyncio.get_running_loop().create_task(self._tick(job))
+        try:
+            snapshot = await asyncio.to_thread(self._fetch, job)
+            job.progress.phase = "DONE"
+            job.result.set_result(snapshot)
+        except WeightcacheError as exc:
+            log.warning("fetch_failed", source=job.key.uri, model=job.label, error=str(exc), kind=type(exc).__name__)
+            job.result.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must still reach every waiter, not hang them
+            log.exception("fetch_crashed", source=job.key.uri, model=job.label)
+            from weightcache.errors import InternalError
+
+            job.result.set_exception(InternalError(f"fetching {job.key.uri}: {type(exc).__name__}: {exc}"))
+        finally:
+            ticker.cancel()
+            del self.jobs[job.key]
+            async with job.changed:
+                job.version += 1
+                job.changed.notify_all()
+
+    async def _tick(self, job: Job) -> None:
+        last_bytes, last_t = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            with job._lock:
+                fetched = job.bytes_fetched
+            rate = (fetched - last_bytes) / max(now - last_t, 1e-6)
+            job.progress.bytes_per_second = 0.7 * job.progress.bytes_per_second + 0.3 * rate if last_bytes else rate
+            last_bytes, last_t = fetched, now
+            async with job.changed:
+                job.version += 1
+                job.changed.notify_all()
+
+    # ---------------------------------------------------------------- in a worker thread
+
+    def _fetch(self, job: Job) -> str:
+        key, p = job.key, job.progress
+        source = open_source(key.uri, self.cfg)
+        try:
+            listed = source.list()
+            objects = select(listed, key.include, key.exclude)
+            if not objects:
+                raise NotFoundError(
+                    f"source {key.uri}: no files match include {list(key.include)} / exclude {list(key.exclude)} "
+                    f"({len(listed)} object(s) listed)"
+                )
+            p.files_total = len(objects)
+            p.bytes_total = sum(o.size for o in objects)
+            known: dict[str, str] = {}
+            todo: list[RemoteObject] = []
+            for o in objects:
+                digest = self.index.known_object(o.uri, o.version, o.size)
+                if digest is not None and self.store.has(digest):
+                    known[o.relpath] = digest
+                    p.bytes_done += o.size
+                    p.files_done += 1
+                else:
+                    todo.append(o)
+            log.info("fetch_start", source=key.uri, model=job.label, files=len(objects), cached=len(known),
+                     bytes=p.bytes_total)  # fmt: skip
+            tensors: dict[str, tuple[TensorInfo, ...]] = {}
+            ingest = self.store.new_ingest()
+            try:
+                got: list[Downloaded] = []
+                if todo:
+                    p.phase = "DOWNLOADING"
+
+                    def on_bytes(n: int) -> None:
+                        with job._lock:
+                            job.bytes_fetched += n
+                            self.bytes_downloaded += n
+                            p.bytes_done += n
+
+                    def on_file(d: Downloaded) -> None:
+                        p.current_file = d.obj.relpath
+                        if d.obj.relpath.endswith(".safetensors"):
+                            infos, _ = validate_file(str(d.path), f"file {d.obj.relpath} of model {job.label}")
+                            tensors[d.obj.relpath] = tuple(infos)
+                        p.files_done += 1
+
+                    got = download(source, todo, ingest, self.cfg.download, self.limiter, on_bytes, on_file,
+                                   job.cancelled)  # fmt: skip
+                p.phase = "COMMITTING"
+                return self._commit(job, objects, known, got, tensors)
+            finally:
+                self.store.remove_ingest(ingest)
+        finally:
+            source.close()
+
+    def _commit(
+        self,
+        job: Job,
+        objects: list[RemoteObject],
+        known: dict[str, str],
+        got: list[Downloaded],
+        tensors: dict[str, tuple[TensorInfo, ...]],
+    ) -> str:
+        files: list[NewFile] = []
+        by_rel = {d.obj.relpath: d for d in got}
+        for o in objects:
+            if o.relpath in known:
+                digest = known[o.relpath]
+                files.append(NewFile(o.relpath, digest, o.size, tuple(self.index.tensors(digest))))
+                continue
+            d = by_rel[o.relpath]
+            size = d.path.stat().st_size
+            if size != d.obj.size:
+                raise InvalidInputError(f"file {o.relpath} of model {job.label}: expected {d.obj.size} bytes, got {size}")
+            self.store.commit(d.path, d.sha256)
+            files.append(NewFile(o.relpath, d.sha256, d.obj.size, tensors.get(o.relpath, ())))
+        snapshot = snapshot_id_of([(f.path, f.sha256) for f in files])
+        objs = [(d.obj.uri, d.obj.version, d.obj.size, d.sha256) for d in got]
+        self.index.add_snapshot(snapshot, job.key.uri, files, objs)
+        log.info("fetch_done", source=job.key.uri, model=job.label, snapshot=snapshot,
+                 downloaded=job.bytes_fetched, files=len(files))  # fmt: skip
+        return snapshot
+

@@ -1,0 +1,169 @@
+"""Assembling the daemon: store, index, core, the three sockets.
+
+``create_daemon(cfg)`` builds everything without serving; ``Daemon.start()`` binds the
+sockets; ``serve(cfg)`` runs until SIGTERM/SIGINT. Tests start a real daemon on temp
+sockets through the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from weightcache import paths
+from weightcache.errors import BusyError
+from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
+
+from .config import Config
+from .core import Core
+from .fdserver import FdServer
+from .handlers import AdminService, CacheService
+from .index import Index
+from .jobs import Fetcher
+from .leases import Leases
+from .reconcile import reconcile
+from .store import LocalBlobStore, StoreLock
+
+log = structlog.get_logger("weightcached")
+
+MAX_MESSAGE = 64 << 20
+SOCKET_DIR_MODE = 0o750
+CLIENT_SOCKET_MODE = 0o660
+ADMIN_SOCKET_MODE = 0o600
+
+
+def _claim_socket(path: Path) -> None:
+    """Remove a stale socket file; refuse if a live daemon answers on it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    raise BusyError(f"socket {path} is in use by another process (is another weightcached running?)")
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.lock = StoreLock(cfg.cache_dir)
+        try:
+            self.store = LocalBlobStore(cfg.cache_dir)
+            self.index = Index(cfg.cache_dir / "index.db")
+        except BaseException:
+            self.lock.release()
+            raise
+        self.leases = Leases()
+        self.fetcher = Fetcher(cfg, self.store, self.index)
+        self.core = Core(cfg, self.store, self.index, self.fetcher, self.leases)
+        self.client_server: grpc.aio.Server | None = None
+        self.admin_server: grpc.aio.Server | None = None
+        self.fd_server: FdServer | None = None
+        self.health = health.aio.HealthServicer()
+
+    @property
+    def client_socket(self) -> Path:
+        return self.cfg.socket_dir / paths.CLIENT_SOCKET_NAME
+
+    @property
+    def fd_socket(self) -> Path:
+        return self.cfg.socket_dir / paths.FD_SOCKET_NAME
+
+    async def start(self) -> None:
+        report = await asyncio.to_thread(reconcile, self.store, self.index)
+        log.info("reconciled", **report)
+        self.cfg.socket_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.cfg.socket_dir, SOCKET_DIR_MODE)
+        self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for p in (self.client_socket, self.fd_socket, self.cfg.admin_socket):
+            _claim_socket(p)
+        opts = [("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_concurrent_streams", 1024)]  # fmt: skip
+        self.client_server = grpc.aio.server(options=opts)
+        pb_grpc.add_CacheServicer_to_server(CacheService(self.core), self.client_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
+        self.client_server.add_insecure_port(f"unix://{self.client_socket}")
+        self.admin_server = grpc.aio.server(options=opts)
+        pb_grpc.add_AdminServicer_to_server(AdminService(self.core), self.admin_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.admin_server)
+        old = os.umask(0o177)  # the admin socket is created 0600, never briefly wider
+        try:
+            self.admin_server.add_insecure_port(f"unix://{self.cfg.admin_socket}")
+            await self.admin_server.start()
+        finally:
+            os.umask(old)
+        await self.client_server.start()
+        os.chmod(self.client_socket, CLIENT_SOCKET_MODE)
+        os.chmod(self.cfg.admin_socket, ADMIN_SOCKET_MODE)
+        self.fd_server = FdServer(self.core, str(self.fd_socket), CLIENT_SOCKET_MODE)
+        await self.fd_server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("weightcache.v1.Cache", health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready", cache_dir=str(self.cfg.cache_dir), socket_dir=str(self.cfg.socket_dir),
+                 admin_socket=str(self.cfg.admin_socket), pid=os.getpid())  # fmt: skip
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.fetcher.shutdown()
+        if self.fd_server:
+            await self.fd_server.stop()
+        for srv in (self.client_server, self.admin_server):
+            if srv is not None:
+                await srv.stop(grace=2)
+        for p in (self.client_socket, self.fd_socket, self.cfg.admin_socket):
+            p.unlink(missing_ok=True)
+        self.index.close()
+        self.lock.release()
+        log.info("stopped")
+
+
+def sd_notify(state: str, env: dict[str, str]) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    addr = env.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(state.encode())
+
+
+async def serve(cfg: Config, env: dict[str, str]) -> None:
+    daemon = Daemon(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.start()
+    except BaseException:
+        await daemon.stop()
+        raise
+    sd_notify("READY=1", env)
+    watchdog_usec = int(env.get("WATCHDOG_USEC", "0") or 0)
+    pinger: asyncio.Task[None] | None = None
+    if watchdog_usec:
+
+        async def ping() -> None:
+            while True:
+                await asyncio.sleep(watchdog_usec / 2e6)
+                sd_notify("WATCHDOG=1", env)
+
+        pinger = loop.create_task(ping())
+    await stop.wait()
+    sd_notify("STOPPING=1", env)
+    if pinger:
+        pinger.cancel()
+    await daemon.stop()

@@ -1,0 +1,77 @@
+"""The Source protocol and the URI and path rules shared by every source."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+from weightcache.errors import InvalidInputError
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteObject:
+    relpath: str  # path inside the model ("model-00001-of-00002.safetensors")
+    size: int
+    version: str  # ETag for S3; size+mtime+inode for files
+    uri: str  # full URI of the object, for messages and the source-object cache
+
+
+class ObjectChanged(Exception):
+    """The object no longer has the version that was listed (S3: If-Match failed)."""
+
+    def __init__(self, obj: RemoteObject) -> None:
+        super().__init__(f"{obj.uri} changed during the download")
+        self.obj = obj
+
+
+class Source(Protocol):
+    """A model's files at a URI.
+
+    list() -> objects; stat(relpath) -> the current version of one object;
+    read(obj, offset, length) yields the bytes of [offset, offset+length) of the object
+    at version obj.version, or raises ObjectChanged. Implementations are thread-safe:
+    the engine calls read() from many threads at once.
+    """
+
+    uri: str
+
+    def list(self) -> list[RemoteObject]: ...
+
+    def stat(self, relpath: str) -> RemoteObject: ...
+
+    def read(self, obj: RemoteObject, offset: int, length: int) -> Iterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+def parse_uri(uri: str) -> tuple[str, str, str]:
+    """'s3://bucket/a/b/' -> ('s3', 'bucket', 'a/b/'); 'file:///d/' -> ('file', '', '/d/')."""
+    if "://" not in uri:
+        raise InvalidInputError(f"source {uri!r}: not a URI (expected s3://bucket/prefix/ or file:///dir/)")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "s3":
+        if not parts.netloc:
+            raise InvalidInputError(f"source {uri!r}: missing bucket name")
+        return scheme, parts.netloc, unquote(parts.path.lstrip("/"))
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidInputError(f"source {uri!r}: file URIs must be local (file:///dir/)")
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise InvalidInputError(f"source {uri!r}: file URIs need an absolute path")
+        return scheme, "", path
+    return scheme, parts.netloc, parts.path
+
+
+def check_relpath(relpath: str, uri: str) -> str:
+    """Refuse object names that would escape the snapshot directory."""
+    if not relpath or relpath.startswith("/") or "\\" in relpath or "\x00" in relpath:
+        raise InvalidInputError(f"source {uri!r}: object name {relpath!r} is empty, absolute or has a backslash/NUL")
+    parts = relpath.split("/")
+    if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(relpath) != relpath:
+        raise InvalidInputError(f"source {uri!r}: object name {relpath!r} has an empty, '.' or '..' component")
+    return relpath

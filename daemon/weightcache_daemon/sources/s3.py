@@ -1,0 +1,132 @@
+"""s3://bucket/prefix/ sources through boto3 (AWS S3 and S3-compatible stores).
+
+Endpoint, region and credentials come from the standard AWS chain unless the daemon
+config has a ``[[sources]]`` entry for the URI's prefix; retries use botocore's
+``standard`` mode. Every ranged GET carries ``If-Match: <ETag seen at listing>``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config as BotoConfig
+
+from weightcache.errors import NotFoundError, PermissionDeniedError, SourceError, WeightcacheError
+
+from ..config import SourceConfig
+from .base import ObjectChanged, RemoteObject, check_relpath, parse_uri
+
+CHUNK = 1 << 20
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "InvalidToken",
+           "ExpiredToken", "403"}  # fmt: skip
+_MISSING = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
+
+
+def _error(exc: Exception, what: str) -> WeightcacheError:
+    """One place that turns a boto error into our category, keeping the real text."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _DENIED:
+            return PermissionDeniedError(f"{what}: access denied ({exc})")
+        if code in _MISSING:
+            return NotFoundError(f"{what}: not found ({exc})")
+        return SourceError(f"{what}: {exc}")
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return PermissionDeniedError(f"{what}: no credentials found in the AWS chain or the daemon config")
+    return SourceError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class S3Source:
+    def __init__(self, uri: str, cfg: SourceConfig, concurrency: int) -> None:
+        self.uri = uri
+        _, self.bucket, prefix = parse_uri(uri)
+        self.prefix = prefix if (not prefix or prefix.endswith("/")) else prefix + "/"
+        session = boto3.session.Session(profile_name=cfg.profile) if cfg.profile else boto3.session.Session()
+        proxies = {"http": cfg.proxy, "https": cfg.proxy} if cfg.proxy else None
+        self._client: Any = session.client(
+            "s3",
+            endpoint_url=cfg.endpoint_url,
+            region_name=cfg.region,
+            aws_access_key_id=cfg.access_key_id,
+            aws_secret_access_key=cfg.secret_access_key,
+            config=BotoConfig(
+                retries={"mode": "standard", "max_attempts": cfg.max_attempts},
+                max_pool_connections=concurrency + 4,
+                proxies=proxies,
+                connect_timeout=cfg.connect_timeout,
+                read_timeout=cfg.read_timeout,
+                s3={"addressing_style": "path"} if cfg.endpoint_url else None,
+            ),
+        )
+        self._lock = threading.Lock()
+
+    def _obj_uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def list(self) -> list[RemoteObject]:
+        out: list[RemoteObject] = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    key: str = item["Key"]
+                    if key.endswith("/") and item["Size"] == 0:
+                        continue  # a "directory" marker
+                    if not key.startswith(self.prefix):
+                        raise SourceError(f"source {self.uri}: listing returned key {key!r} outside the prefix")
+                    rel = check_relpath(key[len(self.prefix) :], self.uri)
+                    out.append(RemoteObject(rel, int(item["Size"]), item["ETag"], self._obj_uri(key)))
+        except WeightcacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every boto failure becomes a categorised error
+            raise _error(exc, f"source {self.uri}: listing") from None
+        return out
+
+    def stat(self, relpath: str) -> RemoteObject:
+        key = self.prefix + relpath
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            raise _error(exc, f"source {self._obj_uri(key)}") from None
+        return RemoteObject(relpath, int(head["ContentLength"]), head["ETag"], self._obj_uri(key))
+
+    def read(self, obj: RemoteObject, offset: int, length: int) -> Iterator[bytes]:
+        if length == 0:
+            return
+        key = self.prefix + obj.relpath
+        try:
+            resp = self._client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}", IfMatch=obj.version
+            )
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412"):
+                raise ObjectChanged(obj) from None
+            raise _error(exc, f"source {obj.uri} bytes {offset}-{offset + length - 1}") from None
+        except Exception as exc:  # noqa: BLE001
+            raise _error(exc, f"source {obj.uri} bytes {offset}-{offset + length - 1}") from None
+        if resp.get("ETag") not in (None, obj.version):
+            resp["Body"].close()
+            raise ObjectChanged(obj)
+        body = resp["Body"]
+        got = 0
+        try:
+            while got < length:
+                data = body.read(min(CHUNK, length - got))
+                if not data:
+                    break
+                got += len(data)
+                yield data
+        except Exception as exc:  # noqa: BLE001 - a body cut mid-stream is a transient source error
+            raise _error(exc, f"source {obj.uri} bytes {offset}-{offset + length - 1}") from None
+        finally:
+            body.close()
+        if got != length:
+            raise SourceError(f"source {obj.uri}: range at {offset} ended after {got} of {length} bytes")
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,123 @@
+"""Generate a Llama-shaped safetensors model (shards + index + config + tokenizer) for tests
+and benchmarks. No hub access is needed: the weights are random bytes.
+
+    python tools/make_model.py OUT_DIR --size 2GiB [--shards 2] [--dtype BF16] [--seed 0]
+    python tools/make_model.py OUT_DIR --tiny          # a few KB, for tests
+
+Sizes are reached by choosing the hidden size and layer count of a Llama-like config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DTYPE_SIZE = {"BF16": 2, "F16": 2, "F32": 4}
+
+
+def llama_tensors(hidden: int, layers: int, vocab: int, inter: int, kv: int) -> list[tuple[str, list[int]]]:
+    out: list[tuple[str, list[int]]] = [("model.embed_tokens.weight", [vocab, hidden])]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", [hidden]),
+            (p + "self_attn.q_proj.weight", [hidden, hidden]),
+            (p + "self_attn.k_proj.weight", [kv, hidden]),
+            (p + "self_attn.v_proj.weight", [kv, hidden]),
+            (p + "self_attn.o_proj.weight", [hidden, hidden]),
+            (p + "post_attention_layernorm.weight", [hidden]),
+            (p + "mlp.gate_proj.weight", [inter, hidden]),
+            (p + "mlp.up_proj.weight", [inter, hidden]),
+            (p + "mlp.down_proj.weight", [hidden, inter]),
+        ]
+    out += [("model.norm.weight", [hidden]), ("lm_head.weight", [vocab, hidden])]
+    return out
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, str, list[int]]], rng: np.random.Generator) -> None:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, dtype, shape in tensors:
+        n = math.prod(shape) * DTYPE_SIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section like the reference writer
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        remaining = off
+        while remaining:
+            n = min(remaining, 64 << 20)
+            # Small normal-ish values so bf16/f16 tensors hold finite numbers.
+            f.write((rng.standard_normal(n // 2, dtype=np.float32) * 0.02).astype(np.float16).tobytes()[:n]
+                    if n % 2 == 0 else rng.bytes(n))  # fmt: skip
+            remaining -= n
+    os.replace(tmp, path)
+
+
+def make_model(out: Path, size: int, shards: int = 2, dtype: str = "BF16", seed: int = 0, tiny: bool = False) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    if tiny:
+        hidden, layers, vocab, inter, kv = 16, 2, 32, 32, 8
+    else:
+        # Llama-3 proportions: vocab 128256 scaled down, inter = 3.5 * hidden, kv = hidden / 4.
+        layers = 16
+        vocab = 32000
+        hidden = 256
+        while True:
+            t = llama_tensors(hidden, layers, vocab, int(hidden * 3.5), hidden // 4)
+            if sum(math.prod(s) for _, s in t) * DTYPE_SIZE[dtype] >= size:
+                break
+            hidden += 128
+    tensors = llama_tensors(hidden, layers, vocab, int(hidden * 3.5) if not tiny else inter, hidden // 4 if not tiny else kv)
+    total = sum(math.prod(s) for _, s in tensors) * DTYPE_SIZE[dtype]
+    per = total / shards
+    groups: list[list[tuple[str, str, list[int]]]] = [[] for _ in range(shards)]
+    acc = 0
+    for name, shape in tensors:
+        idx = min(int(acc / per), shards - 1)
+        groups[idx].append((name, dtype, shape))
+        acc += math.prod(shape) * DTYPE_SIZE[dtype]
+    weight_map = {}
+    for i, g in enumerate(groups):
+        fn = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        write_safetensors(out / fn, g, rng)
+        weight_map.update({name: fn for name, _, _ in g})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=2))  # fmt: skip
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "num_hidden_layers": layers,
+        "vocab_size": vocab, "torch_dtype": "bfloat16" if dtype == "BF16" else dtype.lower()}, indent=2))  # fmt: skip
+    (out / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}}}))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--size", default="64MiB")
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--dtype", default="BF16", choices=sorted(DTYPE_SIZE))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true")
+    a = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
+    from weightcache_daemon.config import parse_size
+
+    make_model(a.out, parse_size(a.size, "--size"), a.shards, a.dtype, a.seed, a.tiny)
+    for p in sorted(a.out.iterdir()):
+        print(f"{p.stat().st_size:>14}  {p}")
+
+
+if __name__ == "__main__":
+    main()
