@@ -69,12 +69,14 @@ class Daemon:
 
     @property
     def env(self) -> dict[str, str]:
-        return dict(os.environ, WEIGHTCACHE_ADMIN_SOCKET=str(self.admin_socket),
-                    WEIGHTCACHE_SOCKET_DIR=str(self.socket_dir))  # fmt: skip
+        return dict(
+            os.environ, WEIGHTCACHE_ADMIN_SOCKET=str(self.admin_socket), WEIGHTCACHE_SOCKET_DIR=str(self.socket_dir)
+        )
 
     def ctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run(["cachectl", *args], capture_output=True, text=True, env=self.env, timeout=timeout,
-                           stdin=subprocess.DEVNULL)  # fmt: skip
+        r = subprocess.run(
+            ["cachectl", *args], capture_output=True, text=True, env=self.env, timeout=timeout, stdin=subprocess.DEVNULL
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"cachectl {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r
@@ -105,15 +107,22 @@ def write_config(path: Path, s3: s3server.S3Server | None, **extra: Any) -> Path
     lines.append("[download]")
     lines += [f"{k} = {json.dumps(v)}" for k, v in dl.items()]
     if s3 is not None:
-        lines += ["[[sources]]", 'prefix = "s3://"', f'endpoint_url = "{s3.endpoint}"', f'region = "{s3.region}"',
-                  f'access_key_id = "{s3.admin_key[0]}"', f'secret_access_key = "{s3.admin_key[1]}"',
-                  "max_attempts = 3"]  # fmt: skip
+        lines += [
+            "[[sources]]",
+            'prefix = "s3://"',
+            f'endpoint_url = "{s3.endpoint}"',
+            f'region = "{s3.region}"',
+            f'access_key_id = "{s3.admin_key[0]}"',
+            f'secret_access_key = "{s3.admin_key[1]}"',
+            "max_attempts = 3",
+        ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def start_daemon(root: Path, s3: s3server.S3Server | None, *, config: Path | None = None, wait: bool = True,
-                 **cfg: Any) -> Daemon:  # fmt: skip
+def start_daemon(
+    root: Path, s3: s3server.S3Server | None, *, config: Path | None = None, wait: bool = True, **cfg: Any
+) -> Daemon:
     root.mkdir(parents=True, exist_ok=True)
     if config is None:
         cfg.setdefault("client_sources", ["*"])
@@ -122,10 +131,23 @@ def start_daemon(root: Path, s3: s3server.S3Server | None, *, config: Path | Non
     log = root / "daemon.log"
     with open(log, "ab") as lf:
         proc = subprocess.Popen(
-            ["weightcached", "--config", str(config), "--cache-dir", str(cache_dir), "--socket-dir", str(socket_dir),
-             "--admin-socket", str(admin), "--log-format", "json"],
-            stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                "weightcached",
+                "--config",
+                str(config),
+                "--cache-dir",
+                str(cache_dir),
+                "--socket-dir",
+                str(socket_dir),
+                "--admin-socket",
+                str(admin),
+                "--log-format",
+                "json",
+            ],
+            stdout=lf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     d = Daemon(root, cache_dir, socket_dir, admin, proc, log)
     if wait:
         deadline = time.monotonic() + 30

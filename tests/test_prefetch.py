@@ -98,9 +98,16 @@ def test_concurrent_prefetch_of_one_model_downloads_once(daemon_factory, s3, buc
     total = sum(p.stat().st_size for p in model.iterdir())
     # Throttled so the two callers certainly overlap.
     d = daemon_factory(download={"rate_limit": 40 << 20})
-    procs = [subprocess.Popen(["cachectl", "prefetch", f"s3://{bucket}/big/", "--name", "big", "--json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=d.env, text=True)
-             for _ in range(3)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            ["cachectl", "prefetch", f"s3://{bucket}/big/", "--name", "big", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=d.env,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     snaps = {json.loads(o)["snapshot_id"] for o, _ in outs}
@@ -114,8 +121,13 @@ def test_object_replaced_mid_download_restarts_that_file(daemon_factory, s3, buc
     c.put_object(Bucket=bucket, Key="m/weights.bin", Body=old)
     c.put_object(Bucket=bucket, Key="m/config.json", Body=b"{}")
     d = daemon_factory(download={"rate_limit": 6 << 20, "concurrency": 2})
-    proc = subprocess.Popen(["cachectl", "prefetch", f"s3://{bucket}/m/", "--name", "m", "--include", "*",
-                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=d.env, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        ["cachectl", "prefetch", f"s3://{bucket}/m/", "--name", "m", "--include", "*", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=d.env,
+        text=True,
+    )
     time.sleep(0.6)  # about 3 MiB of 12 fetched
     c.put_object(Bucket=bucket, Key="m/weights.bin", Body=new)
     out, err = proc.communicate(timeout=120)
@@ -129,9 +141,20 @@ def test_object_replaced_mid_download_restarts_that_file(daemon_factory, s3, buc
 
 
 def test_second_daemon_on_same_store_refuses(daemon: Daemon, tmp_path: Path) -> None:
-    r = subprocess.run(["weightcached", "--cache-dir", str(daemon.cache_dir), "--socket-dir", str(tmp_path / "s2"),
-                        "--admin-socket", str(tmp_path / "a2" / "admin.sock")], capture_output=True, text=True,
-                       timeout=30)  # fmt: skip
+    r = subprocess.run(
+        [
+            "weightcached",
+            "--cache-dir",
+            str(daemon.cache_dir),
+            "--socket-dir",
+            str(tmp_path / "s2"),
+            "--admin-socket",
+            str(tmp_path / "a2" / "admin.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 1
     assert "already used by another weightcached" in r.stderr and str(daemon.proc.pid) in r.stderr
 

@@ -1,7 +1,7 @@
 """Regenerate the committed Python code of protos/ into client/weightcache/v1/.
 
-    python tools/gen_protos.py            # write the files
-    python tools/gen_protos.py --check    # exit 1 if the committed files differ
+python tools/gen_protos.py            # write the files
+python tools/gen_protos.py --check    # exit 1 if the committed files differ
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         drift = [
-            name for name in GENERATED
+            name
+            for name in GENERATED
             if not (OUT_ROOT / "weightcache/v1" / name).exists()
             or not filecmp.cmp(Path(tmp) / "weightcache/v1" / name, OUT_ROOT / "weightcache/v1" / name, shallow=False)
-        ]  # fmt: skip
+        ]
     if drift:
         print(f"generated code is stale: {', '.join(drift)}; run python tools/gen_protos.py", file=sys.stderr)
         return 1

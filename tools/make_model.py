@@ -58,8 +58,11 @@ def write_safetensors(path: Path, tensors: list[tuple[str, str, list[int]]], rng
         while remaining:
             n = min(remaining, 64 << 20)
             # Small normal-ish values so bf16/f16 tensors hold finite numbers.
-            f.write((rng.standard_normal(n // 2, dtype=np.float32) * 0.02).astype(np.float16).tobytes()[:n]
-                    if n % 2 == 0 else rng.bytes(n))  # fmt: skip
+            f.write(
+                (rng.standard_normal(n // 2, dtype=np.float32) * 0.02).astype(np.float16).tobytes()[:n]
+                if n % 2 == 0
+                else rng.bytes(n)
+            )
             remaining -= n
     os.replace(tmp, path)
 
@@ -79,7 +82,9 @@ def make_model(out: Path, size: int, shards: int = 2, dtype: str = "BF16", seed:
             if sum(math.prod(s) for _, s in t) * DTYPE_SIZE[dtype] >= size:
                 break
             hidden += 128
-    tensors = llama_tensors(hidden, layers, vocab, int(hidden * 3.5) if not tiny else inter, hidden // 4 if not tiny else kv)
+    tensors = llama_tensors(
+        hidden, layers, vocab, int(hidden * 3.5) if not tiny else inter, hidden // 4 if not tiny else kv
+    )
     total = sum(math.prod(s) for _, s in tensors) * DTYPE_SIZE[dtype]
     per = total / shards
     groups: list[list[tuple[str, str, list[int]]]] = [[] for _ in range(shards)]
@@ -93,11 +98,21 @@ def make_model(out: Path, size: int, shards: int = 2, dtype: str = "BF16", seed:
         fn = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         write_safetensors(out / fn, g, rng)
         weight_map.update({name: fn for name, _, _ in g})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}, indent=2))  # fmt: skip
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "num_hidden_layers": layers,
-        "vocab_size": vocab, "torch_dtype": "bfloat16" if dtype == "BF16" else dtype.lower()}, indent=2))  # fmt: skip
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "hidden_size": hidden,
+                "num_hidden_layers": layers,
+                "vocab_size": vocab,
+                "torch_dtype": "bfloat16" if dtype == "BF16" else dtype.lower(),
+            },
+            indent=2,
+        )
+    )
     (out / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}}}))
     return out
 

@@ -121,12 +121,23 @@ def start(data_dir: Path | None = None, timeout: float = 60.0) -> S3Server:
     log_path = data_dir / "weed.log"
     env = dict(os.environ, GOMEMLIMIT="512MiB")
     cmd = [
-        weed, "mini", f"-dir={store}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-        f"-s3.port={s3}", f"-admin.port={admin}", f"-s3.config={config}",
-        "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]  # fmt: skip
+        weed,
+        "mini",
+        f"-dir={store}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-volume.port={volume}",
+        f"-filer.port={filer}",
+        f"-s3.port={s3}",
+        f"-admin.port={admin}",
+        f"-s3.config={config}",
+        "-master.telemetry=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{s3}", data_dir, proc, log_path)
@@ -161,9 +172,19 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None)
     args = ap.parse_args()
     srv = start(args.dir)
-    print(json.dumps({"endpoint": srv.endpoint, "access_key": ADMIN_KEY[0], "secret_key": ADMIN_KEY[1],
-                      "readonly_access_key": READONLY_KEY[0], "readonly_secret_key": READONLY_KEY[1],
-                      "region": REGION}), flush=True)
+    print(
+        json.dumps(
+            {
+                "endpoint": srv.endpoint,
+                "access_key": ADMIN_KEY[0],
+                "secret_key": ADMIN_KEY[1],
+                "readonly_access_key": READONLY_KEY[0],
+                "readonly_secret_key": READONLY_KEY[1],
+                "region": REGION,
+            }
+        ),
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, lambda *_: (srv.stop(), sys.exit(0)))
     try:
         srv.process.wait()

@@ -1,10 +1,10 @@
 """weightcache client: zero-copy tensors from the node's weight cache.
 
-    import weightcache
-    with weightcache.connect() as cache, cache.open("llama-8b") as model:
-        state = model.state_dict()
-        for name, layer in model.stream("cuda:0", prefetch=2):
-            ...
+import weightcache
+with weightcache.connect() as cache, cache.open("llama-8b") as model:
+    state = model.state_dict()
+    for name, layer in model.stream("cuda:0", prefetch=2):
+        ...
 """
 
 from ._client import Client, connect

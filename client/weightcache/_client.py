@@ -52,9 +52,11 @@ class _TextBar:
         if not p.bytes_total:
             return
         frac = p.bytes_done / p.bytes_total
-        sys.stderr.write(f"\rweightcache: [{'#' * int(frac * 30):<30}] {frac * 100:5.1f}% "
-                         f"{p.bytes_done / 2**30:.2f}/{p.bytes_total / 2**30:.2f} GiB "
-                         f"{p.bytes_per_second / 2**20:.0f} MiB/s ")  # fmt: skip
+        sys.stderr.write(
+            f"\rweightcache: [{'#' * int(frac * 30):<30}] {frac * 100:5.1f}% "
+            f"{p.bytes_done / 2**30:.2f}/{p.bytes_total / 2**30:.2f} GiB "
+            f"{p.bytes_per_second / 2**20:.0f} MiB/s "
+        )
         sys.stderr.flush()
         self.drawn = True
 
@@ -72,15 +74,18 @@ class Client:
         sock = socket_dir / paths.CLIENT_SOCKET_NAME
         if not sock.exists():
             raise SourceError(f"daemon socket {sock} does not exist: is weightcached running?")
-        self._channel = grpc.insecure_channel(
-            f"unix://{sock}", options=[("grpc.max_receive_message_length", 64 << 20)]
-        )
+        self._channel = grpc.insecure_channel(f"unix://{sock}", options=[("grpc.max_receive_message_length", 64 << 20)])
         self._stub = pb_grpc.CacheStub(self._channel)
 
     def ensure(
-        self, model: str, *, name: str = "", include: list[str] | None = None, exclude: list[str] | None = None,
+        self,
+        model: str,
+        *,
+        name: str = "",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
         progress: ProgressFn | bool | None = None,
-    ) -> pb.Manifest:  # fmt: skip
+    ) -> pb.Manifest:
         """Make a model present (downloading it if the daemon allows) and return its manifest."""
         bar = _TextBar() if progress is True else None
         callback = bar if bar is not None else (progress if callable(progress) else None)
@@ -103,9 +108,15 @@ class Client:
         return manifest
 
     def open(
-        self, model: str, *, progress: ProgressFn | bool | None = None, name: str = "",
-        include: list[str] | None = None, exclude: list[str] | None = None, fallback: bool | None = None,
-    ) -> Model:  # fmt: skip
+        self,
+        model: str,
+        *,
+        progress: ProgressFn | bool | None = None,
+        name: str = "",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        fallback: bool | None = None,
+    ) -> Model:
         """Open a model by name, snapshot id or source URI.
 
         fallback=None: map descriptors from fd.sock when it exists, else read over gRPC.
@@ -135,8 +146,9 @@ class Client:
     def read_range(self, snapshot_id: str, path: str, offset: int = 0, length: int = 0) -> bytes:
         """Bytes of one file of a snapshot, over the stream (no descriptors)."""
         out = bytearray()
-        for chunk in self._chunks(pb.ReadRangeRequest(snapshot_id=snapshot_id,
-                                                      file=pb.FileRange(path=path, offset=offset, length=length))):
+        for chunk in self._chunks(
+            pb.ReadRangeRequest(snapshot_id=snapshot_id, file=pb.FileRange(path=path, offset=offset, length=length))
+        ):
             out += chunk.data
         return bytes(out)
 

@@ -142,8 +142,10 @@ class Model:
         for n in self._order:
             t = self._tensors[n]
             groups.setdefault(t.layer, []).append(t)
-        return [Layer(name, ts[0].layer_index, tuple(t.name for t in ts), sum(t.length for t in ts))
-                for name, ts in groups.items()]  # fmt: skip
+        return [
+            Layer(name, ts[0].layer_index, tuple(t.name for t in ts), sum(t.length for t in ts))
+            for name, ts in groups.items()
+        ]
 
     # ---------------------------------------------------------------- bytes and tensors
 
@@ -254,4 +256,3 @@ class _Slice:
 
     def __getitem__(self, index: Any) -> Any:
         return self._model.get_tensor(self._meta.name)[index]
-

@@ -41,8 +41,9 @@ class LayerStream:
     """Iterator of (group name, {tensor name: tensor}). ``groups_read`` and ``groups_yielded``
     are public so the prefetch bound can be observed; ``close()`` stops the reader early."""
 
-    def __init__(self, model: Model, groups: list[tuple[str, list[TensorMeta]]], device: Any, prefetch: int,
-                 copy: bool) -> None:  # fmt: skip
+    def __init__(
+        self, model: Model, groups: list[tuple[str, list[TensorMeta]]], device: Any, prefetch: int, copy: bool
+    ) -> None:
         if prefetch < 1:
             raise InvalidInputError(f"prefetch={prefetch}: must be at least 1")
         torch = torch_module()
@@ -80,8 +81,10 @@ class LayerStream:
         if len(dest) <= READ_SPLIT:
             backing.read_into(t.offset, dest)
             return
-        futs = [self._pool.submit(backing.read_into, t.offset + o, dest[o : o + READ_SPLIT])
-                for o in range(0, len(dest), READ_SPLIT)]  # fmt: skip
+        futs = [
+            self._pool.submit(backing.read_into, t.offset + o, dest[o : o + READ_SPLIT])
+            for o in range(0, len(dest), READ_SPLIT)
+        ]
         for f in futs:
             f.result()
 
@@ -176,7 +179,7 @@ class LayerStream:
         self._stop.set()
 
 
-def stream_groups(model: Model, groups: list[tuple[str, list[TensorMeta]]], device: Any, prefetch: int,
-                  copy: bool) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
+def stream_groups(
+    model: Model, groups: list[tuple[str, list[TensorMeta]]], device: Any, prefetch: int, copy: bool
+) -> Iterator[tuple[str, dict[str, Any]]]:
     return LayerStream(model, groups, device, prefetch, copy)
-

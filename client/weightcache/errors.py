@@ -102,7 +102,7 @@ ERROR_OF: dict[grpc.StatusCode, type[WeightcacheError]] = {code: cls for cls, co
 def code_for(exc: WeightcacheError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in CODE_OF:
-            return CODE_OF[cls]  # type: ignore[index]
+            return CODE_OF[cls]
     return grpc.StatusCode.INTERNAL
 
 

@@ -30,12 +30,27 @@ MAX_HEADER = 100_000_000
 
 # Bits per element of every dtype the safetensors format defines.
 DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}  # fmt: skip
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +114,9 @@ def parse_header(header: bytes, file_size: int, label: str) -> tuple[list[Tensor
     metadata: dict[str, str] = {}
     raw_meta = obj.pop("__metadata__", None)
     if raw_meta is not None:
-        if not isinstance(raw_meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()):
+        if not isinstance(raw_meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
+        ):
             raise InvalidInputError(f"{label}: __metadata__ must map strings to strings")
         metadata = dict(raw_meta)
     data_start = 8 + n
@@ -143,9 +160,13 @@ def parse_header(header: bytes, file_size: int, label: str) -> tuple[list[Tensor
     tensors: list[TensorInfo] = []
     for begin, end, name, dtype, shape in entries:
         if begin < cursor:
-            raise InvalidInputError(f"{label}: tensor {name!r} at [{begin}, {end}) overlaps the previous tensor ending at {cursor}")
+            raise InvalidInputError(
+                f"{label}: tensor {name!r} at [{begin}, {end}) overlaps the previous tensor ending at {cursor}"
+            )
         if begin > cursor:
-            raise InvalidInputError(f"{label}: gap of {begin - cursor} bytes before tensor {name!r} (offsets must be contiguous from 0)")
+            raise InvalidInputError(
+                f"{label}: gap of {begin - cursor} bytes before tensor {name!r} (offsets must be contiguous from 0)"
+            )
         cursor = end
         tensors.append(TensorInfo(name, dtype, shape, data_start + begin, end - begin))
     if cursor != data_size:

@@ -38,8 +38,10 @@ def admin_socket(arg: Path | None) -> Path:
 
 def _stub(sock: Path) -> pb_grpc.AdminStub:
     if not sock.exists():
-        raise SourceError(f"admin socket {sock} does not exist: is weightcached running? (--admin-socket or "
-                          "WEIGHTCACHE_ADMIN_SOCKET point elsewhere)")  # fmt: skip
+        raise SourceError(
+            f"admin socket {sock} does not exist: is weightcached running? (--admin-socket or "
+            "WEIGHTCACHE_ADMIN_SOCKET point elsewhere)"
+        )
     channel = grpc.insecure_channel(f"unix://{sock}", options=[("grpc.max_receive_message_length", 64 << 20)])
     return pb_grpc.AdminStub(channel)
 
@@ -80,8 +82,12 @@ def cmd_prefetch(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
         for ev in stub.Prefetch(req):
             if ev.HasField("progress"):
                 p = ev.progress
-                bar.update(p.bytes_done, p.bytes_total, p.bytes_per_second,
-                           f"{p.files_done}/{p.files_total} files {pb.Progress.Phase.Name(p.phase).lower()}")  # fmt: skip
+                bar.update(
+                    p.bytes_done,
+                    p.bytes_total,
+                    p.bytes_per_second,
+                    f"{p.files_done}/{p.files_total} files {pb.Progress.Phase.Name(p.phase).lower()}",
+                )
             else:
                 model = ev.model
     except grpc.RpcError as exc:
@@ -93,8 +99,10 @@ def cmd_prefetch(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     if a.json:
         _out(_dict(model))
     else:
-        print(f"{model.name}: snapshot {model.snapshot_id}, {model.file_count} files, {human(model.size)}"
-              f"{' (pinned)' if model.pinned else ''}\n  {model.path}")  # fmt: skip
+        print(
+            f"{model.name}: snapshot {model.snapshot_id}, {model.file_count} files, {human(model.size)}"
+            f"{' (pinned)' if model.pinned else ''}\n  {model.path}"
+        )
     return 0
 
 
@@ -107,8 +115,19 @@ def cmd_ls(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     if a.json:
         _out([_dict(m) for m in resp.models])
         return 0
-    rows = [[m.name, m.snapshot_id[:12], human(m.size), str(m.file_count), "yes" if m.pinned else "",
-             _when(m.last_used_at), _leases(m), m.source] for m in resp.models]  # fmt: skip
+    rows = [
+        [
+            m.name,
+            m.snapshot_id[:12],
+            human(m.size),
+            str(m.file_count),
+            "yes" if m.pinned else "",
+            _when(m.last_used_at),
+            _leases(m),
+            m.source,
+        ]
+        for m in resp.models
+    ]
     _table(rows, ["NAME", "SNAPSHOT", "SIZE", "FILES", "PINNED", "LAST USED", "LEASES(pid/uid)", "SOURCE"])
     return 0
 
@@ -124,8 +143,10 @@ def cmd_show(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     print(f"source:    {man.source}")
     print(f"path:      {man.path}")
     if m.name:
-        print(f"size:      {human(m.size)} in {m.file_count} files; pinned: {'yes' if m.pinned else 'no'}; "
-              f"last used {_when(m.last_used_at)}")  # fmt: skip
+        print(
+            f"size:      {human(m.size)} in {m.file_count} files; pinned: {'yes' if m.pinned else 'no'}; "
+            f"last used {_when(m.last_used_at)}"
+        )
         print(f"leases:    {', '.join(f'pid {le.pid} uid {le.uid} gid {le.gid}' for le in m.leases) or 'none'}")
     print("files:")
     for f in man.files:
@@ -140,15 +161,18 @@ def cmd_show(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
 def cmd_evict(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     if not a.models and not a.all_unpinned:
         raise InvalidInputError("evict needs MODEL names or --all-unpinned")
-    resp = _call(stub.Evict, pb.EvictRequest(models=a.models, all_unpinned=a.all_unpinned, dry_run=a.dry_run,
-                                             force=a.force))  # fmt: skip
+    resp = _call(
+        stub.Evict, pb.EvictRequest(models=a.models, all_unpinned=a.all_unpinned, dry_run=a.dry_run, force=a.force)
+    )
     if a.json:
         _out(_dict(resp))
         return 0
     verb = "would evict" if resp.dry_run else "evicted"
     print(f"{verb} {len(resp.models)} model(s): {', '.join(resp.models) or '-'}")
-    print(f"  snapshots: {len(resp.snapshots)}, blobs: {len(resp.blobs)}, "
-          f"{'would free' if resp.dry_run else 'freed'} {human(resp.bytes_freed)}")  # fmt: skip
+    print(
+        f"  snapshots: {len(resp.snapshots)}, blobs: {len(resp.blobs)}, "
+        f"{'would free' if resp.dry_run else 'freed'} {human(resp.bytes_freed)}"
+    )
     return 0
 
 
@@ -171,7 +195,9 @@ def cmd_stats(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     print(f"models:           {s.models} ({s.snapshots} snapshots, {s.blobs} blobs)")
     print(f"logical bytes:    {human(s.logical_bytes)}")
     print(f"stored bytes:     {human(s.stored_bytes)}  (dedup saves {human(max(saved, 0))})")
-    print(f"capacity:         {human(s.max_size) if s.max_size else 'unlimited'}; filesystem free {human(s.filesystem_free)}")
+    print(
+        f"capacity:         {human(s.max_size) if s.max_size else 'unlimited'}; filesystem free {human(s.filesystem_free)}"
+    )
     print(f"downloaded:       {human(s.bytes_downloaded)} since start; {s.active_downloads} download(s) running")
     print(f"leases:           {s.leases}")
     return 0
@@ -209,8 +235,10 @@ def cmd_gc(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
         _out(_dict(r))
         return 0
     verb = "would remove" if r.dry_run else "removed"
-    print(f"{verb} {len(r.blobs)} orphan blob(s), {len(r.ingests)} stale ingest(s), {len(r.snapshots)} unnamed "
-          f"snapshot(s): {human(r.bytes_freed)}")  # fmt: skip
+    print(
+        f"{verb} {len(r.blobs)} orphan blob(s), {len(r.ingests)} stale ingest(s), {len(r.snapshots)} unnamed "
+        f"snapshot(s): {human(r.bytes_freed)}"
+    )
     return 0
 
 
@@ -255,10 +283,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         stub = _stub(admin_socket(a.admin_socket))
         handlers: dict[str, Callable[[pb_grpc.AdminStub, argparse.Namespace], int]] = {
-            "prefetch": cmd_prefetch, "ls": cmd_ls, "show": cmd_show, "evict": cmd_evict,
-            "pin": lambda s, a: cmd_pin(s, a, True), "unpin": lambda s, a: cmd_pin(s, a, False),
-            "stats": cmd_stats, "verify": cmd_verify, "gc": cmd_gc,
-        }  # fmt: skip
+            "prefetch": cmd_prefetch,
+            "ls": cmd_ls,
+            "show": cmd_show,
+            "evict": cmd_evict,
+            "pin": lambda s, a: cmd_pin(s, a, True),
+            "unpin": lambda s, a: cmd_pin(s, a, False),
+            "stats": cmd_stats,
+            "verify": cmd_verify,
+            "gc": cmd_gc,
+        }
         code = handlers[a.command](stub, a)
     except WeightcacheError as exc:
         print(f"cachectl {a.command}: {type(exc).__name__}: {exc}", file=sys.stderr)

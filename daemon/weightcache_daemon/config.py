@@ -30,9 +30,25 @@ DEFAULT_INCLUDE = (
     "tokenizer*",
 )
 
-_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5,
-          "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "PB": 1000**5,
-          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4, "PIB": 1024**5}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "P": 1000**5,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "PB": 1000**5,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+    "PIB": 1024**5,
+}
 
 
 def parse_size(value: str | int, what: str) -> int:
@@ -67,7 +83,7 @@ class SourceConfig:
 @dataclass(frozen=True)
 class DownloadConfig:
     concurrency: int = 16  # ranged GETs in flight per job
-    part_size: int = 16 * 1024 * 1024
+    part_size: int = 8 * 1024 * 1024  # a multiple of 1 MiB (O_DIRECT alignment)
     rate_limit: int = 0  # bytes/second for the whole daemon; 0 = unlimited
     max_restarts: int = 3  # per file, when the object changes under us (If-Match fails)
 
@@ -98,13 +114,23 @@ class Config:
         return any(fnmatch.fnmatchcase(uri, pattern) for pattern in self.client_sources)
 
 
-_TOP_KEYS = {"cache_dir", "socket_dir", "admin_socket", "max_size", "log_format", "metrics_address",
-             "client_sources", "include", "download", "sources"}  # fmt: skip
+_TOP_KEYS = {
+    "cache_dir",
+    "socket_dir",
+    "admin_socket",
+    "max_size",
+    "log_format",
+    "metrics_address",
+    "client_sources",
+    "include",
+    "download",
+    "sources",
+}
 
 
 def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     value = table[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise InvalidInputError(f"{where}: {key} has the wrong type ({type(value).__name__})")
     return value
 
@@ -148,25 +174,39 @@ def load(
         unknown = set(data) - _TOP_KEYS
         if unknown:
             raise InvalidInputError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    for key, var in (("cache_dir", "WEIGHTCACHE_CACHE_DIR"), ("socket_dir", "WEIGHTCACHE_SOCKET_DIR"),
-                     ("admin_socket", "WEIGHTCACHE_ADMIN_SOCKET"), ("max_size", "WEIGHTCACHE_MAX_SIZE"),
-                     ("log_format", "WEIGHTCACHE_LOG_FORMAT")):  # fmt: skip
+    for key, var in (
+        ("cache_dir", "WEIGHTCACHE_CACHE_DIR"),
+        ("socket_dir", "WEIGHTCACHE_SOCKET_DIR"),
+        ("admin_socket", "WEIGHTCACHE_ADMIN_SOCKET"),
+        ("max_size", "WEIGHTCACHE_MAX_SIZE"),
+        ("log_format", "WEIGHTCACHE_LOG_FORMAT"),
+    ):
         if env.get(var):
             data[key] = env[var]
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value
 
-    cache_dir = Path(data["cache_dir"]) if "cache_dir" in data else (
-        paths.SYSTEM_CACHE_DIR if system else paths.user_cache_dir(env))
-    socket_dir = Path(data["socket_dir"]) if "socket_dir" in data else (
-        paths.SYSTEM_SOCKET_DIR if system else paths.user_socket_dir(env))
-    admin_socket = Path(data["admin_socket"]) if "admin_socket" in data else (
-        paths.SYSTEM_ADMIN_SOCKET if system else paths.user_admin_socket(env))
+    cache_dir = (
+        Path(data["cache_dir"])
+        if "cache_dir" in data
+        else (paths.SYSTEM_CACHE_DIR if system else paths.user_cache_dir(env))
+    )
+    socket_dir = (
+        Path(data["socket_dir"])
+        if "socket_dir" in data
+        else (paths.SYSTEM_SOCKET_DIR if system else paths.user_socket_dir(env))
+    )
+    admin_socket = (
+        Path(data["admin_socket"])
+        if "admin_socket" in data
+        else (paths.SYSTEM_ADMIN_SOCKET if system else paths.user_admin_socket(env))
+    )
     if admin_socket.parent.resolve() == socket_dir.resolve():
         raise InvalidInputError(
             f"admin socket {admin_socket} must not be inside the client socket directory {socket_dir} "
-            "(containers mount that directory)")
+            "(containers mount that directory)"
+        )
     # Decision 7: a developer daemon without a config file serves its own user, so clients
     # may fetch anything; a configured daemon allows only what the config lists.
     if "client_sources" in data:
@@ -191,8 +231,10 @@ def load(
         rate_limit=parse_size(dl_raw.get("rate_limit", 0), "download.rate_limit"),
         max_restarts=int(dl_raw.get("max_restarts", DownloadConfig.max_restarts)),
     )
-    if download.concurrency < 1 or download.part_size < 64 * 1024:
-        raise InvalidInputError("download.concurrency must be >= 1 and download.part_size >= 64KiB")
+    if not 1 <= download.concurrency <= 256:
+        raise InvalidInputError(f"download.concurrency {download.concurrency}: must be 1..256")
+    if download.part_size < 1 << 20 or download.part_size % (1 << 20) or download.part_size > 1 << 30:
+        raise InvalidInputError(f"download.part_size {download.part_size}: must be a whole number of MiB, 1MiB..1GiB")
     include = data.get("include", list(DEFAULT_INCLUDE))
     if not isinstance(include, list) or not all(isinstance(s, str) for s in include):
         raise InvalidInputError(f"{where}: include must be a list of globs")

@@ -11,7 +11,7 @@ from .leases import Lease
 
 def progress(p: ProgressState) -> pb.Progress:
     return pb.Progress(
-        phase=pb.Progress.Phase.Value(p.phase),
+        phase=pb.Progress.Phase.Value(p.phase),  # type: ignore[arg-type]
         bytes_done=p.bytes_done,
         bytes_total=p.bytes_total,
         files_done=p.files_done,
@@ -28,10 +28,18 @@ def manifest(m: Manifest) -> pb.Manifest:
         source=m.source,
         files=[pb.FileEntry(path=f.path, sha256=f.sha256, size=f.size) for f in m.files],
         tensors=[
-            pb.Tensor(name=t.info.name, file=t.file, dtype=t.info.dtype, shape=list(t.info.shape),
-                      offset=t.info.offset, length=t.info.length, layer=t.layer, layer_index=t.layer_index)
+            pb.Tensor(
+                name=t.info.name,
+                file=t.file,
+                dtype=t.info.dtype,
+                shape=list(t.info.shape),
+                offset=t.info.offset,
+                length=t.info.length,
+                layer=t.layer,
+                layer_index=t.layer_index,
+            )
             for t in m.tensors
-        ],  # fmt: skip
+        ],
         layers=m.layers,
         path=m.path,
     )
@@ -44,15 +52,30 @@ def lease(le: Lease) -> pb.Lease:
 def model(v: ModelView, with_leases: bool = True) -> pb.ModelInfo:
     r = v.row
     return pb.ModelInfo(
-        name=r.name, source=r.source, snapshot_id=r.snapshot_id, size=v.size, file_count=v.file_count,
-        pinned=r.pinned, created_at=r.created, last_used_at=r.last_used,
-        leases=[lease(le) for le in v.leases] if with_leases else [], path=v.path,
-    )  # fmt: skip
+        name=r.name,
+        source=r.source,
+        snapshot_id=r.snapshot_id,
+        size=v.size,
+        file_count=v.file_count,
+        pinned=r.pinned,
+        created_at=r.created,
+        last_used_at=r.last_used,
+        leases=[lease(le) for le in v.leases] if with_leases else [],
+        path=v.path,
+    )
 
 
 def stats(s: Stats, cache_dir: str, max_size: int) -> pb.StatsResponse:
     return pb.StatsResponse(
-        models=s.models, snapshots=s.snapshots, blobs=s.blobs, logical_bytes=s.logical_bytes,
-        stored_bytes=s.stored_bytes, bytes_downloaded=s.bytes_downloaded, active_downloads=s.active_downloads,
-        leases=s.leases, cache_dir=cache_dir, max_size=max_size, filesystem_free=s.filesystem_free,
-    )  # fmt: skip
+        models=s.models,
+        snapshots=s.snapshots,
+        blobs=s.blobs,
+        logical_bytes=s.logical_bytes,
+        stored_bytes=s.stored_bytes,
+        bytes_downloaded=s.bytes_downloaded,
+        active_downloads=s.active_downloads,
+        leases=s.leases,
+        cache_dir=cache_dir,
+        max_size=max_size,
+        filesystem_free=s.filesystem_free,
+    )

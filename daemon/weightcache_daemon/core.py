@@ -138,7 +138,14 @@ class Core:
     # ---------------------------------------------------------------- fetch
 
     async def fetch(
-        self, model: str, name: str, include: list[str], exclude: list[str], *, admin: bool, pin: bool | None = None,
+        self,
+        model: str,
+        name: str,
+        include: list[str],
+        exclude: list[str],
+        *,
+        admin: bool,
+        pin: bool | None = None,
     ) -> AsyncIterator[ProgressState | Manifest]:
         """Ensure (client) and Prefetch (admin): progress events, then the Manifest."""
         if "://" not in model:
@@ -160,8 +167,9 @@ class Core:
                     f"allow-list); an admin can run: cachectl prefetch {model}"
                 )
             # A client asks for presence, not freshness: a cached copy of the same source answers at once.
-            cached = [r for r in self.index.models_by_source(key.uri, key.filters) if r.name == name] or \
-                self.index.models_by_source(key.uri, key.filters)  # fmt: skip
+            cached = [
+                r for r in self.index.models_by_source(key.uri, key.filters) if r.name == name
+            ] or self.index.models_by_source(key.uri, key.filters)
             if cached:
                 self.index.touch(cached[0].name)
                 yield self.manifest(cached[0].snapshot_id, cached[0].name)
@@ -209,8 +217,13 @@ class Core:
 
     def view(self, row: ModelRow) -> ModelView:
         files = self.index.files(row.snapshot_id)
-        return ModelView(row, sum(f.size for f in files), len(files), self.leases.of(row.snapshot_id),
-                         str(view_path(self.store, row.name, row.snapshot_id)))  # fmt: skip
+        return ModelView(
+            row,
+            sum(f.size for f in files),
+            len(files),
+            self.leases.of(row.snapshot_id),
+            str(view_path(self.store, row.name, row.snapshot_id)),
+        )
 
     def list_models(self) -> list[ModelView]:
         return [self.view(r) for r in self.index.models()]
@@ -293,8 +306,9 @@ class Core:
             remove_view(self.store, name, snap)
         for b in plan.blobs:
             self.store.remove(b)
-        log.info("evicted", models=plan.models, snapshots=plan.snapshots, blobs=len(plan.blobs),
-                 bytes_freed=plan.bytes_freed)  # fmt: skip
+        log.info(
+            "evicted", models=plan.models, snapshots=plan.snapshots, blobs=len(plan.blobs), bytes_freed=plan.bytes_freed
+        )
 
     # ---------------------------------------------------------------- verify / gc
 
@@ -344,4 +358,3 @@ class Core:
             self.store.remove(b)
         for p in stale:
             self.store.remove_ingest(p)
-

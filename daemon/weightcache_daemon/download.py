@@ -1,19 +1,25 @@
 """The download engine: parallel ranged reads into ingest files, hashed as they land.
 
-A job's files are cut into parts of ``part_size``; up to ``concurrency`` parts are in
-flight at once across all files, and each part is written at its offset with pwrite as
-chunks arrive (memory per part: one chunk, so RSS does not grow with model size). A
-file's sha256 is computed while the download goes on: whenever the parts form a longer
-contiguous prefix, the thread that completed it hashes the new bytes back from the page
-cache. A transient error retries that part from the byte where it stopped; an object that
-changed (If-Match failed) restarts the whole file once no part of it is in flight, so two
-versions are never spliced.
+A job's files are cut into parts of ``part_size``. Each part is fetched into a buffer from a
+fixed pool (so memory does not grow with model size and no fresh memory is touched per
+part), written at its offset with O_DIRECT (on this class of machine, buffered writes of a
+new file spend their time faulting in fresh page-cache memory; direct writes run at disk
+speed), and then hashed from the same buffer, in file order: a part that completes early
+waits in its buffer until the parts before it are hashed. The pool is larger than the
+number of parts in flight, so a slow part holds back at most the pool's slack.
+
+A transient error retries that part from the byte where it stopped; an object that changed
+(If-Match failed) restarts the whole file once no part of it is in flight, so two versions
+are never spliced. Filesystems without O_DIRECT (tmpfs) get buffered writes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -21,20 +27,15 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weightcache.errors import (
-    DeadlineError,
-    ExhaustedError,
-    SourceError,
-    WeightcacheError,
-)
+from weightcache.errors import DeadlineError, ExhaustedError, SourceError, WeightcacheError
 
 from .config import DownloadConfig
 from .sources import ObjectChanged, RemoteObject, Source
 
-__all__ = ["Downloaded", "RateLimiter", "download"]
+__all__ = ["BufferPool", "Downloaded", "RateLimiter", "download"]
 
 PART_RETRIES = 5
-HASH_CHUNK = 4 << 20
+ALIGN = 4096
 
 
 class RateLimiter:
@@ -57,6 +58,25 @@ class RateLimiter:
             time.sleep(delay)
 
 
+class BufferPool:
+    """Page-aligned part buffers (anonymous mmaps), reused for the daemon's lifetime."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(mmap.mmap(-1, size))
+
+    def try_get(self) -> mmap.mmap | None:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return None
+
+    def put(self, buf: mmap.mmap) -> None:
+        self._free.put(buf)
+
+
 @dataclass
 class Downloaded:
     obj: RemoteObject
@@ -65,30 +85,42 @@ class Downloaded:
     restarts: int
 
 
+def _space_error(exc: OSError, obj: RemoteObject) -> WeightcacheError | OSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ExhaustedError(f"no space left in the store for {obj.uri} ({obj.size} bytes)")
+    return exc
+
+
 @dataclass
 class _File:
     obj: RemoteObject
     path: Path
     fd: int
+    direct: bool
     part_size: int
+    pool: BufferPool
     restarts: int = 0
     generation: int = 0
     parts_total: int = 0
     next_part: int = 0
-    done: set[int] = field(default_factory=set)
     in_flight: int = 0
     restart_pending: bool = False
     hashed_parts: int = 0
+    hashing: bool = False
+    completed: dict[int, tuple[mmap.mmap, int]] = field(default_factory=dict)
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
-    hash_lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)
     digest: str | None = None
 
     def reset(self, obj: RemoteObject) -> None:
+        """Start (over) at version obj. Only called with no part of this file in flight."""
+        for buf, _ in self.completed.values():
+            self.pool.put(buf)
         self.obj = obj
         self.generation += 1
         self.parts_total = max(1, -(-obj.size // self.part_size))
         self.next_part = 0
-        self.done = set()
+        self.completed = {}
         self.restart_pending = False
         self.hashed_parts = 0
         self.hasher = hashlib.sha256()
@@ -104,40 +136,59 @@ class _File:
         start = i * self.part_size
         return start, min(self.part_size, self.obj.size - start)
 
-    def advance_hash(self, buf: memoryview) -> None:
-        """Hash every newly contiguous part; only one thread hashes a file at a time.
+    def write(self, buf: mmap.mmap, offset: int, n: int) -> None:
+        # O_DIRECT needs aligned lengths: the last part writes up to ALIGN-1 stale bytes past
+        # the object's end, cut off by finish().
+        length = -(-n // ALIGN) * ALIGN if self.direct else n
+        view = memoryview(buf)[:length]
+        done = 0
+        try:
+            while done < length:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError as exc:
+            raise _space_error(exc, self.obj) from None
+        finally:
+            view.release()
 
-        A thread that finds the lock taken leaves its part to the holder, which looks
-        again after releasing, so no completed part is ever left unhashed.
-        """
+    def part_done(self, i: int, gen: int, buf: mmap.mmap, n: int) -> None:
+        """Queue a fetched part for hashing; hash every part now contiguous (one thread at a time)."""
+        with self.lock:
+            if gen != self.generation:
+                self.pool.put(buf)
+                return
+            self.completed[i] = (buf, n)
+            if self.hashing:
+                return  # the thread hashing this file will find it
+            self.hashing = True
         while True:
-            if not self.hash_lock.acquire(blocking=False):
-                return
-            try:
-                while self.hashed_parts in self.done:
-                    start, length = self.part_range(self.hashed_parts)
-                    end = start + length
-                    while start < end:
-                        n = os.preadv(self.fd, [buf[: min(len(buf), end - start)]], start)
-                        if n <= 0:
-                            raise SourceError(f"{self.obj.uri}: ingest file shorter than expected at {start}")
-                        self.hasher.update(buf[:n])
-                        start += n
-                    self.hashed_parts += 1
-                if self.hashed_parts == self.parts_total and self.digest is None:
-                    self.digest = self.hasher.hexdigest()
-            finally:
-                self.hash_lock.release()
-            if self.digest is not None or self.hashed_parts not in self.done:
-                return
+            with self.lock:
+                item = self.completed.pop(self.hashed_parts, None)
+                if item is None:
+                    self.hashing = False
+                    if self.hashed_parts == self.parts_total:
+                        self.digest = self.hasher.hexdigest()
+                    return
+            view = memoryview(item[0])[: item[1]]
+            self.hasher.update(view)  # hashlib releases the GIL for large buffers
+            view.release()
+            self.pool.put(item[0])
+            with self.lock:
+                self.hashed_parts += 1
+
+    def finish(self) -> None:
+        if self.direct:
+            os.ftruncate(self.fd, self.obj.size)
+        os.fsync(self.fd)
 
 
-def _space_error(exc: OSError, obj: RemoteObject) -> WeightcacheError | OSError:
-    import errno
-
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ExhaustedError(f"no space left in the store for {obj.uri} ({obj.size} bytes)")
-    return exc
+def _open_ingest(path: Path) -> tuple[int, bool]:
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o600), True
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    return os.open(path, flags, 0o600), False
 
 
 def download(
@@ -145,29 +196,28 @@ def download(
     objects: list[RemoteObject],
     ingest_dir: Path,
     cfg: DownloadConfig,
+    pool: BufferPool,
     limiter: RateLimiter,
     on_bytes: Callable[[int], None],
     on_file: Callable[[Downloaded], None],
     cancelled: threading.Event,
 ) -> list[Downloaded]:
-    """Fetch every object into ingest_dir; return them hashed, in the order given."""
+    """Fetch every object into ingest_dir; return them hashed and fsynced, in the order given."""
     files: list[_File] = []
     try:
         for n, obj in enumerate(objects):
             path = ingest_dir / f"{n:05d}.part"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            f = _File(obj, path, fd, cfg.part_size)
+            fd, direct = _open_ingest(path)
+            f = _File(obj, path, fd, direct, pool.size, pool)
             files.append(f)
             f.reset(obj)
-        _run(source, files, cfg, limiter, on_bytes, on_file, cancelled)
-        out = []
-        for f in files:
-            os.fsync(f.fd)
-            assert f.digest is not None
-            out.append(Downloaded(f.obj, f.path, f.digest, f.restarts))
-        return out
+        _run(source, files, cfg, pool, limiter, on_bytes, on_file, cancelled)
+        return [Downloaded(f.obj, f.path, f.digest or "", f.restarts) for f in files]
     finally:
         for f in files:
+            for buf, _ in f.completed.values():
+                pool.put(buf)
+            f.completed = {}
             os.close(f.fd)
 
 
@@ -175,79 +225,78 @@ def _run(
     source: Source,
     files: list[_File],
     cfg: DownloadConfig,
+    pool: BufferPool,
     limiter: RateLimiter,
     on_bytes: Callable[[int], None],
     on_file: Callable[[Downloaded], None],
     cancelled: threading.Event,
 ) -> None:
-    lock = threading.Lock()
-    bufs = threading.local()
-
-    def fetch(f: _File, i: int, gen: int) -> None:
+    def fetch(f: _File, i: int, gen: int, buf: mmap.mmap) -> None:
         start, length = f.part_range(i)
-        written = 0
+        filled = 0
         attempt = 0
-        while written < length:
-            try:
-                for chunk in source.read(f.obj, start + written, length - written):
-                    if cancelled.is_set():
-                        raise _Cancelled()
-                    limiter.take(len(chunk))
-                    view = memoryview(chunk)
-                    while view:
-                        try:
-                            n = os.pwrite(f.fd, view, start + written)
-                        except OSError as exc:
-                            raise _space_error(exc, f.obj) from None
-                        view = view[n:]
-                        written += n
-                        on_bytes(n)
-            except SourceError:
-                attempt += 1
-                if attempt > PART_RETRIES:
-                    raise
-                time.sleep(min(0.2 * 2**attempt, 5.0))
-        if not hasattr(bufs, "buf"):
-            bufs.buf = memoryview(bytearray(HASH_CHUNK))
-        with lock:
-            if gen != f.generation:
-                return
-            f.done.add(i)
-        f.advance_hash(bufs.buf)
 
-    pending: dict[Future[None], tuple[_File, int]] = {}
-    queue = list(files)
-    with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="wc-dl") as pool:
+        def landed(n: int) -> None:
+            nonlocal filled
+            if cancelled.is_set():
+                raise _Cancelled()
+            filled += n
+            limiter.take(n)
+            on_bytes(n)
+
+        try:
+            while filled < length:
+                view = memoryview(buf)[filled:length]
+                try:
+                    source.read_into(f.obj, start + filled, view, landed)
+                except SourceError:
+                    attempt += 1
+                    if attempt > PART_RETRIES:
+                        raise
+                    time.sleep(min(0.2 * 2**attempt, 5.0))
+                finally:
+                    view.release()
+            f.write(buf, start, length)
+        except BaseException:
+            pool.put(buf)
+            raise
+        f.part_done(i, gen, buf, length)
+
+    pending: dict[Future[None], _File] = {}
+    queue_ = list(files)
+    with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="wc-dl") as ex:
         try:
             while True:
-                for f in queue:
+                for f in queue_:
                     if f.restart_pending and f.in_flight == 0:
                         if f.restarts >= cfg.max_restarts:
-                            raise SourceError(f"{f.obj.uri} changed {f.restarts + 1} times during the download; giving up")
+                            raise SourceError(f"{f.obj.uri} changed {f.restarts + 1} times during the download")
                         f.restarts += 1
                         f.reset(source.stat(f.obj.relpath))
                 # Fill the pipeline in file order so the first files finish (and hash) first.
-                for f in queue:
+                for f in queue_:
                     while len(pending) < cfg.concurrency and not f.restart_pending and f.next_part < f.parts_total:
+                        buf = pool.try_get()
+                        if buf is None:
+                            break
                         i = f.next_part
                         f.next_part += 1
                         f.in_flight += 1
-                        pending[pool.submit(fetch, f, i, f.generation)] = (f, i)
-                    if len(pending) >= cfg.concurrency:
-                        break
-                finished = [f for f in queue if f.digest is not None and f.in_flight == 0]
+                        pending[ex.submit(fetch, f, i, f.generation, buf)] = f
+                finished = [f for f in queue_ if f.digest is not None and f.in_flight == 0]
                 for f in finished:
-                    queue.remove(f)
+                    queue_.remove(f)
+                    f.finish()
                     on_file(Downloaded(f.obj, f.path, f.digest or "", f.restarts))
-                if not queue:
+                if not queue_:
                     return
-                if not pending and not any(f.restart_pending for f in queue):
-                    raise SourceError(f"download stalled with {len(queue)} file(s) incomplete")  # a bug if ever seen
                 if cancelled.is_set():
                     raise DeadlineError("download cancelled")
-                done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                if not pending and not any(f.restart_pending for f in queue_):
+                    raise SourceError(f"download stalled with {len(queue_)} file(s) incomplete")  # a bug if seen
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    f, _i = pending.pop(fut)
+                    f = pending.pop(fut)
                     f.in_flight -= 1
                     exc = fut.exception()
                     if isinstance(exc, ObjectChanged):

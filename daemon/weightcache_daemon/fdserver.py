@@ -115,9 +115,16 @@ class FdServer:
             conn.close()
 
     async def _acquire(
-        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, sid: str, held: dict[str, Lease],
-        pid: int, uid: int, gid: int, peer: dict[str, int],
-    ) -> None:  # fmt: skip
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: socket.socket,
+        sid: str,
+        held: dict[str, Lease],
+        pid: int,
+        uid: int,
+        gid: int,
+        peer: dict[str, int],
+    ) -> None:
         self.core.check_snapshot(sid)
         files = self.core.index.files(sid)
         fds: list[int] = []
@@ -148,8 +155,9 @@ class FdServer:
             raise ConnectionError(f"frame of {n} bytes")
         return await _recv_exactly(loop, conn, n)
 
-    async def _send(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, msg: pb.FdResponse,
-                    fds: list[int]) -> None:  # fmt: skip
+    async def _send(
+        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, msg: pb.FdResponse, fds: list[int]
+    ) -> None:
         data = pack(msg.SerializeToString())
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
         sent = 0

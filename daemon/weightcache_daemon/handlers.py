@@ -48,7 +48,7 @@ def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             return await fn(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
+        except Exception as exc:
             await _abort(context, fn.__name__, exc)
             raise  # unreachable: abort raises
 
@@ -91,9 +91,12 @@ class CacheService(pb_grpc.CacheServicer):
     @streaming
     async def Ensure(self, request: pb.EnsureRequest, context: Any) -> AsyncIterator[pb.EnsureResponse]:
         events = self.core.fetch(
-            _str(request.model, "model"), _str(request.name, "name"), _strings(request.include, "include"),
-            _strings(request.exclude, "exclude"), admin=False,
-        )  # fmt: skip
+            _str(request.model, "model"),
+            _str(request.name, "name"),
+            _strings(request.include, "include"),
+            _strings(request.exclude, "exclude"),
+            admin=False,
+        )
         async for ev in events:
             if isinstance(ev, Manifest):
                 yield pb.EnsureResponse(manifest=convert.manifest(ev))
@@ -119,17 +122,22 @@ class CacheService(pb_grpc.CacheServicer):
             length = request.file.length or max(f.size - off, 0)
             if off > f.size or off + length > f.size:
                 raise InvalidInputError(
-                    f"range [{off}, {off + length}) is outside file {f.path} of snapshot {sid} ({f.size} bytes)")
+                    f"range [{off}, {off + length}) is outside file {f.path} of snapshot {sid} ({f.size} bytes)"
+                )
             spans = [(f.path, f.sha256, off, length, "")]
         elif kind == "layers":
             m = self.core.manifest(sid)
             first, last = request.layers.first, request.layers.last
             if first > last or last >= len(m.layers):
                 raise InvalidInputError(
-                    f"layer range {first}..{last} is outside snapshot {sid}'s {len(m.layers)} layers")
+                    f"layer range {first}..{last} is outside snapshot {sid}'s {len(m.layers)} layers"
+                )
             digests = {f.path: f.sha256 for f in m.files}
-            spans = [(t.file, digests[t.file], t.info.offset, t.info.length, t.info.name)
-                     for t in m.tensors if first <= t.layer_index <= last]  # fmt: skip
+            spans = [
+                (t.file, digests[t.file], t.info.offset, t.info.length, t.info.name)
+                for t in m.tensors
+                if first <= t.layer_index <= last
+            ]
         else:
             raise InvalidInputError("ReadRange needs a file range or a layer range")
         for path, digest, off, length, tensor in spans:
@@ -144,8 +152,9 @@ class CacheService(pb_grpc.CacheServicer):
                     data = await asyncio.to_thread(os.pread, fd, n, off + done)
                     if len(data) != n:
                         raise _corrupt(f"blob sha256:{digest} ({path}) is shorter than the index says")
-                    yield pb.ReadRangeChunk(file=path, file_offset=off + done, tensor=tensor, tensor_offset=done,
-                                            data=data)  # fmt: skip
+                    yield pb.ReadRangeChunk(
+                        file=path, file_offset=off + done, tensor=tensor, tensor_offset=done, data=data
+                    )
                     done += n
             finally:
                 os.close(fd)
@@ -174,8 +183,14 @@ class AdminService(pb_grpc.AdminServicer):
         uri = _str(request.uri, "uri")
         if "://" not in uri:
             raise InvalidInputError(f"prefetch needs a source URI (s3://bucket/prefix/ or file:///dir/), got {uri!r}")
-        events = self.core.fetch(uri, _str(request.name, "name"), _strings(request.include, "include"),
-                                 _strings(request.exclude, "exclude"), admin=True, pin=request.pin or None)  # fmt: skip
+        events = self.core.fetch(
+            uri,
+            _str(request.name, "name"),
+            _strings(request.include, "include"),
+            _strings(request.exclude, "exclude"),
+            admin=True,
+            pin=request.pin or None,
+        )
         async for ev in events:
             if isinstance(ev, Manifest):
                 row = self.core.index.model(ev.model)
@@ -189,8 +204,13 @@ class AdminService(pb_grpc.AdminServicer):
         plan = self.core.plan_evict(_strings(request.models, "models"), request.all_unpinned, request.force)
         if not request.dry_run:
             self.core.execute_evict(plan)
-        return pb.EvictResponse(models=plan.models, snapshots=plan.snapshots, blobs=plan.blobs,
-                                bytes_freed=plan.bytes_freed, dry_run=request.dry_run)  # fmt: skip
+        return pb.EvictResponse(
+            models=plan.models,
+            snapshots=plan.snapshots,
+            blobs=plan.blobs,
+            bytes_freed=plan.bytes_freed,
+            dry_run=request.dry_run,
+        )
 
     @unary
     async def Pin(self, request: pb.PinRequest, context: Any) -> pb.ModelInfo:
@@ -243,9 +263,15 @@ class AdminService(pb_grpc.AdminServicer):
                 log.error("blob_missing", blob=digest)
             if time.monotonic() - last > 0.2:
                 last = time.monotonic()
-                yield pb.VerifyResponse(progress=pb.Progress(
-                    phase=pb.Progress.VERIFYING, bytes_done=done_bytes, bytes_total=total,
-                    files_done=result.blobs_checked, files_total=len(targets)))  # fmt: skip
+                yield pb.VerifyResponse(
+                    progress=pb.Progress(
+                        phase=pb.Progress.VERIFYING,
+                        bytes_done=done_bytes,
+                        bytes_total=total,
+                        files_done=result.blobs_checked,
+                        files_total=len(targets),
+                    )
+                )
         result.bytes_checked = done_bytes
         yield pb.VerifyResponse(result=result)
 
@@ -254,5 +280,6 @@ class AdminService(pb_grpc.AdminServicer):
         orphans, stale, snaps, freed = self.core.plan_gc()
         if not request.dry_run:
             self.core.execute_gc(orphans, stale, snaps)
-        return pb.GCResponse(blobs=orphans, ingests=[p.name for p in stale], snapshots=snaps, bytes_freed=freed,
-                             dry_run=request.dry_run)  # fmt: skip
+        return pb.GCResponse(
+            blobs=orphans, ingests=[p.name for p in stale], snapshots=snaps, bytes_freed=freed, dry_run=request.dry_run
+        )

@@ -150,9 +150,16 @@ class Index:
             keep_pin = bool(row[0]) if row else False
             db.execute(
                 "INSERT OR REPLACE INTO models VALUES (?,?,?,?,?,?,?)",
-                (name, source, snapshot_id, filters, int(keep_pin if pinned is None else pinned),
-                 row[1] if row else now, now),
-            )  # fmt: skip
+                (
+                    name,
+                    source,
+                    snapshot_id,
+                    filters,
+                    int(keep_pin if pinned is None else pinned),
+                    row[1] if row else now,
+                    now,
+                ),
+            )
 
     # ---------------------------------------------------------------- lookups
 
@@ -188,7 +195,9 @@ class Index:
         return [FileRow(str(p), str(s), int(z)) for p, s, z in rows]  # type: ignore[call-overload]
 
     def tensors(self, sha256: str) -> list[TensorInfo]:
-        rows = self._q("SELECT name, dtype, shape, offset, length FROM tensors WHERE sha256=? ORDER BY offset", (sha256,))
+        rows = self._q(
+            "SELECT name, dtype, shape, offset, length FROM tensors WHERE sha256=? ORDER BY offset", (sha256,)
+        )
         return [TensorInfo(str(n), str(d), tuple(json.loads(str(s))), int(o), int(ln)) for n, d, s, o, ln in rows]  # type: ignore[call-overload]
 
     def blobs(self) -> dict[str, int]:
@@ -210,7 +219,7 @@ class Index:
             "SELECT COALESCE(SUM(b.size), 0) FROM models m JOIN snapshot_files f ON f.snapshot_id = m.snapshot_id "
             "JOIN blobs b ON b.sha256 = f.sha256"
         )
-        return int(rows[0][0])  # type: ignore[call-overload]
+        return int(rows[0][0])  # type: ignore[call-overload, no-any-return]
 
     # ---------------------------------------------------------------- removal
 

@@ -24,7 +24,7 @@ from weightcache.errors import InvalidInputError, NotFoundError, WeightcacheErro
 from weightcache.safetensors_format import TensorInfo, validate_file
 
 from .config import Config
-from .download import Downloaded, RateLimiter, download
+from .download import BufferPool, Downloaded, RateLimiter, download
 from .index import Index, NewFile
 from .sources import RemoteObject, open_source
 from .store import LocalBlobStore
@@ -71,9 +71,13 @@ class Job:
     async def watch(self) -> Any:
         """Yield ProgressState copies until the job ends (coalesced: a slow reader skips events)."""
         seen = -1
+
+        def moved() -> bool:
+            return self.version != seen or self.result.done()
+
         while True:
             async with self.changed:
-                await self.changed.wait_for(lambda: self.version != seen or self.result.done())
+                await self.changed.wait_for(moved)
                 seen = self.version
                 snap = ProgressState(**vars(self.progress))
             yield snap
@@ -103,6 +107,7 @@ class Fetcher:
         self.store = store
         self.index = index
         self.limiter = RateLimiter(cfg.download.rate_limit)
+        self.pool = BufferPool(cfg.download.concurrency + max(4, cfg.download.concurrency // 4), cfg.download.part_size)
         self.jobs: dict[JobKey, Job] = {}
         self.bytes_downloaded = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -134,7 +139,7 @@ class Fetcher:
         except WeightcacheError as exc:
             log.warning("fetch_failed", source=job.key.uri, model=job.label, error=str(exc), kind=type(exc).__name__)
             job.result.set_exception(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug must still reach every waiter, not hang them
+        except Exception as exc:
             log.exception("fetch_crashed", source=job.key.uri, model=job.label)
             from weightcache.errors import InternalError
 
@@ -185,8 +190,14 @@ class Fetcher:
                     p.files_done += 1
                 else:
                     todo.append(o)
-            log.info("fetch_start", source=key.uri, model=job.label, files=len(objects), cached=len(known),
-                     bytes=p.bytes_total)  # fmt: skip
+            log.info(
+                "fetch_start",
+                source=key.uri,
+                model=job.label,
+                files=len(objects),
+                cached=len(known),
+                bytes=p.bytes_total,
+            )
             tensors: dict[str, tuple[TensorInfo, ...]] = {}
             ingest = self.store.new_ingest()
             try:
@@ -207,8 +218,17 @@ class Fetcher:
                             tensors[d.obj.relpath] = tuple(infos)
                         p.files_done += 1
 
-                    got = download(source, todo, ingest, self.cfg.download, self.limiter, on_bytes, on_file,
-                                   job.cancelled)  # fmt: skip
+                    got = download(
+                        source,
+                        todo,
+                        ingest,
+                        self.cfg.download,
+                        self.pool,
+                        self.limiter,
+                        on_bytes,
+                        on_file,
+                        job.cancelled,
+                    )
                 p.phase = "COMMITTING"
                 return self._commit(job, objects, known, got, tensors)
             finally:
@@ -234,13 +254,20 @@ class Fetcher:
             d = by_rel[o.relpath]
             size = d.path.stat().st_size
             if size != d.obj.size:
-                raise InvalidInputError(f"file {o.relpath} of model {job.label}: expected {d.obj.size} bytes, got {size}")
+                raise InvalidInputError(
+                    f"file {o.relpath} of model {job.label}: expected {d.obj.size} bytes, got {size}"
+                )
             self.store.commit(d.path, d.sha256)
             files.append(NewFile(o.relpath, d.sha256, d.obj.size, tensors.get(o.relpath, ())))
         snapshot = snapshot_id_of([(f.path, f.sha256) for f in files])
         objs = [(d.obj.uri, d.obj.version, d.obj.size, d.sha256) for d in got]
         self.index.add_snapshot(snapshot, job.key.uri, files, objs)
-        log.info("fetch_done", source=job.key.uri, model=job.label, snapshot=snapshot,
-                 downloaded=job.bytes_fetched, files=len(files))  # fmt: skip
+        log.info(
+            "fetch_done",
+            source=job.key.uri,
+            model=job.label,
+            snapshot=snapshot,
+            downloaded=job.bytes_fetched,
+            files=len(files),
+        )
         return snapshot
-

@@ -33,9 +33,15 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config.load(
             env,
             args.config,
-            {"cache_dir": args.cache_dir, "socket_dir": args.socket_dir, "admin_socket": args.admin_socket,
-             "max_size": args.max_size, "log_format": args.log_format, "metrics_address": args.metrics_address},
-        )  # fmt: skip
+            {
+                "cache_dir": args.cache_dir,
+                "socket_dir": args.socket_dir,
+                "admin_socket": args.admin_socket,
+                "max_size": args.max_size,
+                "log_format": args.log_format,
+                "metrics_address": args.metrics_address,
+            },
+        )
     except WeightcacheError as exc:
         print(f"weightcached: {exc}", file=sys.stderr)
         sys.exit(2)

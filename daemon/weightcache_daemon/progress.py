@@ -28,8 +28,10 @@ class Bar:
         frac = done / total if total else 0.0
         filled = int(frac * self.width)
         eta = f" eta {int((total - done) / rate)}s" if rate > 0 and total > done else ""
-        line = (f"\r[{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:5.1f}% "
-                f"{human(done)}/{human(total)} {human(rate)}/s{eta} {note}")  # fmt: skip
+        line = (
+            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:5.1f}% "
+            f"{human(done)}/{human(total)} {human(rate)}/s{eta} {note}"
+        )
         sys.stderr.write(line[:200].ljust(100))
         sys.stderr.flush()
         self._drawn = True

@@ -88,8 +88,11 @@ class Daemon:
         self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         for p in (self.client_socket, self.fd_socket, self.cfg.admin_socket):
             _claim_socket(p)
-        opts = [("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.max_concurrent_streams", 1024)]  # fmt: skip
+        opts = [
+            ("grpc.max_receive_message_length", 4 << 20),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_concurrent_streams", 1024),
+        ]
         self.client_server = grpc.aio.server(options=opts)
         pb_grpc.add_CacheServicer_to_server(CacheService(self.core), self.client_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
@@ -110,8 +113,13 @@ class Daemon:
         await self.fd_server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("weightcache.v1.Cache", health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready", cache_dir=str(self.cfg.cache_dir), socket_dir=str(self.cfg.socket_dir),
-                 admin_socket=str(self.cfg.admin_socket), pid=os.getpid())  # fmt: skip
+        log.info(
+            "ready",
+            cache_dir=str(self.cfg.cache_dir),
+            socket_dir=str(self.cfg.socket_dir),
+            admin_socket=str(self.cfg.admin_socket),
+            pid=os.getpid(),
+        )
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()

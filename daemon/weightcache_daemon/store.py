@@ -162,8 +162,7 @@ class StoreLock:
             holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             raise BusyError(
-                f"store {root} is already used by another weightcached (pid {holder}); "
-                "one daemon per store"
+                f"store {root} is already used by another weightcached (pid {holder}); one daemon per store"
             ) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)

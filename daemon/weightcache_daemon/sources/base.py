@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -31,9 +31,10 @@ class Source(Protocol):
     """A model's files at a URI.
 
     list() -> objects; stat(relpath) -> the current version of one object;
-    read(obj, offset, length) yields the bytes of [offset, offset+length) of the object
-    at version obj.version, or raises ObjectChanged. Implementations are thread-safe:
-    the engine calls read() from many threads at once.
+    read_into(obj, offset, buf, on_bytes) fills buf with bytes [offset, offset+len(buf)) of
+    the object at version obj.version (calling on_bytes(n) as data lands, so a caller can
+    resume after an error), or raises ObjectChanged. Implementations are thread-safe: the
+    engine calls read_into() from many threads at once.
     """
 
     uri: str
@@ -42,7 +43,7 @@ class Source(Protocol):
 
     def stat(self, relpath: str) -> RemoteObject: ...
 
-    def read(self, obj: RemoteObject, offset: int, length: int) -> Iterator[bytes]: ...
+    def read_into(self, obj: RemoteObject, offset: int, buf: memoryview, on_bytes: Callable[[int], None]) -> None: ...
 
     def close(self) -> None: ...
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import stat as statmod
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from weightcache.errors import NotFoundError, PermissionDeniedError, SourceError
 
 from .base import ObjectChanged, RemoteObject, check_relpath, parse_uri
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20
 
 
 class LocalSource:
@@ -57,7 +57,7 @@ class LocalSource:
         except FileNotFoundError:
             raise NotFoundError(f"source {self.uri}: {relpath} disappeared") from None
 
-    def read(self, obj: RemoteObject, offset: int, length: int) -> Iterator[bytes]:
+    def read_into(self, obj: RemoteObject, offset: int, buf: memoryview, on_bytes: Callable[[int], None]) -> None:
         path = self.root / obj.relpath
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -68,13 +68,13 @@ class LocalSource:
         try:
             if self._object(obj.relpath, os.fstat(fd)).version != obj.version:
                 raise ObjectChanged(obj)
-            end = offset + length
-            while offset < end:
-                data = os.pread(fd, min(CHUNK, end - offset), offset)
-                if not data:
+            done = 0
+            while done < len(buf):
+                n = os.preadv(fd, [buf[done : done + CHUNK]], offset + done)
+                if n <= 0:
                     raise ObjectChanged(obj)  # shrank under us
-                offset += len(data)
-                yield data
+                done += n
+                on_bytes(n)
             if self._object(obj.relpath, os.fstat(fd)).version != obj.version:
                 raise ObjectChanged(obj)
         finally:

@@ -8,7 +8,7 @@ config has a ``[[sources]]`` entry for the URI's prefix; retries use botocore's
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -21,8 +21,15 @@ from ..config import SourceConfig
 from .base import ObjectChanged, RemoteObject, check_relpath, parse_uri
 
 CHUNK = 1 << 20
-_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "InvalidToken",
-           "ExpiredToken", "403"}  # fmt: skip
+_DENIED = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "InvalidToken",
+    "ExpiredToken",
+    "403",
+}
 _MISSING = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
 
 
@@ -94,10 +101,12 @@ class S3Source:
             raise _error(exc, f"source {self._obj_uri(key)}") from None
         return RemoteObject(relpath, int(head["ContentLength"]), head["ETag"], self._obj_uri(key))
 
-    def read(self, obj: RemoteObject, offset: int, length: int) -> Iterator[bytes]:
+    def read_into(self, obj: RemoteObject, offset: int, buf: memoryview, on_bytes: Callable[[int], None]) -> None:
+        length = len(buf)
         if length == 0:
             return
         key = self.prefix + obj.relpath
+        what = f"source {obj.uri} bytes {offset}-{offset + length - 1}"
         try:
             resp = self._client.get_object(
                 Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}", IfMatch=obj.version
@@ -106,27 +115,37 @@ class S3Source:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("PreconditionFailed", "412"):
                 raise ObjectChanged(obj) from None
-            raise _error(exc, f"source {obj.uri} bytes {offset}-{offset + length - 1}") from None
+            raise _error(exc, what) from None
         except Exception as exc:  # noqa: BLE001
-            raise _error(exc, f"source {obj.uri} bytes {offset}-{offset + length - 1}") from None
-        if resp.get("ETag") not in (None, obj.version):
-            resp["Body"].close()
-            raise ObjectChanged(obj)
+            raise _error(exc, what) from None
         body = resp["Body"]
+        if resp.get("ETag") not in (None, obj.version):
+            body.close()
+            raise ObjectChanged(obj)
+        # readinto on the underlying urllib3 response lands the bytes straight in our
+        # buffer (no bytes object per chunk, no extra copy); botocore's StreamingBody has
+        # no readinto, and its length check is done here instead.
+        raw = getattr(body, "_raw_stream", None)
         got = 0
         try:
             while got < length:
-                data = body.read(min(CHUNK, length - got))
-                if not data:
+                view = buf[got : got + CHUNK]
+                if raw is not None and hasattr(raw, "readinto"):
+                    n = raw.readinto(view)
+                else:
+                    data = body.read(len(view))
+                    n = len(data)
+                    view[:n] = data
+                if not n:
                     break
-                got += len(data)
-                yield data
+                got += n
+                on_bytes(n)
         except Exception as exc:  # noqa: BLE001 - a body cut mid-stream is a transient source error
-            raise _error(exc, f"source {obj.uri} bytes {offset}-{offset + length - 1}") from None
+            raise _error(exc, what) from None
         finally:
             body.close()
         if got != length:
-            raise SourceError(f"source {obj.uri}: range at {offset} ended after {got} of {length} bytes")
+            raise SourceError(f"{what}: the response ended after {got} of {length} bytes")
 
     def close(self) -> None:
         self._client.close()
