@@ -41,6 +41,17 @@ def llama_tensors(hidden: int, layers: int, vocab: int, inter: int, kv: int) -> 
     return out
 
 
+def _random_bytes(rng: np.random.Generator, n: int, dtype: str) -> bytes:
+    """n bytes of small normal values (std 0.02, like initialised weights) encoded as dtype."""
+    size = DTYPE_SIZE[dtype]
+    values = rng.standard_normal(n // size, dtype=np.float32) * np.float32(0.02)
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (values.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    if dtype == "F16":
+        return values.astype(np.float16).tobytes()
+    return values.tobytes()
+
+
 def write_safetensors(path: Path, tensors: list[tuple[str, str, list[int]]], rng: np.random.Generator) -> None:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     off = 0
@@ -57,12 +68,7 @@ def write_safetensors(path: Path, tensors: list[tuple[str, str, list[int]]], rng
         remaining = off
         while remaining:
             n = min(remaining, 64 << 20)
-            # Small normal-ish values so bf16/f16 tensors hold finite numbers.
-            f.write(
-                (rng.standard_normal(n // 2, dtype=np.float32) * 0.02).astype(np.float16).tobytes()[:n]
-                if n % 2 == 0
-                else rng.bytes(n)
-            )
+            f.write(_random_bytes(rng, n, dtype))
             remaining -= n
     os.replace(tmp, path)
 

@@ -44,6 +44,7 @@ class LayerStream:
     def __init__(
         self, model: Model, groups: list[tuple[str, list[TensorMeta]]], device: Any, prefetch: int, copy: bool
     ) -> None:
+        self._stop = threading.Event()  # first: __del__ relies on it even if __init__ fails
         if prefetch < 1:
             raise InvalidInputError(f"prefetch={prefetch}: must be at least 1")
         torch = torch_module()
@@ -57,7 +58,6 @@ class LayerStream:
         self.max_ahead = 0
         self._slots = threading.Semaphore(prefetch)
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="wc-read")
         self._cuda = self.device.type == "cuda"
         if self._cuda:
