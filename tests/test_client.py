@@ -93,6 +93,10 @@ def test_every_dtype_equals_safetensors(opened, dtype_model: Path) -> None:  # t
         assert _same(sd[name], t), name
         assert _same(opened.get_tensor(name), t), name
     assert sd["model.layers.0.scalar"].dim() == 0
+    for reuse in (False, True):  # mixed dtypes and odd byte lengths packed into one ring slot
+        for _, tensors in opened.stream("cpu", prefetch=1, reuse=reuse):
+            for name, t in tensors.items():
+                assert _same(t, ref[name]), (reuse, name)
     names = list(sd)
     assert names[0] == "model.embed_tokens.weight" and names[-1] == "lm_head.weight"
 
@@ -199,6 +203,10 @@ def test_stream_order_and_prefetch_bound(daemon: Daemon, tiny_model: Path) -> No
         assert s.max_ahead <= 1
         s2 = m.stream("cpu", prefetch=3, copy=False)
         assert [g for g, _ in s2] == names
+        # reuse=True: views into a ring of prefetch+1 buffers, each group valid until the next step
+        for group, tensors in m.stream("cpu", prefetch=1, reuse=True):
+            for k, v in tensors.items():
+                assert _same(v, ref[k]), (group, k)
         # a custom grouping: one group per tensor kind
         custom = [g for g, _ in m.stream("cpu", layer_of=lambda n: "norms" if "norm" in n else "weights")]
         assert custom == ["norms", "weights"]

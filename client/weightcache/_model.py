@@ -69,6 +69,10 @@ class _Backing:
                 raise CorruptedError(f"file ended at {offset + done}, expected {offset + len(dest)}")
             done += n
 
+    def advise(self, offset: int, length: int) -> None:
+        if self.fd >= 0:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -197,17 +201,20 @@ class Model:
         prefetch: int = 2,
         copy: bool = True,
         layer_of: Callable[[str], str] | None = None,
+        reuse: bool = False,
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (layer group, {name: tensor}) in layer order, at most ``prefetch`` groups read ahead.
 
         On CUDA the bytes go through a ring of pinned staging buffers and non_blocking copies
         on a side stream; each group carries one event and the caller's stream waits on it
-        only. On CPU each tensor is copied into fresh memory (``copy=False``: zero-copy views).
+        only. On CPU each tensor is copied into fresh memory (``copy=False``: zero-copy views;
+        ``reuse=True``: views into a ring of prefetch+1 reused buffers, valid until the next
+        iteration, which spares the cost of first-touching fresh memory).
         ``layer_of`` overrides the grouping (tensor name -> group name).
         """
         from ._stream import stream_groups
 
-        return stream_groups(self, self._groups(layer_of), device, prefetch, copy)
+        return stream_groups(self, self._groups(layer_of), device, prefetch, copy, reuse)
 
     def _groups(self, layer_of: Callable[[str], str] | None) -> list[tuple[str, list[TensorMeta]]]:
         from .layers import order_layers

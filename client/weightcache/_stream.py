@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ._model import Model, TensorMeta
 
 READ_SPLIT = 8 << 20  # bytes per parallel read
-READ_THREADS = 4
+READ_THREADS = 8
 
 _DONE = object()
 
@@ -42,7 +42,13 @@ class LayerStream:
     are public so the prefetch bound can be observed; ``close()`` stops the reader early."""
 
     def __init__(
-        self, model: Model, groups: list[tuple[str, list[TensorMeta]]], device: Any, prefetch: int, copy: bool
+        self,
+        model: Model,
+        groups: list[tuple[str, list[TensorMeta]]],
+        device: Any,
+        prefetch: int,
+        copy: bool,
+        reuse: bool = False,
     ) -> None:
         self._stop = threading.Event()  # first: __del__ relies on it even if __init__ fails
         if prefetch < 1:
@@ -53,6 +59,7 @@ class LayerStream:
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.copy = copy
+        self.reuse = reuse
         self.groups_read = 0
         self.groups_yielded = 0
         self.max_ahead = 0
@@ -60,33 +67,46 @@ class LayerStream:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="wc-read")
         self._cuda = self.device.type == "cuda"
+        biggest = max((_packed_size(ts) for _, ts in groups), default=0)
         if self._cuda:
             if not torch.cuda.is_available():
                 raise InvalidInputError(f"device {self.device} requested but CUDA is not available")
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
-            biggest = max((sum(t.length for t in ts) for _, ts in groups), default=0)
             self._side = torch.cuda.Stream(device=self.device)
             self._ring = [torch.empty(max(biggest, 1), dtype=torch.uint8, pin_memory=True) for _ in range(prefetch + 1)]
             self._ring_free: list[Any] = [None] * (prefetch + 1)
         elif self.device.type != "cpu":
             raise InvalidInputError(f"device {self.device}: stream() supports cpu and cuda")
+        elif reuse:
+            self._ring = [torch.empty(max(biggest, 1), dtype=torch.uint8) for _ in range(prefetch + 1)]
         self._thread = threading.Thread(target=self._reader, name="wc-stream", daemon=True)
         self._thread.start()
 
     # ---------------------------------------------------------------- reader thread
 
-    def _read(self, t: TensorMeta, dest: memoryview) -> None:
-        backing = self.model._backing(t.file)
-        if len(dest) <= READ_SPLIT:
-            backing.read_into(t.offset, dest)
-            return
-        futs = [
-            self._pool.submit(backing.read_into, t.offset + o, dest[o : o + READ_SPLIT])
-            for o in range(0, len(dest), READ_SPLIT)
-        ]
+    def _read_all(self, spans: list[tuple[TensorMeta, memoryview]]) -> None:
+        """Read every (tensor, destination) of a group at once, split into READ_SPLIT pieces
+        across the pool, so a cold group keeps several reads in flight."""
+        futs = []
+        for t, dest in spans:
+            backing = self.model._backing(t.file)
+            for o in range(0, len(dest), READ_SPLIT):
+                futs.append(self._pool.submit(backing.read_into, t.offset + o, dest[o : o + READ_SPLIT]))
         for f in futs:
             f.result()
+
+    def _advise(self, metas: list[TensorMeta]) -> None:
+        """Ask the kernel to start reading a later group now (asynchronous readahead)."""
+        ranges: dict[str, list[int]] = {}
+        for t in metas:
+            r = ranges.get(t.file)
+            if r is None:
+                ranges[t.file] = [t.offset, t.offset + t.length]
+            else:
+                r[0], r[1] = min(r[0], t.offset), max(r[1], t.offset + t.length)
+        for path, (start, end) in ranges.items():
+            self.model._backing(path).advise(start, end - start)
 
     def _reader(self) -> None:
         try:
@@ -96,7 +116,14 @@ class LayerStream:
                         return
                 if self._stop.is_set():
                     return
-                item = self._read_cuda(i, metas) if self._cuda else self._read_cpu(metas)
+                if i + 1 < len(self.groups):
+                    self._advise(self.groups[i + 1][1])
+                if self._cuda:
+                    item = self._read_cuda(i, metas)
+                elif self.reuse:
+                    item = self._read_ring(i, metas)
+                else:
+                    item = self._read_cpu(metas)
                 self.groups_read += 1
                 self.max_ahead = max(self.max_ahead, self.groups_read - self.groups_yielded)
                 self._queue.put((name, *item))
@@ -107,15 +134,31 @@ class LayerStream:
     def _read_cpu(self, metas: list[TensorMeta]) -> tuple[dict[str, Any], Any]:
         torch = torch_module()
         out: dict[str, Any] = {}
+        spans = []
         for t in metas:
             if not self.copy:
                 out[t.name] = self.model.get_tensor(t.name)
                 continue
-            dtype = torch_dtype(t.dtype)
-            dst = torch.empty(t.shape, dtype=dtype)
+            dst = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
             if t.length:
-                self._read(t, _flat_u8(dst))
+                spans.append((t, _flat_u8(dst)))
             out[t.name] = dst
+        self._read_all(spans)
+        return out, None
+
+    def _read_ring(self, i: int, metas: list[TensorMeta]) -> tuple[dict[str, Any], Any]:
+        """CPU, reuse=True: views into ring slot i % (prefetch+1). The reader refills a slot only
+        after the consumer asked for the group after the one it held, so a group's tensors stay
+        valid until the next iteration."""
+        torch = torch_module()
+        staging = self._ring[i % len(self._ring)]
+        layout = _layout(metas)
+        self._read_all([(t, _flat_u8(staging[p : p + t.length])) for t, p in layout if t.length])
+        out = {}
+        for t, p in layout:
+            dtype = torch_dtype(t.dtype)
+            out[t.name] = (staging[p : p + t.length].view(dtype).view(t.shape) if t.length
+                           else torch.empty(t.shape, dtype=dtype))  # fmt: skip
         return out, None
 
     def _read_cuda(self, i: int, metas: list[TensorMeta]) -> tuple[dict[str, Any], Any]:
@@ -125,13 +168,8 @@ class LayerStream:
             self._ring_free[slot].synchronize()  # that slot's previous H2D copy is finished
         staging = self._ring[slot]
         sview = _flat_u8(staging)
-        pos = 0
-        spans = []
-        for t in metas:
-            if t.length:
-                self._read(t, sview[pos : pos + t.length])
-            spans.append((t, pos))
-            pos += t.length
+        spans = _layout(metas)
+        self._read_all([(t, sview[p : p + t.length]) for t, p in spans if t.length])
         out: dict[str, Any] = {}
         with torch.cuda.stream(self._side):
             for t, p in spans:
@@ -179,7 +217,27 @@ class LayerStream:
         self._stop.set()
 
 
+ALIGN = 64  # each tensor in a staging buffer starts aligned for any dtype view
+
+
+def _layout(metas: list[TensorMeta]) -> list[tuple[TensorMeta, int]]:
+    out, pos = [], 0
+    for t in metas:
+        out.append((t, pos))
+        pos += -(-t.length // ALIGN) * ALIGN
+    return out
+
+
+def _packed_size(metas: list[TensorMeta]) -> int:
+    return sum(-(-t.length // ALIGN) * ALIGN for t in metas)
+
+
 def stream_groups(
-    model: Model, groups: list[tuple[str, list[TensorMeta]]], device: Any, prefetch: int, copy: bool
+    model: Model,
+    groups: list[tuple[str, list[TensorMeta]]],
+    device: Any,
+    prefetch: int,
+    copy: bool,
+    reuse: bool = False,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    return LayerStream(model, groups, device, prefetch, copy)
+    return LayerStream(model, groups, device, prefetch, copy, reuse)

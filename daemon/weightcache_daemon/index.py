@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from weightcache.errors import CorruptedError, NotFoundError
@@ -76,6 +76,7 @@ class Index:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        self._uses: dict[str, float] = {}
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -91,6 +92,7 @@ class Index:
             raise CorruptedError(f"index {path} has schema {row[0]}, this daemon expects {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        self.flush_uses()
         with self._lock:
             self._db.close()
 
@@ -163,19 +165,25 @@ class Index:
 
     # ---------------------------------------------------------------- lookups
 
+    def _rows(self, sql: str, args: Iterable[object] = ()) -> list[ModelRow]:
+        with self._lock:
+            rows = [_model(r) for r in self._db.execute(sql, tuple(args)).fetchall()]
+            uses = dict(self._uses)
+        return [replace(r, last_used=uses[r.name]) if r.name in uses else r for r in rows]
+
     def model(self, name: str) -> ModelRow | None:
-        rows = self._q("SELECT * FROM models WHERE name=?", (name,))
-        return _model(rows[0]) if rows else None
+        rows = self._rows("SELECT * FROM models WHERE name=?", (name,))
+        return rows[0] if rows else None
 
     def models(self) -> list[ModelRow]:
-        return [_model(r) for r in self._q("SELECT * FROM models ORDER BY name")]
+        return self._rows("SELECT * FROM models ORDER BY name")
 
     def models_by_source(self, source: str, filters: str) -> list[ModelRow]:
-        rows = self._q("SELECT * FROM models WHERE source=? AND filters=? ORDER BY last_used DESC", (source, filters))
-        return [_model(r) for r in rows]
+        rows = self._rows("SELECT * FROM models WHERE source=? AND filters=?", (source, filters))
+        return sorted(rows, key=lambda r: r.last_used, reverse=True)
 
     def models_of_snapshot(self, snapshot_id: str) -> list[ModelRow]:
-        return [_model(r) for r in self._q("SELECT * FROM models WHERE snapshot_id=? ORDER BY name", (snapshot_id,))]
+        return self._rows("SELECT * FROM models WHERE snapshot_id=? ORDER BY name", (snapshot_id,))
 
     def snapshot_source(self, snapshot_id: str) -> str | None:
         rows = self._q("SELECT source FROM snapshots WHERE id=?", (snapshot_id,))
@@ -207,8 +215,19 @@ class Index:
         return {str(r[0]) for r in self._q("SELECT DISTINCT sha256 FROM snapshot_files")}
 
     def touch(self, name: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE models SET last_used=? WHERE name=?", (time.time(), name))
+        """Record a use. Uses are on the hot path of every open, so they are batched in memory
+        and written by flush_uses() (every few seconds, and at shutdown) instead of costing an
+        fsync per open; listings merge the pending ones in."""
+        with self._lock:
+            self._uses[name] = time.time()
+
+    def flush_uses(self) -> int:
+        with self._lock:
+            pending, self._uses = self._uses, {}
+        if pending:
+            with self._tx() as db:
+                db.executemany("UPDATE models SET last_used=? WHERE name=?", [(t, n) for n, t in pending.items()])
+        return len(pending)
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         with self._tx() as db:

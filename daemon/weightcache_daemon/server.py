@@ -37,6 +37,7 @@ MAX_MESSAGE = 64 << 20
 SOCKET_DIR_MODE = 0o750
 CLIENT_SOCKET_MODE = 0o660
 ADMIN_SOCKET_MODE = 0o600
+USE_FLUSH_SECONDS = 5.0
 
 
 def _claim_socket(path: Path) -> None:
@@ -71,6 +72,7 @@ class Daemon:
         self.admin_server: grpc.aio.Server | None = None
         self.fd_server: FdServer | None = None
         self.health = health.aio.HealthServicer()
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def client_socket(self) -> Path:
@@ -111,6 +113,7 @@ class Daemon:
         os.chmod(self.cfg.admin_socket, ADMIN_SOCKET_MODE)
         self.fd_server = FdServer(self.core, str(self.fd_socket), CLIENT_SOCKET_MODE)
         await self.fd_server.start()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_uses())
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("weightcache.v1.Cache", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -121,7 +124,14 @@ class Daemon:
             pid=os.getpid(),
         )
 
+    async def _flush_uses(self) -> None:
+        while True:
+            await asyncio.sleep(USE_FLUSH_SECONDS)
+            await asyncio.to_thread(self.index.flush_uses)
+
     async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
         await self.health.enter_graceful_shutdown()
         await self.fetcher.shutdown()
         if self.fd_server:
