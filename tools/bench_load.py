@@ -94,6 +94,8 @@ def child(variant: str, files: list[str], socket_dir: str, tzfile: str, first_on
                     _touch(v)
             if first_only and first is not None:
                 break
+        m.close()
+        c.close()
     elif variant == "safetensors_load_file":
         from safetensors.torch import load_file
 

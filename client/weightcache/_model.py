@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,7 @@ class Model:
         self._order = [t.name for t in manifest.tensors]
         self._fdconn = fdconn
         self._backings: dict[str, _Backing] = {}
+        self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
         self.zero_copy = fdconn is not None
         if fdconn is not None:
             granted = fdconn.acquire(self.snapshot_id)
@@ -214,7 +216,9 @@ class Model:
         """
         from ._stream import stream_groups
 
-        return stream_groups(self, self._groups(layer_of), device, prefetch, copy, reuse)
+        stream = stream_groups(self, self._groups(layer_of), device, prefetch, copy, reuse)
+        self._streams.add(stream)
+        return stream
 
     def _groups(self, layer_of: Callable[[str], str] | None) -> list[tuple[str, list[TensorMeta]]]:
         from .layers import order_layers
@@ -233,6 +237,8 @@ class Model:
         if self._closed:
             return
         self._closed = True
+        for stream in list(self._streams):
+            stream.close()  # stop readers before the descriptors they read go away
         if self._fdconn is not None:
             self._fdconn.close()
         for b in self._backings.values():

@@ -116,14 +116,15 @@ class LayerStream:
                         return
                 if self._stop.is_set():
                     return
-                if i + 1 < len(self.groups):
-                    self._advise(self.groups[i + 1][1])
                 if self._cuda:
                     item = self._read_cuda(i, metas)
                 elif self.reuse:
                     item = self._read_ring(i, metas)
                 else:
                     item = self._read_cpu(metas)
+                if i + 1 < len(self.groups):
+                    # After this group is in, not before: the hint must not compete with it.
+                    self._advise(self.groups[i + 1][1])
                 self.groups_read += 1
                 self.max_ahead = max(self.max_ahead, self.groups_read - self.groups_yielded)
                 self._queue.put((name, *item))

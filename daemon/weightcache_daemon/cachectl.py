@@ -199,7 +199,7 @@ def cmd_stats(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
         f"capacity:         {human(s.max_size) if s.max_size else 'unlimited'}; filesystem free {human(s.filesystem_free)}"
     )
     print(f"downloaded:       {human(s.bytes_downloaded)} since start; {s.active_downloads} download(s) running")
-    print(f"leases:           {s.leases}")
+    print(f"leases:           {s.leases}; evicted but still open: {human(s.held_bytes)}")
     return 0
 
 

@@ -93,7 +93,11 @@ class Config:
     cache_dir: Path
     socket_dir: Path
     admin_socket: Path
-    max_size: int = 0  # 0 = unlimited
+    max_size: int = 0  # bytes; 0 = unlimited (or see max_size_percent)
+    max_size_percent: float = 0.0  # share of the store's filesystem, resolved at start
+    high_watermark: float = 0.95  # evict when usage passes this share of capacity...
+    low_watermark: float = 0.85  # ...down to this share
+    models_dir: Path | None = None  # declarative models (*.toml), watched
     log_format: str = "console"
     metrics_address: str | None = None
     client_sources: tuple[str, ...] = ()
@@ -114,11 +118,23 @@ class Config:
         return any(fnmatch.fnmatchcase(uri, pattern) for pattern in self.client_sources)
 
 
+def capacity_bytes(cfg: Config) -> int:
+    """The capacity in bytes: max_size, or max_size_percent of the store's filesystem; 0 = unlimited."""
+    if cfg.max_size_percent:
+        cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        st = os.statvfs(cfg.cache_dir)
+        return int(st.f_blocks * st.f_frsize * cfg.max_size_percent / 100)
+    return cfg.max_size
+
+
 _TOP_KEYS = {
     "cache_dir",
     "socket_dir",
     "admin_socket",
     "max_size",
+    "high_watermark",
+    "low_watermark",
+    "models_dir",
     "log_format",
     "metrics_address",
     "client_sources",
@@ -238,11 +254,34 @@ def load(
     include = data.get("include", list(DEFAULT_INCLUDE))
     if not isinstance(include, list) or not all(isinstance(s, str) for s in include):
         raise InvalidInputError(f"{where}: include must be a list of globs")
+    percent = 0.0
+    raw_max = data.get("max_size", 0)
+    if isinstance(raw_max, str) and raw_max.strip().endswith("%"):
+        try:
+            percent = float(raw_max.strip()[:-1])
+        except ValueError:
+            percent = -1
+        if not 0 < percent <= 100:
+            raise InvalidInputError(f"max_size {raw_max!r}: a percentage must be in (0, 100]")
+    high = float(data.get("high_watermark", 0.95))
+    low = float(data.get("low_watermark", 0.85))
+    if not 0 < low < high <= 1:
+        raise InvalidInputError(f"watermarks: need 0 < low_watermark ({low}) < high_watermark ({high}) <= 1")
+    if "models_dir" in data:
+        models_dir: Path | None = Path(data["models_dir"])
+    elif config_file is not None:
+        models_dir = config_file.parent / "models.d"
+    else:
+        models_dir = None
     return Config(
         cache_dir=cache_dir,
         socket_dir=socket_dir,
         admin_socket=admin_socket,
-        max_size=parse_size(data.get("max_size", 0), "max_size"),
+        max_size=0 if percent else parse_size(data.get("max_size", 0), "max_size"),
+        max_size_percent=percent,
+        high_watermark=high,
+        low_watermark=low,
+        models_dir=models_dir,
         log_format=log_format,
         metrics_address=data.get("metrics_address"),
         client_sources=client_sources,

@@ -65,7 +65,7 @@ def model(v: ModelView, with_leases: bool = True) -> pb.ModelInfo:
     )
 
 
-def stats(s: Stats, cache_dir: str, max_size: int) -> pb.StatsResponse:
+def stats(s: Stats, cache_dir: str) -> pb.StatsResponse:
     return pb.StatsResponse(
         models=s.models,
         snapshots=s.snapshots,
@@ -76,6 +76,7 @@ def stats(s: Stats, cache_dir: str, max_size: int) -> pb.StatsResponse:
         active_downloads=s.active_downloads,
         leases=s.leases,
         cache_dir=cache_dir,
-        max_size=max_size,
+        max_size=s.capacity,
+        held_bytes=s.held_bytes,
         filesystem_free=s.filesystem_free,
     )

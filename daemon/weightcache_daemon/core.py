@@ -9,20 +9,22 @@ import asyncio
 import os
 import re
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
-from weightcache.errors import BusyError, InvalidInputError, NotFoundError, PermissionDeniedError
+from weightcache.errors import BusyError, ExhaustedError, InvalidInputError, NotFoundError, PermissionDeniedError
 from weightcache.layers import default_layer_of, order_layers
 from weightcache.safetensors_format import TensorInfo
 
-from .config import Config
+from .config import Config, capacity_bytes
 from .index import FileRow, Index, ModelRow
 from .jobs import Fetcher, JobKey, ProgressState
 from .leases import Lease, Leases
+from .progress import human
 from .sources import parse_uri
 from .store import LocalBlobStore, check_digest, hash_file
 from .views import build_view, remove_view, view_path
@@ -96,6 +98,8 @@ class Stats:
     active_downloads: int
     leases: int
     filesystem_free: int
+    held_bytes: int
+    capacity: int
 
 
 class Core:
@@ -105,6 +109,12 @@ class Core:
         self.index = index
         self.fetcher = fetcher
         self.leases = leases
+        self.capacity = capacity_bytes(cfg)
+        # Bytes of blobs unlinked while a process still had them open (evicted with --force):
+        # they use disk until the last lease on their snapshot goes.
+        self.held: dict[str, int] = {}
+        self._room = threading.Lock()
+        fetcher.make_room = self.make_room
 
     # ---------------------------------------------------------------- resolution
 
@@ -174,7 +184,7 @@ class Core:
                 self.index.touch(cached[0].name)
                 yield self.manifest(cached[0].snapshot_id, cached[0].name)
                 return
-        job = self.fetcher.start(key, name)
+        job = self.fetcher.start(key, name, pin)
         async for p in job.watch():
             if not job.result.done():
                 yield p
@@ -241,6 +251,65 @@ class Core:
         assert new is not None
         return self.view(new)
 
+    # ---------------------------------------------------------------- capacity
+
+    def usage(self) -> int:
+        """Bytes the cache is responsible for: stored blobs, held unlinked ones, admitted downloads."""
+        return sum(self.index.blobs().values()) + sum(self.held.values()) + sum(self.fetcher.reserved.values())
+
+    def make_room(self, need: int, label: str) -> None:
+        """Admit `need` new bytes for model `label`, evicting least recently used models if that
+        takes usage past the high watermark; ExhaustedError before a byte is fetched otherwise."""
+        free = self.filesystem_free()
+        if self.capacity and need > self.capacity:
+            raise ExhaustedError(
+                f"model {label} needs {human(need)}, more than the cache capacity of {human(self.capacity)}"
+            )
+        with self._room:
+            used = self.usage()
+            target = None
+            if self.capacity and used + need > self.capacity * self.cfg.high_watermark:
+                target = int(self.capacity * self.cfg.low_watermark) - need
+            if need > free:
+                target = min(target if target is not None else used, used - (need - free))
+            if target is None:
+                return
+            plan = self.plan_lru(max(used - target, 0), exclude={label})
+            if plan.models:
+                self.execute_evict(plan)
+            used_after = used - plan.bytes_freed
+            fits_capacity = not self.capacity or used_after + need <= self.capacity
+            if not fits_capacity or need > self.filesystem_free():
+                raise ExhaustedError(
+                    f"model {label} needs {human(need)} but only {human(max(self.capacity - used_after, 0))} of the "
+                    f"capacity and {human(self.filesystem_free())} of the filesystem can be freed: the rest is pinned, "
+                    "in use, or being downloaded"
+                )
+
+    def plan_lru(self, nbytes: int, exclude: set[str] | None = None) -> EvictPlan:
+        """The least recently used unpinned, unleased models whose removal frees >= nbytes (or all of them)."""
+        plan = EvictPlan()
+        if nbytes <= 0:
+            return plan
+        held = self.leases.held()
+        chosen: list[str] = []
+        for row in sorted(self.index.models(), key=lambda r: r.last_used):
+            if row.pinned or row.snapshot_id in held or row.name in (exclude or set()):
+                continue
+            chosen.append(row.name)
+            plan = self.plan_evict(chosen, all_unpinned=False, force=False)
+            if plan.bytes_freed >= nbytes:
+                break
+        return plan
+
+    def filesystem_free(self) -> int:
+        st = os.statvfs(self.store.root)
+        return st.f_bavail * st.f_frsize
+
+    def lease_released(self, snapshot_id: str) -> None:
+        if snapshot_id in self.held and not self.leases.of(snapshot_id):
+            del self.held[snapshot_id]
+
     def stats(self) -> Stats:
         blobs = self.index.blobs()
         st = os.statvfs(self.store.root)
@@ -254,6 +323,8 @@ class Core:
             active_downloads=len(self.fetcher.jobs),
             leases=len(self.leases),
             filesystem_free=st.f_bavail * st.f_frsize,
+            held_bytes=sum(self.held.values()),
+            capacity=self.capacity,
         )
 
     # ---------------------------------------------------------------- eviction
@@ -301,6 +372,10 @@ class Core:
 
     def execute_evict(self, plan: EvictPlan) -> None:
         # References go before what they refer to: index rows, then views, then blobs.
+        sizes = self.index.blobs()
+        for snap in plan.snapshots:
+            if self.leases.of(snap):  # unlinked, not truncated: its holders keep reading it
+                self.held[snap] = sum(sizes.get(f.sha256, 0) for f in self.index.files(snap) if f.sha256 in plan.blobs)
         self.index.delete(plan.models, plan.snapshots, plan.blobs)
         for name, snap in plan.views:
             remove_view(self.store, name, snap)

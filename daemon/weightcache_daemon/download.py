@@ -108,14 +108,19 @@ class _File:
     hashed_parts: int = 0
     hashing: bool = False
     completed: dict[int, tuple[mmap.mmap, int]] = field(default_factory=dict)
+    written: set[int] = field(default_factory=set)  # parts on disk (recorded for resume)
+    resumed: set[int] = field(default_factory=set)  # parts a previous run wrote: read back, not fetched
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     lock: threading.Lock = field(default_factory=threading.Lock)
     digest: str | None = None
 
-    def reset(self, obj: RemoteObject) -> None:
-        """Start (over) at version obj. Only called with no part of this file in flight."""
+    def reset(self, obj: RemoteObject, resumed: set[int] | None = None) -> None:
+        """Start (over) at version obj, keeping the parts a previous run wrote when given.
+        Only called with no part of this file in flight."""
         for buf, _ in self.completed.values():
             self.pool.put(buf)
+        self.resumed = set(resumed or ())
+        self.written = set(self.resumed)
         self.obj = obj
         self.generation += 1
         self.parts_total = max(1, -(-obj.size // self.part_size))
@@ -125,7 +130,8 @@ class _File:
         self.hashed_parts = 0
         self.hasher = hashlib.sha256()
         self.digest = None
-        os.ftruncate(self.fd, 0)
+        if not self.resumed:
+            os.ftruncate(self.fd, 0)
         if obj.size:
             try:
                 os.posix_fallocate(self.fd, 0, obj.size)
@@ -182,7 +188,7 @@ class _File:
 
 
 def _open_ingest(path: Path) -> tuple[int, bool]:
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
     try:
         return os.open(path, flags | os.O_DIRECT, 0o600), True
     except OSError as exc:
@@ -201,17 +207,25 @@ def download(
     on_bytes: Callable[[int], None],
     on_file: Callable[[Downloaded], None],
     cancelled: threading.Event,
+    resume: dict[str, set[int]] | None = None,
+    on_state: Callable[[list[tuple[RemoteObject, str, list[int]]]], None] | None = None,
 ) -> list[Downloaded]:
-    """Fetch every object into ingest_dir; return them hashed and fsynced, in the order given."""
+    """Fetch every object into ingest_dir; return them hashed and fsynced, in the order given.
+
+    ``resume`` maps relative paths to parts already written by an earlier run into the same
+    ingest_dir at the same object version; those are read back from disk (for the hash), not
+    fetched. ``on_state`` receives [(object, ingest file name, parts written)] now and then,
+    after those parts are on disk, so a crash can resume from it.
+    """
     files: list[_File] = []
     try:
-        for n, obj in enumerate(objects):
-            path = ingest_dir / f"{n:05d}.part"
+        for obj in objects:
+            path = ingest_dir / ingest_name(obj.relpath)
             fd, direct = _open_ingest(path)
             f = _File(obj, path, fd, direct, pool.size, pool)
             files.append(f)
-            f.reset(obj)
-        _run(source, files, cfg, pool, limiter, on_bytes, on_file, cancelled)
+            f.reset(obj, (resume or {}).get(obj.relpath))
+        _run(source, files, cfg, pool, limiter, on_bytes, on_file, cancelled, on_state)
         return [Downloaded(f.obj, f.path, f.digest or "", f.restarts) for f in files]
     finally:
         for f in files:
@@ -219,6 +233,13 @@ def download(
                 pool.put(buf)
             f.completed = {}
             os.close(f.fd)
+
+
+def ingest_name(relpath: str) -> str:
+    return hashlib.sha256(relpath.encode()).hexdigest()[:24] + ".part"
+
+
+STATE_EVERY = 0.1  # seconds between resume-state records
 
 
 def _run(
@@ -230,9 +251,43 @@ def _run(
     on_bytes: Callable[[int], None],
     on_file: Callable[[Downloaded], None],
     cancelled: threading.Event,
+    on_state: Callable[[list[tuple[RemoteObject, str, list[int]]]], None] | None,
 ) -> None:
+    last_state = 0.0
+
+    def record_state(force: bool = False) -> None:
+        nonlocal last_state
+        if on_state is None or (not force and time.monotonic() - last_state < STATE_EVERY):
+            return
+        last_state = time.monotonic()
+        snapshot = []
+        for f in files:
+            with f.lock:
+                written = sorted(f.written)
+            if not f.direct and written:
+                os.fdatasync(f.fd)  # buffered writes must be on disk before they are recorded
+            snapshot.append((f.obj, f.path.name, written))
+        on_state(snapshot)
+
     def fetch(f: _File, i: int, gen: int, buf: mmap.mmap) -> None:
         start, length = f.part_range(i)
+        if i in f.resumed:
+            # Written by an earlier run: read it back for the in-order hash, fetch nothing.
+            view = memoryview(buf)[:length]
+            try:
+                done = 0
+                while done < length:
+                    n = os.preadv(f.fd, [view[done:]], start + done)
+                    if n <= 0:
+                        raise SourceError(f"{f.obj.uri}: resumed ingest file ends at {start + done}")
+                    done += n
+            except BaseException:
+                view.release()
+                pool.put(buf)
+                raise
+            view.release()
+            f.part_done(i, gen, buf, length)
+            return
         filled = 0
         attempt = 0
 
@@ -260,6 +315,9 @@ def _run(
         except BaseException:
             pool.put(buf)
             raise
+        with f.lock:
+            if gen == f.generation:
+                f.written.add(i)
         f.part_done(i, gen, buf, length)
 
     pending: dict[Future[None], _File] = {}
@@ -290,6 +348,7 @@ def _run(
                     on_file(Downloaded(f.obj, f.path, f.digest or "", f.restarts))
                 if not queue_:
                     return
+                record_state()
                 if cancelled.is_set():
                     raise DeadlineError("download cancelled")
                 if not pending and not any(f.restart_pending for f in queue_):
@@ -306,6 +365,12 @@ def _run(
         except BaseException:
             cancelled.set()
             raise
+        finally:
+            if on_state is not None:
+                try:
+                    record_state(force=True)
+                except OSError:
+                    pass
 
 
 class _Cancelled(Exception):

@@ -98,6 +98,7 @@ class FdServer:
                         if lease is None:
                             raise _NotHeld(f"snapshot {sid[:80]!r} is not held by this connection")
                         self.core.leases.release(lease.token)
+                        self.core.lease_released(sid)
                         log.info("lease_released", snapshot=sid, **peer)
                         await self._send(loop, conn, pb.FdResponse(release=pb.ReleaseResponse(snapshot_id=sid)), [])
                     else:
@@ -111,6 +112,7 @@ class FdServer:
         finally:
             for sid, lease in held.items():
                 self.core.leases.release(lease.token)
+                self.core.lease_released(sid)
                 log.info("lease_released", snapshot=sid, reason="connection closed", **peer)
             conn.close()
 

@@ -236,7 +236,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     @unary
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
-        return convert.stats(self.core.stats(), str(self.core.cfg.cache_dir), self.core.cfg.max_size)
+        return convert.stats(self.core.stats(), str(self.core.cfg.cache_dir))
 
     @streaming
     async def Verify(self, request: pb.VerifyRequest, context: Any) -> AsyncIterator[pb.VerifyResponse]:

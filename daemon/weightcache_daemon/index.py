@@ -77,6 +77,7 @@ class Index:
         self.path = path
         self._lock = threading.RLock()
         self._uses: dict[str, float] = {}
+        self._ulock = threading.Lock()
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -90,11 +91,17 @@ class Index:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
             raise CorruptedError(f"index {path} has schema {row[0]}, this daemon expects {SCHEMA_VERSION}")
+        # Reads get their own connection: in WAL mode they never wait for the writer's fsync,
+        # so an open() does not stall behind a commit.
+        self._rlock = threading.Lock()
+        self._rdb = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._rdb.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
         self.flush_uses()
-        with self._lock:
+        with self._lock, self._rlock:
             self._db.close()
+            self._rdb.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -108,8 +115,8 @@ class Index:
             self._db.execute("COMMIT")
 
     def _q(self, sql: str, args: Iterable[object] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
-            return self._db.execute(sql, tuple(args)).fetchall()
+        with self._rlock:
+            return self._rdb.execute(sql, tuple(args)).fetchall()
 
     # ---------------------------------------------------------------- source objects
 
@@ -166,8 +173,8 @@ class Index:
     # ---------------------------------------------------------------- lookups
 
     def _rows(self, sql: str, args: Iterable[object] = ()) -> list[ModelRow]:
-        with self._lock:
-            rows = [_model(r) for r in self._db.execute(sql, tuple(args)).fetchall()]
+        rows = [_model(r) for r in self._q(sql, args)]
+        with self._ulock:
             uses = dict(self._uses)
         return [replace(r, last_used=uses[r.name]) if r.name in uses else r for r in rows]
 
@@ -218,11 +225,11 @@ class Index:
         """Record a use. Uses are on the hot path of every open, so they are batched in memory
         and written by flush_uses() (every few seconds, and at shutdown) instead of costing an
         fsync per open; listings merge the pending ones in."""
-        with self._lock:
+        with self._ulock:
             self._uses[name] = time.time()
 
     def flush_uses(self) -> int:
-        with self._lock:
+        with self._ulock:
             pending, self._uses = self._uses, {}
         if pending:
             with self._tx() as db:

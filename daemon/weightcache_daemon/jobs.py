@@ -13,9 +13,12 @@ import asyncio
 import fnmatch
 import hashlib
 import json
+import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -60,6 +63,7 @@ class ProgressState:
 class Job:
     key: JobKey
     label: str
+    pin: bool | None = None
     progress: ProgressState = field(default_factory=ProgressState)
     version: int = 0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -101,6 +105,63 @@ def snapshot_id_of(files: list[tuple[str, str]]) -> str:
     return h.hexdigest()[:32]
 
 
+def ingest_dir_name(key: JobKey) -> str:
+    """One ingest directory per source and filters, so a restarted job finds its parts."""
+    return hashlib.sha256(f"{key.uri}\0{key.filters}".encode()).hexdigest()[:32]
+
+
+STATE_FILE = "state.json"
+
+
+def save_resume(
+    ingest: Path, key: JobKey, job: Job, part_size: int, files: list[tuple[RemoteObject, str, list[int]]]
+) -> None:
+    state = {
+        "uri": key.uri,
+        "include": list(key.include),
+        "exclude": list(key.exclude),
+        "name": job.label,
+        "pin": job.pin,
+        "part_size": part_size,
+        "files": [
+            {"relpath": o.relpath, "version": o.version, "size": o.size, "file": name, "written": written}
+            for o, name, written in files
+        ],
+    }
+    tmp = ingest / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, ingest / STATE_FILE)
+
+
+def read_state(ingest: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((ingest / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("uri"), str) else None
+
+
+def load_resume(ingest: Path, key: JobKey, todo: list[RemoteObject], part_size: int) -> dict[str, set[int]]:
+    """Parts a previous run of this job wrote, for objects whose version is unchanged."""
+    state = read_state(ingest)
+    if state is None or state.get("uri") != key.uri or state.get("part_size") != part_size:
+        return {}
+    current = {o.relpath: o for o in todo}
+    out: dict[str, set[int]] = {}
+    for f in state.get("files", []):
+        o = current.get(f.get("relpath"))
+        if o is None or o.version != f.get("version") or o.size != f.get("size"):
+            continue  # changed at the source (or no longer wanted): that file starts over
+        parts = {int(i) for i in f.get("written", [])}
+        try:
+            on_disk = (ingest / str(f.get("file"))).stat().st_size
+        except OSError:
+            continue
+        if parts and max(min((i + 1) * part_size, o.size) for i in parts) <= on_disk:
+            out[o.relpath] = parts
+    return out
+
+
 class Fetcher:
     def __init__(self, cfg: Config, store: LocalBlobStore, index: Index) -> None:
         self.cfg = cfg
@@ -110,21 +171,38 @@ class Fetcher:
         self.pool = BufferPool(cfg.download.concurrency + max(4, cfg.download.concurrency // 4), cfg.download.part_size)
         self.jobs: dict[JobKey, Job] = {}
         self.bytes_downloaded = 0
+        self.shutting_down = False
+        self.reserved: dict[str, int] = {}  # bytes admitted per running job (label)
+        # Set by the core: raises ExhaustedError or makes room (eviction) for a job's new bytes.
+        self.make_room: Callable[[int, str], None] = lambda need, label: None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._admit_lock = threading.Lock()
 
-    def start(self, key: JobKey, label: str) -> Job:
+    def start(self, key: JobKey, label: str, pin: bool | None = None) -> Job:
         """The running job for key, or a new one."""
         job = self.jobs.get(key)
         if job is not None:
             return job
-        job = Job(key, label)
+        job = Job(key, label, pin)
         self.jobs[key] = job
         task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
 
+    def admit(self, need: int, label: str) -> None:
+        """Admission before the first byte: the core checks capacity (and evicts), then the
+        bytes are reserved until the job ends."""
+        self.make_room(need, label)
+        with self._admit_lock:
+            self.reserved[label] = self.reserved.get(label, 0) + need
+
+    def release(self, label: str) -> None:
+        with self._admit_lock:
+            self.reserved.pop(label, None)
+
     async def shutdown(self) -> None:
+        self.shutting_down = True
         for job in self.jobs.values():
             job.cancelled.set()
         if self._tasks:
@@ -198,8 +276,15 @@ class Fetcher:
                 cached=len(known),
                 bytes=p.bytes_total,
             )
+            self.admit(sum(o.size for o in todo), job.label)
             tensors: dict[str, tuple[TensorInfo, ...]] = {}
-            ingest = self.store.new_ingest()
+            ingest = self.store.ingest / ingest_dir_name(key)
+            ingest.mkdir(mode=0o700, exist_ok=True)
+            resume = load_resume(ingest, key, todo, self.cfg.download.part_size)
+            if resume:
+                log.info("fetch_resume", source=key.uri, model=job.label,
+                         parts=sum(len(v) for v in resume.values()))  # fmt: skip
+            keep_ingest = False
             try:
                 got: list[Downloaded] = []
                 if todo:
@@ -210,6 +295,17 @@ class Fetcher:
                             job.bytes_fetched += n
                             self.bytes_downloaded += n
                             p.bytes_done += n
+
+                    def on_resumed(obj: RemoteObject, parts: set[int]) -> None:
+                        ps = self.cfg.download.part_size
+                        p.bytes_done += sum(min(ps, obj.size - i * ps) for i in parts)
+
+                    for o in todo:
+                        if o.relpath in resume:
+                            on_resumed(o, resume[o.relpath])
+
+                    def on_state(files: list[tuple[RemoteObject, str, list[int]]]) -> None:
+                        save_resume(ingest, key, job, self.cfg.download.part_size, files)
 
                     def on_file(d: Downloaded) -> None:
                         p.current_file = d.obj.relpath
@@ -228,11 +324,19 @@ class Fetcher:
                         on_bytes,
                         on_file,
                         job.cancelled,
+                        resume,
+                        on_state,
                     )
                 p.phase = "COMMITTING"
                 return self._commit(job, objects, known, got, tensors)
+            except BaseException:
+                # A daemon shutting down keeps what it fetched for the next start to resume.
+                keep_ingest = self.shutting_down
+                raise
             finally:
-                self.store.remove_ingest(ingest)
+                self.release(job.label)
+                if not keep_ingest:
+                    self.store.remove_ingest(ingest)
         finally:
             source.close()
 

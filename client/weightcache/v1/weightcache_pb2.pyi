@@ -274,7 +274,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("models", "snapshots", "blobs", "logical_bytes", "stored_bytes", "bytes_downloaded", "active_downloads", "leases", "cache_dir", "max_size", "filesystem_free")
+    __slots__ = ("models", "snapshots", "blobs", "logical_bytes", "stored_bytes", "bytes_downloaded", "active_downloads", "leases", "cache_dir", "max_size", "filesystem_free", "held_bytes")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     BLOBS_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +286,7 @@ class StatsResponse(_message.Message):
     CACHE_DIR_FIELD_NUMBER: _ClassVar[int]
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
     FILESYSTEM_FREE_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
     models: int
     snapshots: int
     blobs: int
@@ -297,7 +298,8 @@ class StatsResponse(_message.Message):
     cache_dir: str
     max_size: int
     filesystem_free: int
-    def __init__(self, models: _Optional[int] = ..., snapshots: _Optional[int] = ..., blobs: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., bytes_downloaded: _Optional[int] = ..., active_downloads: _Optional[int] = ..., leases: _Optional[int] = ..., cache_dir: _Optional[str] = ..., max_size: _Optional[int] = ..., filesystem_free: _Optional[int] = ...) -> None: ...
+    held_bytes: int
+    def __init__(self, models: _Optional[int] = ..., snapshots: _Optional[int] = ..., blobs: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., bytes_downloaded: _Optional[int] = ..., active_downloads: _Optional[int] = ..., leases: _Optional[int] = ..., cache_dir: _Optional[str] = ..., max_size: _Optional[int] = ..., filesystem_free: _Optional[int] = ..., held_bytes: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("model",)
