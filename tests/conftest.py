@@ -120,6 +120,18 @@ def write_config(path: Path, s3: s3server.S3Server | None, **extra: Any) -> Path
     return path
 
 
+def _accepting(path: Path) -> bool:
+    """A live daemon accepts on its socket; a stale socket file of a killed one refuses."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def start_daemon(
     root: Path, s3: s3server.S3Server | None, *, config: Path | None = None, wait: bool = True, **cfg: Any
 ) -> Daemon:
@@ -151,7 +163,7 @@ def start_daemon(
     d = Daemon(root, cache_dir, socket_dir, admin, proc, log)
     if wait:
         deadline = time.monotonic() + 30
-        while not (socket_dir / "fd.sock").exists():
+        while not _accepting(socket_dir / "fd.sock"):
             if proc.poll() is not None:
                 raise AssertionError(f"weightcached exited with {proc.returncode}:\n{d.log_text()}")
             if time.monotonic() > deadline:

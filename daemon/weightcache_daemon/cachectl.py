@@ -207,7 +207,7 @@ def cmd_verify(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     bar = Bar(enabled=sys.stderr.isatty() and not a.json)
     result = None
     try:
-        for ev in stub.Verify(pb.VerifyRequest(model=a.model or "")):
+        for ev in stub.Verify(pb.VerifyRequest(model=a.model or "", repair=a.repair)):
             if ev.HasField("progress"):
                 p = ev.progress
                 bar.update(p.bytes_done, p.bytes_total, 0.0, f"{p.files_done}/{p.files_total} blobs")
@@ -226,6 +226,12 @@ def cmd_verify(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
             print(f"  CORRUPT sha256:{d}")
         for d in result.missing:
             print(f"  MISSING sha256:{d}")
+        for d in result.quarantined:
+            print(f"  quarantined sha256:{d} (never handed out again)")
+        for m in result.repaired:
+            print(f"  repaired {m} (re-downloaded)")
+    if a.repair and (result.corrupt or result.missing):
+        return 0 if result.repaired else 1
     return 1 if (result.corrupt or result.missing) else 0
 
 
@@ -271,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, f"{name} a model")
         p.add_argument("model")
     add("stats", "sizes: logical vs stored (dedup), downloads, leases")
-    p = add("verify", "re-hash blobs and report corrupt or missing ones")
+    p = add("verify", "re-hash blobs; quarantine corrupt ones; --repair re-downloads their models")
     p.add_argument("model", nargs="?")
+    p.add_argument("--repair", action="store_true", help="re-download the models that use a bad blob")
     p = add("gc", "remove orphan blobs, stale ingests and unnamed snapshots")
     p.add_argument("--dry-run", action="store_true")
     return ap

@@ -6,6 +6,7 @@ Handlers validate and convert; everything that decides lives here.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -16,13 +17,20 @@ from pathlib import Path
 
 import structlog
 
-from weightcache.errors import BusyError, ExhaustedError, InvalidInputError, NotFoundError, PermissionDeniedError
+from weightcache.errors import (
+    BusyError,
+    ExhaustedError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    WeightcacheError,
+)
 from weightcache.layers import default_layer_of, order_layers
 from weightcache.safetensors_format import TensorInfo
 
 from .config import Config, capacity_bytes
 from .index import FileRow, Index, ModelRow
-from .jobs import Fetcher, JobKey, ProgressState
+from .jobs import Fetcher, JobKey, ProgressState, read_state
 from .leases import Lease, Leases
 from .progress import human
 from .sources import parse_uri
@@ -162,6 +170,15 @@ class Core:
             if name or include or exclude:
                 raise InvalidInputError(f"model {model[:200]!r}: name/include/exclude apply to source URIs only")
             snapshot, row = self.resolve(model)
+            if row is not None and self.damaged(snapshot):
+                # A blob failed verification or vanished: fetch the model again, then go on.
+                log.warning("refetching_damaged_model", model=row.name, snapshot=snapshot)
+                filters = json.loads(row.filters)
+                async for ev in self.fetch(row.source, row.name, filters["include"], filters["exclude"], admin=True):
+                    if isinstance(ev, Manifest):
+                        snapshot = ev.snapshot_id
+                    else:
+                        yield ev
             if row is not None:
                 self.index.touch(row.name)
                 if pin is not None:
@@ -198,6 +215,31 @@ class Core:
         self.index.set_model(name, key.uri, snapshot, key.filters, pin)
         if old is not None and old.snapshot_id != snapshot:
             log.info("model_updated", model=name, old_snapshot=old.snapshot_id, snapshot=snapshot)
+
+    async def run_prefetch(self, uri: str, name: str, include: list[str], exclude: list[str], pin: bool | None,
+                           why: str) -> None:  # fmt: skip
+        """A prefetch nobody waits on (resume after a restart, models.d): logged, never raised."""
+        try:
+            async for _ in self.fetch(uri, name, include, exclude, admin=True, pin=pin):
+                pass
+            log.info("background_prefetch_done", model=name, source=uri, reason=why)
+        except WeightcacheError as exc:
+            log.error("background_prefetch_failed", model=name, source=uri, reason=why, error=str(exc))
+
+    def resume_ingests(self) -> list[asyncio.Task[None]]:
+        """Restart the downloads a previous run left in ingest/ (they resume their parts)."""
+        tasks = []
+        for d in sorted(self.store.ingest.iterdir()):
+            state = read_state(d)
+            if state is None:
+                continue
+            name = str(state.get("name") or default_name(state["uri"]))
+            pin = state.get("pin")
+            tasks.append(asyncio.get_running_loop().create_task(self.run_prefetch(
+                state["uri"], name, list(state.get("include", [])), list(state.get("exclude", [])),
+                pin if isinstance(pin, bool) else None, "resume")))  # fmt: skip
+            log.info("resuming_ingest", model=name, source=state["uri"])
+        return tasks
 
     # ---------------------------------------------------------------- reading
 
@@ -393,6 +435,28 @@ class Core:
             return sizes
         snapshot, _ = self.resolve(model)
         return {f.sha256: f.size for f in self.index.files(snapshot)}
+
+    def damaged(self, snapshot_id: str) -> list[str]:
+        """Blobs of a snapshot that are quarantined or missing."""
+        bad = self.index.quarantined()
+        return [f.sha256 for f in self.index.files(snapshot_id) if f.sha256 in bad or not self.store.has(f.sha256)]
+
+    def quarantine(self, digest: str, reason: str) -> None:
+        self.index.quarantine(digest, reason)
+        moved = self.store.quarantine(digest)
+        log.error("blob_quarantined", blob=digest, reason=reason, moved_to=str(moved) if moved else None)
+
+    async def repair(self, digests: list[str]) -> list[str]:
+        """Re-download every model that uses one of these blobs; the names repaired."""
+        bad = set(digests)
+        repaired = []
+        for row in self.index.models():
+            if any(f.sha256 in bad for f in self.index.files(row.snapshot_id)):
+                filters = json.loads(row.filters)
+                async for _ in self.fetch(row.source, row.name, filters["include"], filters["exclude"], admin=True):
+                    pass
+                repaired.append(row.name)
+        return repaired
 
     def verify_blob(self, digest: str) -> str:
         """'ok', 'missing' or 'corrupt' for one blob."""

@@ -273,7 +273,9 @@ def _run(
         start, length = f.part_range(i)
         if i in f.resumed:
             # Written by an earlier run: read it back for the in-order hash, fetch nothing.
-            view = memoryview(buf)[:length]
+            # O_DIRECT reads need aligned lengths too: ask for the aligned span, take `length`.
+            span = min(-(-length // ALIGN) * ALIGN, len(buf)) if f.direct else length
+            view = memoryview(buf)[:span]
             try:
                 done = 0
                 while done < length:

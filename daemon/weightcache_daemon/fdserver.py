@@ -14,7 +14,7 @@ import struct
 
 import structlog
 
-from weightcache.errors import WeightcacheError, code_for
+from weightcache.errors import CorruptedError, WeightcacheError, code_for
 from weightcache.fdproto import MAX_FDS_PER_MSG, MAX_FRAME, pack
 from weightcache.v1 import weightcache_pb2 as pb
 
@@ -129,6 +129,13 @@ class FdServer:
     ) -> None:
         self.core.check_snapshot(sid)
         files = self.core.index.files(sid)
+        bad = self.core.index.quarantined()
+        for f in files:
+            if f.sha256 in bad:
+                raise CorruptedError(
+                    f"blob sha256:{f.sha256} ({f.path}) of snapshot {sid} failed verification ({bad[f.sha256]}) and "
+                    "is quarantined; open the model again, or run cachectl verify --repair, to re-download it"
+                )
         fds: list[int] = []
         try:
             for f in files:

@@ -257,7 +257,8 @@ class AdminService(pb_grpc.AdminServicer):
             done_bytes += targets[digest]
             if state == "corrupt":
                 result.corrupt.append(digest)
-                log.error("blob_corrupt", blob=digest)
+                self.core.quarantine(digest, "sha256 mismatch")
+                result.quarantined.append(digest)
             elif state == "missing":
                 result.missing.append(digest)
                 log.error("blob_missing", blob=digest)
@@ -273,6 +274,8 @@ class AdminService(pb_grpc.AdminServicer):
                     )
                 )
         result.bytes_checked = done_bytes
+        if request.repair and (result.corrupt or result.missing):
+            result.repaired.extend(await self.core.repair([*result.corrupt, *result.missing]))
         yield pb.VerifyResponse(result=result)
 
     @unary

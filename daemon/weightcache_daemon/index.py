@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY, source TEXT NOT NULL, snapshot_id TEXT NOT NULL REFERENCES snapshots(id),
     filters TEXT NOT NULL, pinned INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL, last_used REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    sha256 TEXT PRIMARY KEY, since REAL NOT NULL, reason TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS source_objects (
     uri TEXT PRIMARY KEY, version TEXT NOT NULL, size INTEGER NOT NULL,
     sha256 TEXT NOT NULL REFERENCES blobs(sha256) ON DELETE CASCADE);
@@ -126,6 +128,20 @@ class Index:
 
     # ---------------------------------------------------------------- commit
 
+    def adopt_blob(self, sha256: str, size: int) -> None:
+        """Record a verified blob found on disk without a row (its tensors are re-read on use)."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO blobs VALUES (?,?,?)", (sha256, size, time.time()))
+
+    def quarantine(self, sha256: str, reason: str) -> None:
+        """Mark a blob bad: never handed out again; its source objects must be fetched anew."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO quarantine VALUES (?,?,?)", (sha256, time.time(), reason))
+            db.execute("DELETE FROM source_objects WHERE sha256=?", (sha256,))
+
+    def quarantined(self) -> dict[str, str]:
+        return {str(s): str(r) for s, r in self._q("SELECT sha256, reason FROM quarantine")}
+
     def has_blob(self, sha256: str) -> bool:
         return bool(self._q("SELECT 1 FROM blobs WHERE sha256=?", (sha256,)))
 
@@ -140,10 +156,10 @@ class Index:
         now = time.time()
         with self._tx() as db:
             for f in files:
-                cur = db.execute("INSERT OR IGNORE INTO blobs VALUES (?,?,?)", (f.sha256, f.size, now))
-                if cur.rowcount:
+                db.execute("INSERT OR IGNORE INTO blobs VALUES (?,?,?)", (f.sha256, f.size, now))
+                if f.tensors:  # also fills in a blob adopted at start-up without its tensors
                     db.executemany(
-                        "INSERT OR REPLACE INTO tensors VALUES (?,?,?,?,?,?)",
+                        "INSERT OR IGNORE INTO tensors VALUES (?,?,?,?,?,?)",
                         [(f.sha256, t.name, t.dtype, json.dumps(t.shape), t.offset, t.length) for t in f.tensors],
                     )
             db.execute("INSERT OR IGNORE INTO snapshots VALUES (?,?,?)", (snapshot_id, source, now))
@@ -151,6 +167,7 @@ class Index:
                 "INSERT OR IGNORE INTO snapshot_files VALUES (?,?,?)", [(snapshot_id, f.path, f.sha256) for f in files]
             )
             db.executemany("INSERT OR REPLACE INTO source_objects VALUES (?,?,?,?)", objects)
+            db.executemany("DELETE FROM quarantine WHERE sha256=?", [(f.sha256,) for f in files])
 
     def set_model(self, name: str, source: str, snapshot_id: str, filters: str, pinned: bool | None) -> None:
         now = time.time()

@@ -10,6 +10,7 @@ failure its ingest directory is removed and the store is as before.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fnmatch
 import hashlib
 import json
@@ -23,7 +24,14 @@ from typing import Any
 
 import structlog
 
-from weightcache.errors import InvalidInputError, NotFoundError, WeightcacheError
+from weightcache.errors import (
+    ExhaustedError,
+    InternalError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    WeightcacheError,
+)
 from weightcache.safetensors_format import TensorInfo, validate_file
 
 from .config import Config
@@ -103,6 +111,16 @@ def snapshot_id_of(files: list[tuple[str, str]]) -> str:
     for path, digest in sorted(files):
         h.update(f"{path}\0{digest}\n".encode())
     return h.hexdigest()[:32]
+
+
+def store_error(exc: OSError, label: str) -> WeightcacheError:
+    """An OSError from the store's filesystem, as the category an operator can act on."""
+    where = f"store, while fetching model {label}: {exc.strerror or exc} ({exc.filename or 'no path'})"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ExhaustedError(f"no space left in the {where}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDeniedError(f"cannot write the {where}")
+    return InternalError(f"I/O error in the {where}")
 
 
 def ingest_dir_name(key: JobKey) -> str:
@@ -214,13 +232,12 @@ class Fetcher:
             snapshot = await asyncio.to_thread(self._fetch, job)
             job.progress.phase = "DONE"
             job.result.set_result(snapshot)
-        except WeightcacheError as exc:
-            log.warning("fetch_failed", source=job.key.uri, model=job.label, error=str(exc), kind=type(exc).__name__)
-            job.result.set_exception(exc)
+        except (WeightcacheError, OSError) as exc:
+            err = exc if isinstance(exc, WeightcacheError) else store_error(exc, job.label)
+            log.warning("fetch_failed", source=job.key.uri, model=job.label, error=str(err), kind=type(err).__name__)
+            job.result.set_exception(err)
         except Exception as exc:
             log.exception("fetch_crashed", source=job.key.uri, model=job.label)
-            from weightcache.errors import InternalError
-
             job.result.set_exception(InternalError(f"fetching {job.key.uri}: {type(exc).__name__}: {exc}"))
         finally:
             ticker.cancel()

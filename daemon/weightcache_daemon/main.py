@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(2)
     logs.configure(cfg.log_format)
+    # `kill -USR1 <pid>` dumps every thread's stack to stderr (journald): for a daemon that hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     from .server import serve
 
     try:

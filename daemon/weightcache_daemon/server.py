@@ -23,6 +23,7 @@ from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
 from .config import Config
 from .core import Core
+from .declarative import ModelsDir
 from .fdserver import FdServer
 from .handlers import AdminService, CacheService
 from .index import Index
@@ -73,6 +74,8 @@ class Daemon:
         self.fd_server: FdServer | None = None
         self.health = health.aio.HealthServicer()
         self._flusher: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self.models_dir: ModelsDir | None = None
 
     @property
     def client_socket(self) -> Path:
@@ -114,6 +117,10 @@ class Daemon:
         self.fd_server = FdServer(self.core, str(self.fd_socket), CLIENT_SOCKET_MODE)
         await self.fd_server.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_uses())
+        self._background = self.core.resume_ingests()
+        if self.cfg.models_dir is not None:
+            self.models_dir = ModelsDir(self.core, self.cfg.models_dir)
+            self.models_dir.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("weightcache.v1.Cache", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -132,6 +139,8 @@ class Daemon:
     async def stop(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
+        if self.models_dir is not None:
+            self.models_dir.stop()
         await self.health.enter_graceful_shutdown()
         await self.fetcher.shutdown()
         if self.fd_server:

@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,6 +143,19 @@ class LocalBlobStore:
                 for f in sorted(sub.iterdir()):
                     if _HEX64.fullmatch(f.name):
                         yield f.name
+
+    def quarantine(self, digest: str) -> Path | None:
+        """Move a bad blob out of blobs/ (kept for inspection); None when it was already gone."""
+        qdir = self.root / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        src = self.path(digest)
+        dst = qdir / f"{digest}.{int(time.time())}"
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return None
+        fsync_dir(src.parent)
+        return dst
 
     def remove_ingest(self, d: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)

@@ -302,10 +302,12 @@ class StatsResponse(_message.Message):
     def __init__(self, models: _Optional[int] = ..., snapshots: _Optional[int] = ..., blobs: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., bytes_downloaded: _Optional[int] = ..., active_downloads: _Optional[int] = ..., leases: _Optional[int] = ..., cache_dir: _Optional[str] = ..., max_size: _Optional[int] = ..., filesystem_free: _Optional[int] = ..., held_bytes: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "repair")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    repair: bool
+    def __init__(self, model: _Optional[str] = ..., repair: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -316,16 +318,20 @@ class VerifyResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[VerifyResult, _Mapping]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("blobs_checked", "bytes_checked", "corrupt", "missing")
+    __slots__ = ("blobs_checked", "bytes_checked", "corrupt", "missing", "repaired", "quarantined")
     BLOBS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     BYTES_CHECKED_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
+    REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     blobs_checked: int
     bytes_checked: int
     corrupt: _containers.RepeatedScalarFieldContainer[str]
     missing: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, blobs_checked: _Optional[int] = ..., bytes_checked: _Optional[int] = ..., corrupt: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+    repaired: _containers.RepeatedScalarFieldContainer[str]
+    quarantined: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, blobs_checked: _Optional[int] = ..., bytes_checked: _Optional[int] = ..., corrupt: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ..., repaired: _Optional[_Iterable[str]] = ..., quarantined: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GCRequest(_message.Message):
     __slots__ = ("dry_run",)
