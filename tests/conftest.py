@@ -99,6 +99,8 @@ class Daemon:
 
 
 def write_config(path: Path, s3: s3server.S3Server | None, **extra: Any) -> Path:
+    # system-mode daemons (root + config) serve metrics on 9464 by default: tests opt in per port
+    extra.setdefault("metrics_address", "")
     lines = []
     for k, v in extra.items():
         if k != "download":

@@ -340,3 +340,36 @@ def test_gc_removes_orphans_and_unnamed_snapshots(daemon: Daemon, tmp_path: Path
     assert done["blobs"] == plan["blobs"] and not stray.exists()
     assert daemon.ctl_json("gc")["blobs"] == []
     assert daemon.ctl("verify").returncode == 0
+
+
+def test_start_up_reconciles_index_and_blobs(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    a = _blob_model(tmp_path / "models" / "a", 1 << 20, 1)
+    b = _blob_model(tmp_path / "models" / "b", 1 << 20, 2)
+    d = daemon_factory()
+    d.ctl("prefetch", f"file://{a}/", "--name", "a")
+    d.ctl("prefetch", f"file://{b}/", "--name", "b")
+    blob_b = (Path(d.ctl_json("show", "b")["manifest"]["path"]) / "model.safetensors").resolve()
+    d.stop()
+    blob_b.unlink()  # a row without its blob
+    import hashlib
+
+    orphan = os.urandom(4096)
+    digest = hashlib.sha256(orphan).hexdigest()
+    (d.cache_dir / "blobs" / "sha256" / digest[:2]).mkdir(exist_ok=True)
+    (d.cache_dir / "blobs" / "sha256" / digest[:2] / digest).write_bytes(orphan)  # a blob without its row
+    bogus = "f" * 64
+    (d.cache_dir / "blobs" / "sha256" / "ff").mkdir(exist_ok=True)
+    (d.cache_dir / "blobs" / "sha256" / "ff" / bogus).write_bytes(b"not what the name says")
+    (d.cache_dir / "ingest" / "junk").mkdir()
+    d2 = start_daemon(d.root, None, config=d.root / "weightcached.toml")
+    try:
+        log = d2.log_text()
+        assert '"adopted_blobs": 1' in log and '"removed_files": 1' in log and '"stale_ingests": 1' in log
+        assert _names(d2) == ["a"]  # b lost a blob: dropped, not served broken
+        assert not (d.cache_dir / "blobs" / "sha256" / "ff" / bogus).exists()
+        assert digest in d2.ctl_json("gc", "--dry-run")["blobs"]  # adopted, and unreferenced
+        assert d2.ctl("verify").returncode == 0
+        d2.ctl("prefetch", f"file://{b}/", "--name", "b")  # and it can simply be fetched again
+        assert _names(d2) == ["a", "b"]
+    finally:
+        d2.stop()

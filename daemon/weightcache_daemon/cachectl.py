@@ -248,6 +248,85 @@ def cmd_gc(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     return 0
 
 
+def _client_checks(socket_dir: Path) -> list[tuple[str, str, str, str]]:
+    """What a client on this host would see: the socket directory and the health service."""
+    import socket as socketmod
+
+    out = []
+    health = socket_dir / paths.CLIENT_SOCKET_NAME
+    try:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"unix://{health}"))
+        status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        serving = status == health_pb2.HealthCheckResponse.SERVING
+        out.append(
+            (
+                "client health service",
+                "PASS" if serving else "FAIL",
+                f"{health}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}",
+                "" if serving else "the daemon is shutting down or not ready",
+            )
+        )
+    except grpc.RpcError as exc:
+        out.append(
+            (
+                "client health service",
+                "FAIL",
+                f"{health}: {exc.details()}",
+                "start weightcached, or point --socket-dir / WEIGHTCACHE_SOCKET_DIR at its client directory",
+            )
+        )
+    fd = socket_dir / paths.FD_SOCKET_NAME
+    with socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM) as s:
+        try:
+            s.connect(str(fd))
+            out.append(("descriptor socket", "PASS", f"{fd} accepts connections", ""))
+        except OSError as exc:
+            out.append(
+                (
+                    "descriptor socket",
+                    "FAIL",
+                    f"{fd}: {exc.strerror}",
+                    "containers fall back to streamed reads without it",
+                )
+            )
+    return out
+
+
+def cmd_doctor(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
+    checks = _client_checks(client_socket_dir(a.socket_dir))
+    try:
+        resp = _call(stub.Doctor, pb.DoctorRequest(timeout_seconds=a.timeout))
+        checks += [(c.name, pb.Check.Status.Name(c.status), c.detail, c.hint) for c in resp.checks]
+    except WeightcacheError as exc:
+        checks.append(("admin API", "FAIL", str(exc), "is weightcached running? is --admin-socket right?"))
+    if a.json:
+        _out([{"name": n, "status": s, "detail": d, "hint": h} for n, s, d, h in checks])
+    else:
+        for n, s, d, h in checks:
+            print(f"[{s}] {n}: {d}")
+            if h:
+                print(f"       -> {h}")
+    return 1 if any(s == "FAIL" for _, s, _, _ in checks) else 0
+
+
+def cmd_health(a: argparse.Namespace) -> int:
+    checks = _client_checks(client_socket_dir(a.socket_dir))[:1]
+    _, s, d, _ = checks[0]
+    print(f"[{s}] {d}")
+    return 0 if s == "PASS" else 1
+
+
+def client_socket_dir(arg: Path | None) -> Path:
+    if arg:
+        return arg
+    env = os.environ
+    if env.get("WEIGHTCACHE_SOCKET_DIR"):
+        return Path(env["WEIGHTCACHE_SOCKET_DIR"])
+    return paths.SYSTEM_SOCKET_DIR if os.geteuid() == 0 else paths.user_socket_dir(env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cachectl", description="Operate the weightcache daemon over its admin socket.")
     ap.add_argument("--admin-socket", type=Path, help="default: $WEIGHTCACHE_ADMIN_SOCKET, then the daemon's default")
@@ -282,11 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="re-download the models that use a bad blob")
     p = add("gc", "remove orphan blobs, stale ingests and unnamed snapshots")
     p.add_argument("--dry-run", action="store_true")
+    p = add("doctor", "check sockets, store, index, sources and page cache; exit 1 on any FAIL")
+    p.add_argument("--socket-dir", type=Path, help="client socket directory to check (default as the client)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per source probe")
+    p = sub.add_parser("health", help="exit 0 if the client socket's gRPC health service says SERVING (probes)")
+    p.add_argument("--socket-dir", type=Path)
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
+    if a.command == "health":
+        sys.exit(cmd_health(a))
     try:
         stub = _stub(admin_socket(a.admin_socket))
         handlers: dict[str, Callable[[pb_grpc.AdminStub, argparse.Namespace], int]] = {
@@ -299,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             "stats": cmd_stats,
             "verify": cmd_verify,
             "gc": cmd_gc,
+            "doctor": cmd_doctor,
         }
         code = handlers[a.command](stub, a)
     except WeightcacheError as exc:

@@ -98,6 +98,10 @@ class Config:
     high_watermark: float = 0.95  # evict when usage passes this share of capacity...
     low_watermark: float = 0.85  # ...down to this share
     models_dir: Path | None = None  # declarative models (*.toml), watched
+    socket_group: str | None = None  # group owning the client socket dir and sockets
+    socket_dir_mode: int = 0o750
+    socket_mode: int = 0o660
+    admin_group: str | None = None  # when set, the admin socket is 0660 with this group
     log_format: str = "console"
     metrics_address: str | None = None
     client_sources: tuple[str, ...] = ()
@@ -135,6 +139,10 @@ _TOP_KEYS = {
     "high_watermark",
     "low_watermark",
     "models_dir",
+    "socket_group",
+    "socket_dir_mode",
+    "socket_mode",
+    "admin_group",
     "log_format",
     "metrics_address",
     "client_sources",
@@ -273,6 +281,19 @@ def load(
         models_dir = config_file.parent / "models.d"
     else:
         models_dir = None
+    modes = {}
+    for key, default in (("socket_dir_mode", 0o750), ("socket_mode", 0o660)):
+        raw = data.get(key, default)
+        try:
+            modes[key] = int(raw, 8) if isinstance(raw, str) else int(raw)
+        except ValueError:
+            raise InvalidInputError(f'{key} {raw!r}: an octal mode such as "0750"') from None
+        if not 0 <= modes[key] <= 0o777 or modes[key] & 0o007:
+            raise InvalidInputError(f"{key} {oct(modes[key])}: must grant nothing to others (o=---)")
+    for key in ("socket_group", "admin_group"):
+        if key in data and not isinstance(data[key], str | int):
+            raise InvalidInputError(f"{key}: a group name or gid")
+    metrics = data.get("metrics_address", "127.0.0.1:9464" if system and config_file is not None else None)
     return Config(
         cache_dir=cache_dir,
         socket_dir=socket_dir,
@@ -283,7 +304,11 @@ def load(
         low_watermark=low,
         models_dir=models_dir,
         log_format=log_format,
-        metrics_address=data.get("metrics_address"),
+        metrics_address=str(metrics) if metrics else None,
+        socket_group=str(data["socket_group"]) if "socket_group" in data else None,
+        socket_dir_mode=modes["socket_dir_mode"],
+        socket_mode=modes["socket_mode"],
+        admin_group=str(data["admin_group"]) if "admin_group" in data else None,
         client_sources=client_sources,
         include=tuple(include),
         download=download,

@@ -32,6 +32,7 @@ from .config import Config, capacity_bytes
 from .index import FileRow, Index, ModelRow
 from .jobs import Fetcher, JobKey, ProgressState, read_state
 from .leases import Lease, Leases
+from .metrics import Metrics
 from .progress import human
 from .sources import parse_uri
 from .store import LocalBlobStore, check_digest, hash_file
@@ -111,8 +112,11 @@ class Stats:
 
 
 class Core:
-    def __init__(self, cfg: Config, store: LocalBlobStore, index: Index, fetcher: Fetcher, leases: Leases) -> None:
+    def __init__(
+        self, cfg: Config, store: LocalBlobStore, index: Index, fetcher: Fetcher, leases: Leases, metrics: Metrics
+    ) -> None:
         self.cfg = cfg
+        self.metrics = metrics
         self.store = store
         self.index = index
         self.fetcher = fetcher
@@ -179,6 +183,7 @@ class Core:
                         snapshot = ev.snapshot_id
                     else:
                         yield ev
+            self.metrics.hits.labels("prefetch" if admin else "ensure").inc()
             if row is not None:
                 self.index.touch(row.name)
                 if pin is not None:
@@ -198,9 +203,11 @@ class Core:
                 r for r in self.index.models_by_source(key.uri, key.filters) if r.name == name
             ] or self.index.models_by_source(key.uri, key.filters)
             if cached:
+                self.metrics.hits.labels("ensure").inc()
                 self.index.touch(cached[0].name)
                 yield self.manifest(cached[0].snapshot_id, cached[0].name)
                 return
+        self.metrics.misses.labels("prefetch" if admin else "ensure").inc()
         job = self.fetcher.start(key, name, pin)
         async for p in job.watch():
             if not job.result.done():
@@ -318,7 +325,7 @@ class Core:
                 return
             plan = self.plan_lru(max(used - target, 0), exclude={label})
             if plan.models:
-                self.execute_evict(plan)
+                self.execute_evict(plan, trigger="capacity")
             used_after = used - plan.bytes_freed
             fits_capacity = not self.capacity or used_after + need <= self.capacity
             if not fits_capacity or need > self.filesystem_free():
@@ -391,7 +398,8 @@ class Core:
         plan = EvictPlan()
         remaining = [r for r in self.index.models() if r.name not in names]
         kept_snaps = {r.snapshot_id for r in remaining}
-        for r in sorted(rows, key=lambda r: r.last_used):
+        # Least recently used first; leased models (only ever with force) last.
+        for r in sorted(rows, key=lambda r: (r.snapshot_id in held, r.last_used)):
             if r.snapshot_id in held and not force:
                 if all_unpinned:
                     continue  # in use right now: skipped, not an error, when sweeping
@@ -412,7 +420,7 @@ class Core:
                     plan.bytes_freed += sizes.get(f.sha256, 0)
         return plan
 
-    def execute_evict(self, plan: EvictPlan) -> None:
+    def execute_evict(self, plan: EvictPlan, trigger: str = "admin") -> None:
         # References go before what they refer to: index rows, then views, then blobs.
         sizes = self.index.blobs()
         for snap in plan.snapshots:
@@ -423,6 +431,8 @@ class Core:
             remove_view(self.store, name, snap)
         for b in plan.blobs:
             self.store.remove(b)
+        self.metrics.evictions.labels(trigger).inc(len(plan.models))
+        self.metrics.evicted_bytes.inc(plan.bytes_freed)
         log.info(
             "evicted", models=plan.models, snapshots=plan.snapshots, blobs=len(plan.blobs), bytes_freed=plan.bytes_freed
         )

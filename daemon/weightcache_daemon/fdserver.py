@@ -31,10 +31,9 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class FdServer:
-    def __init__(self, core: Core, path: str, mode: int, max_connections: int = 4096) -> None:
+    def __init__(self, core: Core, path: str, max_connections: int = 4096) -> None:
         self.core = core
         self.path = path
-        self.mode = mode
         self.max_connections = max_connections
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -42,8 +41,7 @@ class FdServer:
 
     async def start(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(self.path)
-        os.chmod(self.path, self.mode)
+        sock.bind(self.path)  # mode and group: set by the caller (see server.py)
         sock.listen(512)
         sock.setblocking(False)
         self._sock = sock
@@ -150,6 +148,7 @@ class FdServer:
             for i in range(MAX_FDS_PER_MSG, len(fds), MAX_FDS_PER_MSG):
                 batch = fds[i : i + MAX_FDS_PER_MSG]
                 await self._send(loop, conn, pb.FdResponse(more_fds=len(batch)), batch)
+            self.core.metrics.grants.inc()
             log.info("descriptors_granted", snapshot=sid, files=len(files), **peer)
         finally:
             for fd in fds:

@@ -41,16 +41,29 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], name: str, exc: Ba
     await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {type(exc).__name__}: {exc}")
 
 
+def _observe(self: Any, rpc: str, started: float, code: str) -> None:
+    self.core.metrics.rpc_seconds.labels(self.SERVICE, rpc, code).observe(time.monotonic() - started)
+
+
+def _code(exc: BaseException) -> str:
+    return code_for(exc).name if isinstance(exc, WeightcacheError) else "INTERNAL"
+
+
 def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> T:
+        started = time.monotonic()
         try:
-            return await fn(self, request, context)
+            out = await fn(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
+            _observe(self, fn.__name__, started, "CANCELLED")
             raise
         except Exception as exc:
-            await _abort(context, fn.__name__, exc)
+            _observe(self, fn.__name__, started, _code(exc))
+            await _abort(context, fn.__name__, exc)  # mapped, never UNKNOWN
             raise  # unreachable: abort raises
+        _observe(self, fn.__name__, started, "OK")
+        return out
 
     return wrapper
 
@@ -58,13 +71,18 @@ def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 def streaming(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[T]:
+        started = time.monotonic()
         try:
             async for item in fn(self, request, context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
+            _observe(self, fn.__name__, started, "CANCELLED")
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
+            _observe(self, fn.__name__, started, _code(exc))
             await _abort(context, fn.__name__, exc)
+            return
+        _observe(self, fn.__name__, started, "OK")
 
     return wrapper
 
@@ -84,6 +102,8 @@ def _str(value: str, what: str) -> str:
 
 class CacheService(pb_grpc.CacheServicer):
     """The client API (weightcache.sock)."""
+
+    SERVICE = "Cache"
 
     def __init__(self, core: Core) -> None:
         self.core = core
@@ -174,6 +194,8 @@ def _corrupt(msg: str) -> WeightcacheError:
 
 class AdminService(pb_grpc.AdminServicer):
     """The operator API (admin.sock)."""
+
+    SERVICE = "Admin"
 
     def __init__(self, core: Core) -> None:
         self.core = core
@@ -277,6 +299,15 @@ class AdminService(pb_grpc.AdminServicer):
         if request.repair and (result.corrupt or result.missing):
             result.repaired.extend(await self.core.repair([*result.corrupt, *result.missing]))
         yield pb.VerifyResponse(result=result)
+
+    @unary
+    async def Doctor(self, request: pb.DoctorRequest, context: Any) -> pb.DoctorResponse:
+        from .doctor import run_checks
+
+        results = await asyncio.to_thread(run_checks, self.core, request.timeout_seconds or 5.0)
+        return pb.DoctorResponse(
+            checks=[pb.Check(name=n, status=pb.Check.Status.Value(s), detail=d, hint=h) for n, s, d, h in results]  # type: ignore[arg-type]
+        )
 
     @unary
     async def GC(self, request: pb.GCRequest, context: Any) -> pb.GCResponse:

@@ -37,6 +37,7 @@ from weightcache.safetensors_format import TensorInfo, validate_file
 from .config import Config
 from .download import BufferPool, Downloaded, RateLimiter, download
 from .index import Index, NewFile
+from .metrics import Metrics, source_label
 from .sources import RemoteObject, open_source
 from .store import LocalBlobStore
 
@@ -181,8 +182,9 @@ def load_resume(ingest: Path, key: JobKey, todo: list[RemoteObject], part_size: 
 
 
 class Fetcher:
-    def __init__(self, cfg: Config, store: LocalBlobStore, index: Index) -> None:
+    def __init__(self, cfg: Config, store: LocalBlobStore, index: Index, metrics: Metrics) -> None:
         self.cfg = cfg
+        self.metrics = metrics
         self.store = store
         self.index = index
         self.limiter = RateLimiter(cfg.download.rate_limit)
@@ -228,18 +230,23 @@ class Fetcher:
 
     async def _run(self, job: Job) -> None:
         ticker = asyncio.get_running_loop().create_task(self._tick(job))
+        started = time.monotonic()
+        source = source_label(job.key.uri)
         try:
             snapshot = await asyncio.to_thread(self._fetch, job)
             job.progress.phase = "DONE"
             job.result.set_result(snapshot)
         except (WeightcacheError, OSError) as exc:
             err = exc if isinstance(exc, WeightcacheError) else store_error(exc, job.label)
+            self.metrics.ingest_failures.labels(type(err).__name__).inc()
             log.warning("fetch_failed", source=job.key.uri, model=job.label, error=str(err), kind=type(err).__name__)
             job.result.set_exception(err)
         except Exception as exc:
             log.exception("fetch_crashed", source=job.key.uri, model=job.label)
+            self.metrics.ingest_failures.labels("InternalError").inc()
             job.result.set_exception(InternalError(f"fetching {job.key.uri}: {type(exc).__name__}: {exc}"))
         finally:
+            self.metrics.download_seconds.labels(source).inc(time.monotonic() - started)
             ticker.cancel()
             del self.jobs[job.key]
             async with job.changed:
@@ -307,7 +314,10 @@ class Fetcher:
                 if todo:
                     p.phase = "DOWNLOADING"
 
+                    downloaded = self.metrics.downloaded.labels(source_label(key.uri))
+
                     def on_bytes(n: int) -> None:
+                        downloaded.inc(n)
                         with job._lock:
                             job.bytes_fetched += n
                             self.bytes_downloaded += n

@@ -12,13 +12,14 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from weightcache import paths
-from weightcache.errors import BusyError
+from weightcache.errors import BusyError, InvalidInputError, PermissionDeniedError
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
 from .config import Config
@@ -29,14 +30,13 @@ from .handlers import AdminService, CacheService
 from .index import Index
 from .jobs import Fetcher
 from .leases import Leases
+from .metrics import Metrics
 from .reconcile import reconcile
 from .store import LocalBlobStore, StoreLock
 
 log = structlog.get_logger("weightcached")
 
 MAX_MESSAGE = 64 << 20
-SOCKET_DIR_MODE = 0o750
-CLIENT_SOCKET_MODE = 0o660
 ADMIN_SOCKET_MODE = 0o600
 USE_FLUSH_SECONDS = 5.0
 
@@ -56,6 +56,32 @@ def _claim_socket(path: Path) -> None:
     raise BusyError(f"socket {path} is in use by another process (is another weightcached running?)")
 
 
+def resolve_group(group: str | None, what: str) -> int | None:
+    if group is None:
+        return None
+    if group.isdigit():
+        return int(group)
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise InvalidInputError(f"{what} {group!r}: no such group (create it, e.g. with systemd-sysusers)") from None
+
+
+def _own(path: Path, gid: int | None, mode: int) -> None:
+    """Give a socket (or its directory) its group, then its mode; group first, so the mode never
+    applies to the wrong group."""
+    if gid is not None:
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            raise PermissionDeniedError(
+                f"cannot give {path} to group {gid}: the daemon must run as root or be a member of it"
+            ) from None
+    os.chmod(path, mode)
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -67,8 +93,11 @@ class Daemon:
             self.lock.release()
             raise
         self.leases = Leases()
-        self.fetcher = Fetcher(cfg, self.store, self.index)
-        self.core = Core(cfg, self.store, self.index, self.fetcher, self.leases)
+        self.metrics = Metrics()
+        self.fetcher = Fetcher(cfg, self.store, self.index, self.metrics)
+        self.core = Core(cfg, self.store, self.index, self.fetcher, self.leases, self.metrics)
+        self.metrics.watch_sizes(self._sizes)
+        self._metrics_server: Any = None
         self.client_server: grpc.aio.Server | None = None
         self.admin_server: grpc.aio.Server | None = None
         self.fd_server: FdServer | None = None
@@ -89,7 +118,9 @@ class Daemon:
         report = await asyncio.to_thread(reconcile, self.store, self.index)
         log.info("reconciled", **report)
         self.cfg.socket_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.cfg.socket_dir, SOCKET_DIR_MODE)
+        client_gid = resolve_group(self.cfg.socket_group, "socket_group")
+        admin_gid = resolve_group(self.cfg.admin_group, "admin_group")
+        _own(self.cfg.socket_dir, client_gid, self.cfg.socket_dir_mode)
         self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         for p in (self.client_socket, self.fd_socket, self.cfg.admin_socket):
             _claim_socket(p)
@@ -101,21 +132,30 @@ class Daemon:
         self.client_server = grpc.aio.server(options=opts)
         pb_grpc.add_CacheServicer_to_server(CacheService(self.core), self.client_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
-        self.client_server.add_insecure_port(f"unix://{self.client_socket}")
         self.admin_server = grpc.aio.server(options=opts)
         pb_grpc.add_AdminServicer_to_server(AdminService(self.core), self.admin_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.admin_server)
-        old = os.umask(0o177)  # the admin socket is created 0600, never briefly wider
+        self.fd_server = FdServer(self.core, str(self.fd_socket))
+        # Every socket is created 0600 and widened only after its group is set: never, even
+        # briefly, reachable by someone the configuration does not name.
+        old = os.umask(0o177)
         try:
+            self.client_server.add_insecure_port(f"unix://{self.client_socket}")
             self.admin_server.add_insecure_port(f"unix://{self.cfg.admin_socket}")
             await self.admin_server.start()
+            await self.client_server.start()
+            await self.fd_server.start()
         finally:
             os.umask(old)
-        await self.client_server.start()
-        os.chmod(self.client_socket, CLIENT_SOCKET_MODE)
-        os.chmod(self.cfg.admin_socket, ADMIN_SOCKET_MODE)
-        self.fd_server = FdServer(self.core, str(self.fd_socket), CLIENT_SOCKET_MODE)
-        await self.fd_server.start()
+        _own(self.client_socket, client_gid, self.cfg.socket_mode)
+        _own(self.cfg.admin_socket, admin_gid, 0o660 if admin_gid is not None else ADMIN_SOCKET_MODE)
+        _own(self.fd_socket, client_gid, self.cfg.socket_mode)
+        if self.cfg.metrics_address:
+            try:
+                self._metrics_server = self.metrics.serve(self.cfg.metrics_address)
+            except OSError as exc:
+                raise BusyError(f"metrics address {self.cfg.metrics_address}: {exc.strerror or exc}") from None
+            log.info("metrics_serving", address=self.cfg.metrics_address)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_uses())
         self._background = self.core.resume_ingests()
         if self.cfg.models_dir is not None:
@@ -131,6 +171,18 @@ class Daemon:
             pid=os.getpid(),
         )
 
+    def _sizes(self) -> dict[str, float]:
+        s = self.core.stats()
+        return {
+            "stored_bytes": s.stored_bytes,
+            "logical_bytes": s.logical_bytes,
+            "held_bytes": s.held_bytes,
+            "capacity_bytes": s.capacity,
+            "leases": s.leases,
+            "models": s.models,
+            "active_downloads": s.active_downloads,
+        }
+
     async def _flush_uses(self) -> None:
         while True:
             await asyncio.sleep(USE_FLUSH_SECONDS)
@@ -141,6 +193,8 @@ class Daemon:
             self._flusher.cancel()
         if self.models_dir is not None:
             self.models_dir.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         await self.health.enter_graceful_shutdown()
         await self.fetcher.shutdown()
         if self.fd_server:

@@ -353,6 +353,40 @@ class GCResponse(_message.Message):
     dry_run: bool
     def __init__(self, blobs: _Optional[_Iterable[str]] = ..., ingests: _Optional[_Iterable[str]] = ..., snapshots: _Optional[_Iterable[str]] = ..., bytes_freed: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
+class DoctorRequest(_message.Message):
+    __slots__ = ("timeout_seconds",)
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    timeout_seconds: float
+    def __init__(self, timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class DoctorResponse(_message.Message):
+    __slots__ = ("checks",)
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    checks: _containers.RepeatedCompositeFieldContainer[Check]
+    def __init__(self, checks: _Optional[_Iterable[_Union[Check, _Mapping]]] = ...) -> None: ...
+
+class Check(_message.Message):
+    __slots__ = ("name", "status", "detail", "hint")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATUS_UNSPECIFIED: _ClassVar[Check.Status]
+        PASS: _ClassVar[Check.Status]
+        WARN: _ClassVar[Check.Status]
+        FAIL: _ClassVar[Check.Status]
+    STATUS_UNSPECIFIED: Check.Status
+    PASS: Check.Status
+    WARN: Check.Status
+    FAIL: Check.Status
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    HINT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    status: Check.Status
+    detail: str
+    hint: str
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[Check.Status, str]] = ..., detail: _Optional[str] = ..., hint: _Optional[str] = ...) -> None: ...
+
 class FdRequest(_message.Message):
     __slots__ = ("acquire", "release")
     ACQUIRE_FIELD_NUMBER: _ClassVar[int]

@@ -257,6 +257,11 @@ class AdminStub:
                 request_serializer=weightcache_dot_v1_dot_weightcache__pb2.GCRequest.SerializeToString,
                 response_deserializer=weightcache_dot_v1_dot_weightcache__pb2.GCResponse.FromString,
                 _registered_method=True)
+        self.Doctor = channel.unary_unary(
+                '/weightcache.v1.Admin/Doctor',
+                request_serializer=weightcache_dot_v1_dot_weightcache__pb2.DoctorRequest.SerializeToString,
+                response_deserializer=weightcache_dot_v1_dot_weightcache__pb2.DoctorResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -328,6 +333,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Doctor(self, request, context):
+        """Check the daemon's health from the inside: store, index vs blobs, sockets, sources, page cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -375,6 +387,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GC,
                     request_deserializer=weightcache_dot_v1_dot_weightcache__pb2.GCRequest.FromString,
                     response_serializer=weightcache_dot_v1_dot_weightcache__pb2.GCResponse.SerializeToString,
+            ),
+            'Doctor': grpc.unary_unary_rpc_method_handler(
+                    servicer.Doctor,
+                    request_deserializer=weightcache_dot_v1_dot_weightcache__pb2.DoctorRequest.FromString,
+                    response_serializer=weightcache_dot_v1_dot_weightcache__pb2.DoctorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -623,6 +640,33 @@ class Admin:
             '/weightcache.v1.Admin/GC',
             weightcache_dot_v1_dot_weightcache__pb2.GCRequest.SerializeToString,
             weightcache_dot_v1_dot_weightcache__pb2.GCResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Doctor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightcache.v1.Admin/Doctor',
+            weightcache_dot_v1_dot_weightcache__pb2.DoctorRequest.SerializeToString,
+            weightcache_dot_v1_dot_weightcache__pb2.DoctorResponse.FromString,
             options,
             channel_credentials,
             insecure,
