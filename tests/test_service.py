@@ -307,3 +307,27 @@ def test_kubernetes_manifests_match_the_daemon() -> None:
     paths = [v["hostPath"]["path"] for v in pod["spec"]["volumes"] if "hostPath" in v]
     assert paths == [cfg["socket_dir"]]  # only the client socket directory
     assert int(cfg["socket_group"]) in pod["spec"]["securityContext"]["supplementalGroups"]
+
+
+def test_sd_notify_ready_after_sockets_and_watchdog_pings(tmp_path: Path) -> None:
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(20)
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="400000")
+    p = subprocess.Popen(["weightcached", "--cache-dir", str(tmp_path / "c"), "--socket-dir", str(tmp_path / "s"),
+                          "--admin-socket", str(tmp_path / "a" / "admin.sock")], env=env,
+                         stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert sock.recv(256) == b"READY=1"
+        # READY comes only once every socket is bound
+        assert all((tmp_path / "s" / n).exists() for n in ("weightcache.sock", "fd.sock"))
+        assert (tmp_path / "a" / "admin.sock").exists()
+        assert sock.recv(256) == b"WATCHDOG=1"  # pinged at half the interval
+        p.terminate()
+        assert sock.recv(256) == b"STOPPING=1"
+        assert p.wait(timeout=30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        sock.close()
