@@ -22,6 +22,8 @@ __all__ = [
     "SYSTEM_ADMIN_SOCKET",
     "SYSTEM_CACHE_DIR",
     "SYSTEM_SOCKET_DIR",
+    "env_or_default_admin_socket",
+    "env_or_default_socket_dir",
     "user_admin_socket",
     "user_cache_dir",
     "user_runtime_dir",
@@ -49,6 +51,20 @@ def user_socket_dir(env: Mapping[str, str]) -> Path:
 
 def user_admin_socket(env: Mapping[str, str]) -> Path:
     return user_runtime_dir(env) / ADMIN_SOCKET_NAME
+
+
+def env_or_default_socket_dir(env: Mapping[str, str], euid: int) -> Path:
+    """$WEIGHTCACHE_SOCKET_DIR, else the system (root) or user default."""
+    if env.get("WEIGHTCACHE_SOCKET_DIR"):
+        return Path(env["WEIGHTCACHE_SOCKET_DIR"])
+    return SYSTEM_SOCKET_DIR if euid == 0 else user_socket_dir(env)
+
+
+def env_or_default_admin_socket(env: Mapping[str, str], euid: int) -> Path:
+    """$WEIGHTCACHE_ADMIN_SOCKET, else the system (root) or user default."""
+    if env.get("WEIGHTCACHE_ADMIN_SOCKET"):
+        return Path(env["WEIGHTCACHE_ADMIN_SOCKET"])
+    return SYSTEM_ADMIN_SOCKET if euid == 0 else user_admin_socket(env)
 
 
 def user_cache_dir(env: Mapping[str, str]) -> Path:

@@ -28,12 +28,7 @@ from .progress import Bar, human
 
 
 def admin_socket(arg: Path | None) -> Path:
-    if arg:
-        return arg
-    env = os.environ
-    if env.get("WEIGHTCACHE_ADMIN_SOCKET"):
-        return Path(env["WEIGHTCACHE_ADMIN_SOCKET"])
-    return paths.SYSTEM_ADMIN_SOCKET if os.geteuid() == 0 else paths.user_admin_socket(env)
+    return arg or paths.env_or_default_admin_socket(os.environ, os.geteuid())
 
 
 def _stub(sock: Path) -> pb_grpc.AdminStub:
@@ -319,12 +314,7 @@ def cmd_health(a: argparse.Namespace) -> int:
 
 
 def client_socket_dir(arg: Path | None) -> Path:
-    if arg:
-        return arg
-    env = os.environ
-    if env.get("WEIGHTCACHE_SOCKET_DIR"):
-        return Path(env["WEIGHTCACHE_SOCKET_DIR"])
-    return paths.SYSTEM_SOCKET_DIR if os.geteuid() == 0 else paths.user_socket_dir(env)
+    return arg or paths.env_or_default_socket_dir(os.environ, os.geteuid())
 
 
 def build_parser() -> argparse.ArgumentParser:
