@@ -67,7 +67,12 @@ CASES = [
     (
         "overflowing-shape",
         st_bytes({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, b"x" * 8),
-        "data_offsets span 8",
+        "more than 2**64 elements",
+    ),
+    (
+        "too-many-dims",
+        st_bytes({"a": {"dtype": "U8", "shape": [1] * 65, "data_offsets": [0, 1]}}, b"x"),
+        "65 dimensions, more than 64",
     ),
     (
         "gap",

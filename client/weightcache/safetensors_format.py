@@ -27,6 +27,8 @@ from .errors import InvalidInputError
 __all__ = ["DTYPE_BITS", "MAX_HEADER", "TensorInfo", "parse_header", "read_header"]
 
 MAX_HEADER = 100_000_000
+MAX_ELEMENTS = 2**64
+MAX_DIMS = 64  # real tensors have a handful; bounds the work a hostile shape can cause
 
 # Bits per element of every dtype the safetensors format defines.
 DTYPE_BITS: dict[str, int] = {
@@ -137,16 +139,20 @@ def parse_header(header: bytes, file_size: int, label: str) -> tuple[list[Tensor
             raise InvalidInputError(f"{where}: unknown dtype {dtype!r}")
         shape = entry["shape"]
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise InvalidInputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+            raise InvalidInputError(f"{where}: shape {str(shape)[:100]} is not a list of non-negative integers")
+        if len(shape) > MAX_DIMS:
+            raise InvalidInputError(f"{where}: {len(shape)} dimensions, more than {MAX_DIMS}")
         offs = entry["data_offsets"]
         if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int and o >= 0 for o in offs)):
             raise InvalidInputError(f"{where}: data_offsets {offs!r} is not [begin, end] of non-negative integers")
         begin, end = offs
         if end < begin:
             raise InvalidInputError(f"{where}: data_offsets end {end} is before begin {begin}")
-        nelem = 1
-        for d in shape:
-            nelem *= d  # Python ints: exact, no overflow
+        nelem = 0 if 0 in shape else 1
+        for d in shape if nelem else ():
+            nelem *= d  # Python ints: exact, no overflow...
+            if nelem > MAX_ELEMENTS:  # ...and no giant numbers: stop once absurd
+                raise InvalidInputError(f"{where}: shape {shape[:8]} has more than 2**64 elements")
         bits = nelem * DTYPE_BITS[dtype]
         if bits % 8:
             raise InvalidInputError(f"{where}: {nelem} elements of {dtype} do not fill whole bytes")
