@@ -135,7 +135,13 @@ def _accepting(path: Path) -> bool:
 
 
 def start_daemon(
-    root: Path, s3: s3server.S3Server | None, *, config: Path | None = None, wait: bool = True, **cfg: Any
+    root: Path,
+    s3: s3server.S3Server | None,
+    *,
+    config: Path | None = None,
+    wait: bool = True,
+    extra_args: list[str] | None = None,
+    **cfg: Any,
 ) -> Daemon:
     root.mkdir(parents=True, exist_ok=True)
     if config is None:
@@ -157,6 +163,7 @@ def start_daemon(
                 str(admin),
                 "--log-format",
                 "json",
+                *(extra_args or []),
             ],
             stdout=lf,
             stderr=subprocess.STDOUT,

@@ -38,7 +38,10 @@ class FdConnection:
     def _roundtrip(self, req: pb.FdRequest) -> tuple[pb.FdResponse, list[int]]:
         with self._lock:
             try:
-                self._sock.sendall(pack(req.SerializeToString()))
+                try:
+                    self._sock.sendall(pack(req.SerializeToString()))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the daemon refused us; its reason, if it sent one, is still queued to read
                 payload, fds = recv_frame(self._sock)
                 resp = pb.FdResponse()
                 resp.ParseFromString(payload)

@@ -102,6 +102,7 @@ class Config:
     socket_dir_mode: int = 0o750
     socket_mode: int = 0o660
     admin_group: str | None = None  # when set, the admin socket is 0660 with this group
+    max_clients: int = 4096  # open fd.sock connections (leases); more are refused as UNAVAILABLE
     log_format: str = "console"
     metrics_address: str | None = None
     client_sources: tuple[str, ...] = ()
@@ -143,6 +144,7 @@ _TOP_KEYS = {
     "socket_dir_mode",
     "socket_mode",
     "admin_group",
+    "max_clients",
     "log_format",
     "metrics_address",
     "client_sources",
@@ -309,6 +311,7 @@ def load(
         socket_dir_mode=modes["socket_dir_mode"],
         socket_mode=modes["socket_mode"],
         admin_group=str(data["admin_group"]) if "admin_group" in data else None,
+        max_clients=int(data.get("max_clients", 4096)),
         client_sources=client_sources,
         include=tuple(include),
         download=download,

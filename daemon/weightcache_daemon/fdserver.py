@@ -62,7 +62,14 @@ class FdServer:
         while True:
             conn, _ = await loop.sock_accept(self._sock)
             if len(self._conns) >= self.max_connections:
-                conn.close()  # the client sees EOF and reports UNAVAILABLE
+                # Refused with a reason the client reports as UNAVAILABLE; the daemon carries on.
+                msg = f"fd.sock: too many clients (limit {self.max_connections}); retry later"
+                try:
+                    conn.setblocking(False)
+                    conn.send(pack(_error("UNAVAILABLE", msg).SerializeToString()))
+                except OSError:
+                    pass
+                conn.close()
                 log.warning("fd_connection_refused", reason="too many connections", limit=self.max_connections)
                 continue
             task = loop.create_task(self._serve(conn))

@@ -88,7 +88,7 @@ class Index:
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         except sqlite3.DatabaseError as exc:
-            raise CorruptedError(f"index {path} is unreadable ({exc}); move it away and restart to rebuild") from None
+            raise CorruptedError(f"index {path} is unreadable ({exc})") from None
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:

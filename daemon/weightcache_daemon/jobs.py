@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from weightcache.errors import (
+    CorruptedError,
     ExhaustedError,
     InternalError,
     InvalidInputError,
@@ -288,10 +289,18 @@ class Fetcher:
                 digest = self.index.known_object(o.uri, o.version, o.size)
                 if digest is not None and self.store.has(digest):
                     known[o.relpath] = digest
-                    p.bytes_done += o.size
-                    p.files_done += 1
                 else:
                     todo.append(o)
+            expected = source.expected_sha256(todo) if todo else {}
+            for o in list(todo):
+                digest = expected.get(o.relpath)
+                if digest is not None and self.store.has(digest):  # same bytes under another name
+                    known[o.relpath] = digest
+                    todo.remove(o)
+            for o in objects:
+                if o.relpath in known:
+                    p.bytes_done += o.size
+                    p.files_done += 1
             log.info(
                 "fetch_start",
                 source=key.uri,
@@ -336,6 +345,12 @@ class Fetcher:
 
                     def on_file(d: Downloaded) -> None:
                         p.current_file = d.obj.relpath
+                        want = expected.get(d.obj.relpath)
+                        if want is not None and d.sha256 != want:
+                            raise CorruptedError(
+                                f"file {d.obj.relpath} of model {job.label}: downloaded bytes hash to sha256:{d.sha256[:16]}… "
+                                f"but the source's checksum is sha256:{want[:16]}… (corrupted in transit); nothing published"
+                            )
                         if d.obj.relpath.endswith(".safetensors"):
                             infos, _ = validate_file(str(d.path), f"file {d.obj.relpath} of model {job.label}")
                             tensors[d.obj.relpath] = tuple(infos)
@@ -391,7 +406,8 @@ class Fetcher:
             self.store.commit(d.path, d.sha256)
             files.append(NewFile(o.relpath, d.sha256, d.obj.size, tensors.get(o.relpath, ())))
         snapshot = snapshot_id_of([(f.path, f.sha256) for f in files])
-        objs = [(d.obj.uri, d.obj.version, d.obj.size, d.sha256) for d in got]
+        digests = {f.path: f.sha256 for f in files}
+        objs = [(o.uri, o.version, o.size, digests[o.relpath]) for o in objects]
         self.index.add_snapshot(snapshot, job.key.uri, files, objs)
         log.info(
             "fetch_done",

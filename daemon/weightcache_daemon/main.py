@@ -24,6 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-size", help="capacity, e.g. 800G (0 = unlimited)")
     ap.add_argument("--log-format", choices=["json", "console"])
     ap.add_argument("--metrics-address", help="HOST:PORT for Prometheus metrics (default: off in user mode)")
+    ap.add_argument(
+        "--rebuild-index",
+        action="store_true",
+        help="the index is missing or unreadable: set it aside and rebuild it from the blobs",
+    )
     ap.add_argument("--version", action="version", version=f"weightcached {__version__}")
     return ap.parse_args(argv)
 
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     from .server import serve
 
     try:
-        asyncio.run(serve(cfg, env))
+        asyncio.run(serve(cfg, env, rebuild_index=args.rebuild_index))
     except WeightcacheError as exc:
         print(f"weightcached: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from weightcache import paths
-from weightcache.errors import BusyError, InvalidInputError, PermissionDeniedError
+from weightcache.errors import BusyError, CorruptedError, InvalidInputError, PermissionDeniedError
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
 from .config import Config
@@ -82,13 +83,41 @@ def _own(path: Path, gid: int | None, mode: int) -> None:
     os.chmod(path, mode)
 
 
+def open_index(store: LocalBlobStore, rebuild: bool) -> Index:
+    """The index, or a clear refusal: a missing or unreadable index over existing blobs is never
+    silently replaced (names, pins and sources live only there); --rebuild-index sets the old
+    file aside and start-up reconciliation re-adopts every blob from its bytes."""
+    path = store.root / "index.db"
+    if rebuild:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            old = Path(f"{path}{suffix}")
+            if old.exists():
+                old.rename(f"{path}{suffix}.broken-{stamp}")
+        log.warning("index_rebuild", path=str(path), moved_aside=f"index.db.broken-{stamp}")
+        return Index(path)
+    if not path.exists():
+        blobs = sum(1 for _ in store.digests())
+        if blobs:
+            raise CorruptedError(
+                f"index {path} is missing but the store holds {blobs} blob(s); start once with --rebuild-index "
+                "to rebuild it from them (model names and pins are lost)"
+            )
+    try:
+        return Index(path)
+    except CorruptedError as exc:
+        raise CorruptedError(
+            f"{exc}; start once with --rebuild-index to set it aside and rebuild from the blobs"
+        ) from None
+
+
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, rebuild_index: bool = False) -> None:
         self.cfg = cfg
         self.lock = StoreLock(cfg.cache_dir)
         try:
             self.store = LocalBlobStore(cfg.cache_dir)
-            self.index = Index(cfg.cache_dir / "index.db")
+            self.index = open_index(self.store, rebuild_index)
         except BaseException:
             self.lock.release()
             raise
@@ -135,7 +164,7 @@ class Daemon:
         self.admin_server = grpc.aio.server(options=opts)
         pb_grpc.add_AdminServicer_to_server(AdminService(self.core), self.admin_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.admin_server)
-        self.fd_server = FdServer(self.core, str(self.fd_socket))
+        self.fd_server = FdServer(self.core, str(self.fd_socket), self.cfg.max_clients)
         # Every socket is created 0600 and widened only after its group is set: never, even
         # briefly, reachable by someone the configuration does not name.
         old = os.umask(0o177)
@@ -221,8 +250,8 @@ def sd_notify(state: str, env: dict[str, str]) -> None:
         s.sendall(state.encode())
 
 
-async def serve(cfg: Config, env: dict[str, str]) -> None:
-    daemon = Daemon(cfg)
+async def serve(cfg: Config, env: dict[str, str], rebuild_index: bool = False) -> None:
+    daemon = Daemon(cfg, rebuild_index)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

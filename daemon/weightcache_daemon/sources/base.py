@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -44,6 +44,10 @@ class Source(Protocol):
     def stat(self, relpath: str) -> RemoteObject: ...
 
     def read_into(self, obj: RemoteObject, offset: int, buf: memoryview, on_bytes: Callable[[int], None]) -> None: ...
+
+    def expected_sha256(self, objects: Sequence[RemoteObject]) -> dict[str, str]:
+        """sha256 (hex) the source vouches for, by relative path, where it has one."""
+        ...
 
     def close(self) -> None: ...
 

@@ -7,15 +7,16 @@ config has a ``[[sources]]`` entry for the URI's prefix; retries use botocore's
 
 from __future__ import annotations
 
+import base64
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import boto3
 import botocore.exceptions
 from botocore.config import Config as BotoConfig
 
-from weightcache.errors import NotFoundError, PermissionDeniedError, SourceError, WeightcacheError
+from weightcache.errors import DeadlineError, NotFoundError, PermissionDeniedError, SourceError, WeightcacheError
 
 from ..config import SourceConfig
 from .base import ObjectChanged, RemoteObject, check_relpath, parse_uri
@@ -42,6 +43,8 @@ def _error(exc: Exception, what: str) -> WeightcacheError:
         if code in _MISSING:
             return NotFoundError(f"{what}: not found ({exc})")
         return SourceError(f"{what}: {exc}")
+    if isinstance(exc, botocore.exceptions.ReadTimeoutError | botocore.exceptions.ConnectTimeoutError):
+        return DeadlineError(f"{what}: timed out after the configured retries ({exc})")
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return PermissionDeniedError(f"{what}: no credentials found in the AWS chain or the daemon config")
     return SourceError(f"{what}: {type(exc).__name__}: {exc}")
@@ -146,6 +149,30 @@ class S3Source:
             body.close()
         if got != length:
             raise SourceError(f"{what}: the response ended after {got} of {length} bytes")
+
+    def expected_sha256(self, objects: Sequence[RemoteObject]) -> dict[str, str]:
+        """Full-object SHA256 checksums (objects uploaded with ChecksumAlgorithm=SHA256): the
+        downloaded bytes must hash to them, which catches same-length corruption in transit, and
+        a checksum already in the store means no download at all. HEADs run in parallel; an
+        object without one (or a HEAD that fails) is simply not vouched for."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(o: RemoteObject) -> tuple[str, str | None]:
+            try:
+                head = self._client.head_object(Bucket=self.bucket, Key=self.prefix + o.relpath, ChecksumMode="ENABLED",
+                                                IfMatch=o.version)  # fmt: skip
+            except Exception:  # noqa: BLE001 - no checksum is not an error
+                return o.relpath, None
+            value = head.get("ChecksumSHA256")
+            if not value or "-" in value or head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+                return o.relpath, None  # composite (multipart) checksums are not the file's sha256
+            try:
+                return o.relpath, base64.b64decode(value).hex()
+            except ValueError:
+                return o.relpath, None
+
+        with ThreadPoolExecutor(max_workers=8) as ex:
+            return {rel: sha for rel, sha in ex.map(one, objects) if sha and len(sha) == 64}
 
     def close(self) -> None:
         self._client.close()

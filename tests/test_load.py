@@ -1,0 +1,117 @@
+"""Load: many processes opening one cold model at once, a thousand short-lived clients, and
+the client limit. Figures (latencies, fd counts, RSS) are printed for the README's table."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_model, upload_dir
+
+import weightcache
+from weightcache import SourceError
+from weightcache._fd import FdConnection
+
+OPENER = textwrap.dedent("""
+    import sys, time, zlib, weightcache
+    sock, model = sys.argv[1], sys.argv[2]
+    while not sys.stdin.readline():  # wait for the start signal, so all open at once
+        pass
+    with weightcache.connect(sock) as c, c.open(model) as m:
+        crc = 0
+        for name in m.keys():           # read every byte (no torch: raw bytes)
+            crc = zlib.crc32(m.get_bytes(name), crc)
+        print(m.snapshot_id, crc, flush=True)
+""")
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_64_processes_open_one_cold_model_at_once(daemon_factory, s3, bucket: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model = make_model(tmp_path / "m", tiny=False, size=24 << 20)
+    upload_dir(s3, bucket, "cold/", model)
+    total = sum(p.stat().st_size for p in model.iterdir())
+    d = daemon_factory(download={"rate_limit": 64 << 20})
+    uri = f"s3://{bucket}/cold/"
+    procs = [subprocess.Popen([sys.executable, "-c", OPENER, str(d.socket_dir), uri], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(64)]  # fmt: skip
+    time.sleep(3)  # imports done
+    started = time.monotonic()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=240) for p in procs]
+    elapsed = time.monotonic() - started
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs if e][:2]
+    assert len({o for o, _ in outs}) == 1  # same snapshot, same bytes everywhere
+    downloaded = int(d.ctl_json("stats")["bytes_downloaded"])
+    assert downloaded == total, (downloaded, total)  # one download for 64 callers
+    blobs = d.cache_dir / "blobs"
+    assert sum(f.stat().st_size for f in blobs.rglob("*") if f.is_file()) == total  # one copy on disk
+    print(f"\nLOAD 64 cold opens: all ok in {elapsed:.1f} s, downloaded {downloaded} bytes = 1.00x the model")
+
+
+def test_1000_short_lived_clients(daemon, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    daemon.ctl("prefetch", f"file://{tiny_model}/", "--name", "tiny")
+    pid = daemon.proc.pid
+    with weightcache.connect(daemon.socket_dir) as c, c.open("tiny"):
+        pass  # warm up
+    base_fds, base_rss = _fds(pid), _rss(pid)
+    lat: list[float] = []
+    for i in range(1000):
+        t = time.perf_counter()
+        with weightcache.connect(daemon.socket_dir) as c, c.open("tiny") as m:
+            m.get_bytes("lm_head.weight")
+        lat.append(time.perf_counter() - t)
+        if i == 499:
+            mid_rss = _rss(pid)
+    deadline = time.monotonic() + 10
+    while _fds(pid) > base_fds and time.monotonic() < deadline:
+        time.sleep(0.05)
+    end_fds, end_rss = _fds(pid), _rss(pid)
+    q = statistics.quantiles(lat, n=100)
+    assert end_fds <= base_fds, (base_fds, end_fds)  # no descriptor leaks
+    assert end_rss - mid_rss < 20 << 20, (mid_rss, end_rss)  # memory stable over the second half
+    assert daemon.ctl_json("stats")["leases"] == 0
+    print(f"\nLOAD 1000 clients: open p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms; daemon fds {base_fds}->"
+          f"{end_fds}; RSS {base_rss >> 20}->{end_rss >> 20} MiB")  # fmt: skip
+
+
+def test_client_limit_answers_unavailable(daemon_factory, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    d = daemon_factory(max_clients=8)
+    snap = d.ctl_json("prefetch", f"file://{tiny_model}/", "--name", "tiny")["snapshot_id"]
+    held: list[Any] = []
+    try:
+        for _ in range(8):
+            conn = FdConnection(d.socket_dir / "fd.sock")
+            for g in conn.acquire(snap):
+                os.close(g.fd)
+            held.append(conn)
+        extra = FdConnection(d.socket_dir / "fd.sock")
+        with pytest.raises(SourceError, match="too many clients"):
+            extra.acquire(snap)
+        extra.close()
+        assert d.proc.poll() is None and d.ctl_json("stats")["leases"] == 8
+    finally:
+        for conn in held:
+            conn.close()
+    time.sleep(0.3)
+    with weightcache.connect(d.socket_dir) as c, c.open("tiny") as m:  # room again
+        assert len(m.keys()) == 21
