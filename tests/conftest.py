@@ -237,3 +237,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- the suite's own report
+# Tests that put the daemon through something call report(case, what, result, figures); at the
+# end of the session the rows are written to $WC_SUITE_REPORT (tools/suite_report.py turns them
+# into the README's table), so the table is the suite's output, not a hand-written claim.
+_REPORT: list[dict[str, str]] = []
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> Any:
+    def add(case: str, what: str, result: str, figures: str = "") -> None:
+        _REPORT.append({"case": case, "what": what, "result": result, "figures": figures,
+                        "test": request.node.nodeid})  # fmt: skip
+
+    return add
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    out = os.environ.get("WC_SUITE_REPORT")
+    if out and _REPORT:
+        Path(out).write_text(json.dumps(_REPORT, indent=1))

@@ -43,7 +43,7 @@ def test_configured_daemon_defaults_to_no_client_sources(tmp_path: Path, s3, s3_
         d.stop()
 
 
-def test_descriptors_are_read_only(daemon: Daemon, s3_model: str) -> None:
+def test_descriptors_are_read_only(daemon: Daemon, s3_model: str, report) -> None:  # type: ignore[no-untyped-def]
     snap = daemon.ctl_json("prefetch", s3_model, "--name", "tiny")["snapshot_id"]
     with FdConnection(daemon.socket_dir / "fd.sock") as conn:
         files = conn.acquire(snap)
@@ -67,6 +67,12 @@ def test_descriptors_are_read_only(daemon: Daemon, s3_model: str) -> None:
         listed = daemon.ctl_json("ls")[0]["leases"]
         assert [(le["pid"], le["uid"]) for le in listed] == [(os.getpid(), os.getuid())]
     assert "descriptors_granted" in daemon.log_text() and f'"peer_pid": {os.getpid()}' in daemon.log_text()
+    report(
+        "access",
+        "write through a granted descriptor: pwrite, ftruncate, shared writable mmap",
+        "all refused (O_RDONLY, blob 0444); the grant is audit-logged with pid/uid/gid",
+        "",
+    )
 
 
 def test_lease_released_when_client_process_dies(daemon: Daemon, s3_model: str) -> None:

@@ -74,7 +74,7 @@ def _check_complete(d: Daemon, expected: dict[str, str]) -> None:
     ],
     ids=["truncated", "reset", "503-slowdown", "throttled", "stalled-then-ok"],
 )
-def test_prefetch_survives_network_faults(tmp_path: Path, s3, proxy: FaultProxy, model_in_s3, fault) -> None:  # type: ignore[no-untyped-def]
+def test_prefetch_survives_network_faults(tmp_path: Path, s3, proxy: FaultProxy, model_in_s3, fault, report) -> None:  # type: ignore[no-untyped-def]
     uri, expected = model_in_s3
     d = _daemon(tmp_path, s3, proxy, read_timeout=2)
     try:
@@ -83,14 +83,18 @@ def test_prefetch_survives_network_faults(tmp_path: Path, s3, proxy: FaultProxy,
         d.ctl("prefetch", uri, "--name", "m")
         assert proxy.injected >= 1, "the fault was never injected"
         _check_complete(d, expected)
-        print(
-            f"\nFAULT {next(iter(fault))}: injected {proxy.injected}x, prefetch ok in {time.monotonic() - started:.1f} s"
+        what = ", ".join(f"{k}={v}" for k, v in fault.items())
+        report(
+            "network",
+            f"S3 proxy: {what}",
+            "prefetch retried/resumed; complete, byte-identical",
+            f"injected {proxy.injected}x; {time.monotonic() - started:.1f} s",
         )
     finally:
         d.stop()
 
 
-def test_endless_stall_is_a_deadline_error(tmp_path: Path, s3, proxy: FaultProxy, model_in_s3) -> None:  # type: ignore[no-untyped-def]
+def test_endless_stall_is_a_deadline_error(tmp_path: Path, s3, proxy: FaultProxy, model_in_s3, report) -> None:  # type: ignore[no-untyped-def]
     uri, _ = model_in_s3
     d = _daemon(tmp_path, s3, proxy, read_timeout=1)
     try:
@@ -99,12 +103,18 @@ def test_endless_stall_is_a_deadline_error(tmp_path: Path, s3, proxy: FaultProxy
         assert r.returncode == 1 and "DeadlineError" in r.stderr and "timed out" in r.stderr, r.stderr
         assert d.ctl_json("ls") == []
         no_partial_files(d)
+        report(
+            "network",
+            "S3 proxy stalls every response (read_timeout 1 s)",
+            "DeadlineError (DEADLINE_EXCEEDED); nothing published",
+            "",
+        )
     finally:
         proxy.clear()
         d.stop()
 
 
-def test_same_length_wrong_bytes_are_data_loss(tmp_path: Path, s3, proxy: FaultProxy, model_in_s3) -> None:  # type: ignore[no-untyped-def]
+def test_same_length_wrong_bytes_are_data_loss(tmp_path: Path, s3, proxy: FaultProxy, model_in_s3, report) -> None:  # type: ignore[no-untyped-def]
     uri, expected = model_in_s3
     d = _daemon(tmp_path, s3, proxy)
     try:
@@ -116,6 +126,12 @@ def test_same_length_wrong_bytes_are_data_loss(tmp_path: Path, s3, proxy: FaultP
         proxy.clear()
         d.ctl("prefetch", uri, "--name", "m")  # and a clean network fetches it fine
         _check_complete(d, expected)
+        report(
+            "corruption",
+            "S3 proxy flips one byte per response (same length)",
+            "CorruptedError (DATA_LOSS) from the source's SHA256 checksum; nothing published",
+            "",
+        )
     finally:
         d.stop()
 
@@ -137,7 +153,7 @@ def test_known_checksum_skips_the_download(tmp_path: Path, s3, proxy: FaultProxy
         d.stop()
 
 
-def test_index_deleted_or_corrupted_while_stopped(daemon: Daemon, tiny_model: Path) -> None:
+def test_index_deleted_or_corrupted_while_stopped(daemon: Daemon, tiny_model: Path, report) -> None:  # type: ignore[no-untyped-def]
     daemon.ctl("prefetch", f"file://{tiny_model}/", "--name", "tiny")
     daemon.stop()
     index = daemon.cache_dir / "index.db"
@@ -154,12 +170,20 @@ def test_index_deleted_or_corrupted_while_stopped(daemon: Daemon, tiny_model: Pa
         d2.ctl("prefetch", f"file://{tiny_model}/", "--name", "tiny")
         st = d2.ctl_json("stats")
         assert st["blobs"] == 5 and st["models"] == 1  # the same bytes: stored once, not twice
+        report(
+            "disk",
+            "index.db overwritten with garbage while stopped",
+            "clear start-up error naming --rebuild-index; with it, rebuilt from the blobs",
+            "5 of 5 blobs re-adopted",
+        )
         assert d2.ctl("verify").returncode == 0
     finally:
         d2.stop()
 
 
-def test_blob_replaced_by_a_symlink_is_refused_and_healed(daemon: Daemon, tiny_model: Path, tmp_path: Path) -> None:
+def test_blob_replaced_by_a_symlink_is_refused_and_healed(
+    daemon: Daemon, tiny_model: Path, tmp_path: Path, report
+) -> None:  # type: ignore[no-untyped-def]
     import weightcache
     from weightcache import CorruptedError
 
@@ -180,6 +204,12 @@ def test_blob_replaced_by_a_symlink_is_refused_and_healed(daemon: Daemon, tiny_m
     with weightcache.connect(daemon.socket_dir) as c, c.open("tiny") as m:  # the next use heals it
         assert len(m.keys()) == 21
     assert not blob.is_symlink() and sha256_file(blob) == blob.name
+    report(
+        "disk",
+        "a blob replaced by a symlink to a secret file",
+        "never followed (O_NOFOLLOW); verify reports it; next open re-fetches",
+        "",
+    )
     assert secret.read_text() == "do not hand me out"
 
 

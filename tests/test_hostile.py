@@ -68,6 +68,16 @@ def test_fuzzed_raw_headers_never_crash(raw: bytes, extra: int) -> None:
     _check(raw, 8 + len(raw) + extra)
 
 
+def test_fuzz_summary(report) -> None:  # type: ignore[no-untyped-def]
+    report(
+        "hostile files",
+        "hypothesis: 400 random JSON headers + 400 random byte headers per run; "
+        "22 malformed files, one per rule (test_validation)",
+        "each refused with its own message; no crash, no hang",
+        "deadline 500 ms per example",
+    )
+
+
 def test_hostile_headers_stay_bounded() -> None:
     """Deep nesting, huge shapes, many keys: refused quickly, in bounded memory."""
     cases = [
@@ -107,8 +117,9 @@ def _code(fn: Any, req: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def test_malformed_rpcs_are_refused_and_touch_nothing(daemon: Daemon, stubs: tuple[Any, Any], tmp_path: Path,
-                                                      tiny_model: Path) -> None:  # fmt: skip
+def test_malformed_rpcs_are_refused_and_touch_nothing(
+    daemon: Daemon, stubs: tuple[Any, Any], tmp_path: Path, tiny_model: Path, report
+) -> None:  # type: ignore[no-untyped-def]
     client, admin = stubs
     sentinel = tmp_path / "outside.txt"
     sentinel.write_text("untouched")
@@ -151,3 +162,9 @@ def test_malformed_rpcs_are_refused_and_touch_nothing(daemon: Daemon, stubs: tup
     assert daemon.proc.poll() is None  # and the daemon is still up
     assert not any(p.name.startswith("escape") for p in (daemon.cache_dir / "snapshots").iterdir())
     assert os.listdir(daemon.cache_dir / "ingest") == []
+    report(
+        "hostile requests",
+        f"{len(cases) + 1} malformed RPCs: bad ids, '..' names and paths, huge fields and messages",
+        "INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED; nothing outside the store touched; daemon up",
+        "",
+    )

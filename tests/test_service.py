@@ -121,7 +121,7 @@ def shared_daemon(s3, tmp_path: Path):  # type: ignore[no-untyped-def]
     shutil.rmtree(base, ignore_errors=True)
 
 
-def test_socket_modes_groups_and_a_second_uid(shared_daemon: Daemon, s3_model: str) -> None:
+def test_socket_modes_groups_and_a_second_uid(shared_daemon: Daemon, s3_model: str, report) -> None:  # type: ignore[no-untyped-def]
     d = shared_daemon
     for p, mode in (
         (d.socket_dir, 0o750),
@@ -159,6 +159,29 @@ def test_socket_modes_groups_and_a_second_uid(shared_daemon: Daemon, s3_model: s
     res = _as_other(ensure, [GID], setup)
     assert res.stdout.startswith("denied:") and s3_model in res.stdout, (res.stdout, res.stderr)
     assert d.ctl_json("ls") == []
+    # a granted descriptor cannot be turned into a writable one by a non-root client
+    d.ctl("prefetch", s3_model, "--name", "tiny")
+    snap = d.ctl_json("show", "tiny")["manifest"]["snapshot_id"]
+    reopen = textwrap.dedent(f"""
+        from weightcache._fd import FdConnection
+        conn = FdConnection({str(d.socket_dir / "fd.sock")!r})
+        for g in conn.acquire({snap!r}):
+            try:
+                os.open(f"/proc/self/fd/{{g.fd}}", os.O_WRONLY)
+                print("WRITABLE", g.path)
+            except PermissionError:
+                print("refused", g.path)
+    """)
+    res = _as_other(reopen, [GID])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("refused") == 5 and "WRITABLE" not in res.stdout, res.stdout
+    report(
+        "access",
+        "a second uid, outside and then inside the client group",
+        "outside: no socket; inside: client sockets only, never admin; a disallowed URI is PERMISSION_DENIED; "
+        "reopening a granted descriptor for writing via /proc/self/fd is refused",
+        "",
+    )
 
 
 def _free_port() -> int:

@@ -1,0 +1,63 @@
+"""Run the fault, crash, access and load parts of the test suite and put their own report
+into the README (between the suite-report markers).
+
+    python tools/suite_report.py            # runs the tests (slow ones included), rewrites README.md
+    python tools/suite_report.py --check    # exit 1 if the README's table is missing
+
+Each row comes from a report(...) call in a test that passed; nothing in the table is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- suite-report:start -->", "<!-- suite-report:end -->"
+TESTS = ["tests/test_lifecycle.py", "tests/test_faults.py", "tests/test_hostile.py", "tests/test_validation.py",
+         "tests/test_access.py", "tests/test_service.py", "tests/test_load.py"]  # fmt: skip
+ORDER = ["crash", "full disk", "disk", "corruption", "network", "hostile files", "hostile requests", "access", "load"]
+
+
+def render(rows: list[dict[str, str]]) -> str:
+    rows = sorted(rows, key=lambda r: (ORDER.index(r["case"]) if r["case"] in ORDER else 99, r["what"]))
+    out = ["| case | what was done | result | figures | test |", "|---|---|---|---|---|"]
+    for r in rows:
+        test = r["test"].split("::", 1)
+        out.append(f"| {r['case']} | {r['what']} | {r['result']} | {r['figures']} | `{test[0]}::{test[1][:60]}` |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if a.check:
+        return 0 if START in text and END in text and "| case |" in text else 1
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report.json"
+        env = dict(os.environ, WC_SUITE_REPORT=str(out))
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], cwd=ROOT, env=env)
+        if r.returncode != 0:
+            print("tests failed: the README is not updated", file=sys.stderr)
+            return 1
+        rows = json.loads(out.read_text())
+    table = f"{START}\n{render(rows)}\n{END}"
+    if START in text:
+        text = text[: text.index(START)] + table + text[text.index(END) + len(END) :]
+    else:
+        text += "\n" + table + "\n"
+    readme.write_text(text)
+    print(f"{len(rows)} rows written to README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
