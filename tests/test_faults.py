@@ -170,15 +170,26 @@ def test_index_deleted_or_corrupted_while_stopped(daemon: Daemon, tiny_model: Pa
         d2.ctl("prefetch", f"file://{tiny_model}/", "--name", "tiny")
         st = d2.ctl_json("stats")
         assert st["blobs"] == 5 and st["models"] == 1  # the same bytes: stored once, not twice
+    finally:
+        d2.stop()
+    # deleted while stopped: refused the same way, never silently replaced by an empty index
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(index) + suffix).unlink(missing_ok=True)
+    r = subprocess.run(["weightcached", "--cache-dir", str(daemon.cache_dir), "--socket-dir", str(daemon.socket_dir),
+                        "--admin-socket", str(daemon.admin_socket)], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 1 and "is missing but the store holds 5 blob(s)" in r.stderr, r.stderr
+    d3 = start_daemon(daemon.root, None, config=daemon.root / "weightcached.toml", extra_args=["--rebuild-index"])
+    try:
+        assert d3.ctl_json("stats")["blobs"] == 5
         report(
             "disk",
-            "index.db overwritten with garbage while stopped",
+            "index.db overwritten with garbage, then deleted, while stopped",
             "clear start-up error naming --rebuild-index; with it, rebuilt from the blobs",
             "5 of 5 blobs re-adopted",
         )
-        assert d2.ctl("verify").returncode == 0
+        assert d3.ctl("verify").returncode == 0
     finally:
-        d2.stop()
+        d3.stop()
 
 
 def test_blob_replaced_by_a_symlink_is_refused_and_healed(

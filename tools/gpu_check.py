@@ -16,6 +16,7 @@ Prints one JSON report and a table; budget well under 8 minutes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -56,6 +57,7 @@ def child(variant: str, device: str, files: list[str], socket_dir: str) -> dict[
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if device.startswith("cuda"):
         torch.empty(1, device=device)  # CUDA context outside the clock
+    gc.collect()  # the full GC pass that importing torch leaves pending, outside the clock too
     time.sleep(2)
     nbytes = 0
     first = None

@@ -12,7 +12,7 @@ import grpc
 
 from . import paths
 from ._fd import FdConnection
-from ._model import Model
+from ._model import Model, gc_paused
 from .errors import NotFoundError, SourceError, WeightcacheError, from_code
 from .v1 import weightcache_pb2 as pb
 from .v1 import weightcache_pb2_grpc as pb_grpc
@@ -122,6 +122,18 @@ class Client:
         fallback=None: map descriptors from fd.sock when it exists, else read over gRPC.
         fallback=True: always read over gRPC (private memory). False: descriptors or fail.
         """
+        with gc_paused():
+            return self._open(model, progress, name, include, exclude, fallback)
+
+    def _open(
+        self,
+        model: str,
+        progress: ProgressFn | bool | None,
+        name: str,
+        include: list[str] | None,
+        exclude: list[str] | None,
+        fallback: bool | None,
+    ) -> Model:
         manifest = self.ensure(model, name=name, include=include, exclude=exclude, progress=progress)
         fd_path = self.socket_dir / paths.FD_SOCKET_NAME
         conn: FdConnection | None = None

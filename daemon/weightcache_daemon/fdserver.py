@@ -151,11 +151,11 @@ class FdServer:
                     self.core.index.touch(row.name)
             entries = [pb.FileEntry(path=f.path, sha256=f.sha256, size=f.size) for f in files]
             resp = pb.FdResponse(acquire=pb.AcquireResponse(snapshot_id=sid, files=entries))
+            self.core.metrics.grants.inc()  # counted when granted, before the client can act on it
             await self._send(loop, conn, resp, fds[:MAX_FDS_PER_MSG])
             for i in range(MAX_FDS_PER_MSG, len(fds), MAX_FDS_PER_MSG):
                 batch = fds[i : i + MAX_FDS_PER_MSG]
                 await self._send(loop, conn, pb.FdResponse(more_fds=len(batch)), batch)
-            self.core.metrics.grants.inc()
             log.info("descriptors_granted", snapshot=sid, files=len(files), **peer)
         finally:
             for fd in fds:
