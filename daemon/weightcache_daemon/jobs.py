@@ -312,11 +312,14 @@ class Fetcher:
             self.admit(sum(o.size for o in todo), job.label)
             tensors: dict[str, tuple[TensorInfo, ...]] = {}
             ingest = self.store.ingest / ingest_dir_name(key)
-            ingest.mkdir(mode=0o700, exist_ok=True)
+            try:
+                ingest.mkdir(mode=0o700, exist_ok=True)
+            except BaseException:
+                self.release(job.label)  # the try below, which releases it, is not reached
+                raise
             resume = load_resume(ingest, key, todo, self.cfg.download.part_size)
             if resume:
-                log.info("fetch_resume", source=key.uri, model=job.label,
-                         parts=sum(len(v) for v in resume.values()))  # fmt: skip
+                log.info("fetch_resume", source=key.uri, model=job.label, parts=sum(len(v) for v in resume.values()))
             keep_ingest = False
             try:
                 got: list[Downloaded] = []
