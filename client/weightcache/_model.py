@@ -231,9 +231,9 @@ class Model:
         iteration, which spares the cost of first-touching fresh memory).
         ``layer_of`` overrides the grouping (tensor name -> group name).
         """
-        from ._stream import stream_groups
+        from ._stream import LayerStream
 
-        stream = stream_groups(self, self._groups(layer_of), device, prefetch, copy, reuse)
+        stream = LayerStream(self, self._groups(layer_of), device, prefetch, copy, reuse)
         self._streams.add(stream)
         return stream
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -231,14 +230,3 @@ def _layout(metas: list[TensorMeta]) -> list[tuple[TensorMeta, int]]:
 
 def _packed_size(metas: list[TensorMeta]) -> int:
     return sum(-(-t.length // ALIGN) * ALIGN for t in metas)
-
-
-def stream_groups(
-    model: Model,
-    groups: list[tuple[str, list[TensorMeta]]],
-    device: Any,
-    prefetch: int,
-    copy: bool,
-    reuse: bool = False,
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    return LayerStream(model, groups, device, prefetch, copy, reuse)
