@@ -280,7 +280,6 @@ def test_open_errors_come_back_as_categories(daemon: Daemon) -> None:
         with pytest.raises(InvalidInputError, match="unsupported scheme"):
             c.open("gopher://x/y")
     with pytest.raises(NotFoundError, match="no weightcache daemon socket found"):
-        weightcache.client_socket = None  # type: ignore[attr-defined]
         from weightcache._client import find_socket_dir
 
         find_socket_dir(None, {"XDG_RUNTIME_DIR": str(daemon.root / "nowhere")})

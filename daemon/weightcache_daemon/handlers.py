@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from weightcache.errors import InvalidInputError, WeightcacheError, code_for
+from weightcache.errors import CorruptedError, InvalidInputError, NotFoundError, WeightcacheError, code_for
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
@@ -137,7 +137,7 @@ class CacheService(pb_grpc.CacheServicer):
             files = {f.path: f for f in self.core.index.files(sid)}
             f = files.get(request.file.path)
             if f is None:
-                raise _not_found(f"file {request.file.path[:200]!r} is not in snapshot {sid}")
+                raise NotFoundError(f"file {request.file.path[:200]!r} is not in snapshot {sid}")
             off = request.file.offset
             length = request.file.length or max(f.size - off, 0)
             if off > f.size or off + length > f.size:
@@ -171,25 +171,13 @@ class CacheService(pb_grpc.CacheServicer):
                     n = min(chunk, length - done)
                     data = await asyncio.to_thread(os.pread, fd, n, off + done)
                     if len(data) != n:
-                        raise _corrupt(f"blob sha256:{digest} ({path}) is shorter than the index says")
+                        raise CorruptedError(f"blob sha256:{digest} ({path}) is shorter than the index says")
                     yield pb.ReadRangeChunk(
                         file=path, file_offset=off + done, tensor=tensor, tensor_offset=done, data=data
                     )
                     done += n
             finally:
                 os.close(fd)
-
-
-def _not_found(msg: str) -> WeightcacheError:
-    from weightcache.errors import NotFoundError
-
-    return NotFoundError(msg)
-
-
-def _corrupt(msg: str) -> WeightcacheError:
-    from weightcache.errors import CorruptedError
-
-    return CorruptedError(msg)
 
 
 class AdminService(pb_grpc.AdminServicer):
