@@ -13,7 +13,7 @@ import grpc
 from . import paths
 from ._fd import FdConnection
 from ._model import Model, gc_paused
-from .errors import NotFoundError, SourceError, WeightcacheError, from_code
+from .errors import NotFoundError, SourceError, WeightcacheError, from_rpc_error
 from .v1 import weightcache_pb2 as pb
 from .v1 import weightcache_pb2_grpc as pb_grpc
 
@@ -36,10 +36,6 @@ def find_socket_dir(socket_dir: str | os.PathLike[str] | None, env: Mapping[str,
         f"no weightcache daemon socket found (tried $WEIGHTCACHE_SOCKET_DIR, {paths.user_socket_dir(env)}, "
         f"{paths.SYSTEM_SOCKET_DIR}); is weightcached running and its socket directory mounted?"
     )
-
-
-def _raise(exc: grpc.RpcError) -> WeightcacheError:
-    return from_code(exc.code(), exc.details() or "")
 
 
 class _TextBar:
@@ -99,7 +95,7 @@ class Client:
                 else:
                     manifest = ev.manifest
         except grpc.RpcError as exc:
-            raise _raise(exc) from None
+            raise from_rpc_error(exc) from None
         finally:
             if bar is not None:
                 bar.close()
@@ -153,7 +149,7 @@ class Client:
         try:
             return list(self._stub.List(pb.ListRequest(), timeout=self.timeout).models)
         except grpc.RpcError as exc:
-            raise _raise(exc) from None
+            raise from_rpc_error(exc) from None
 
     def read_range(self, snapshot_id: str, path: str, offset: int = 0, length: int = 0) -> bytes:
         """Bytes of one file of a snapshot, over the stream (no descriptors)."""
@@ -168,7 +164,7 @@ class Client:
         try:
             yield from self._stub.ReadRange(req, timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise _raise(exc) from None
+            raise from_rpc_error(exc) from None
 
     def _read_file_into(self, snapshot_id: str, path: str, buf: bytearray) -> None:
         view = memoryview(buf)

@@ -37,6 +37,7 @@ __all__ = [
     "SourceError",
     "WeightcacheError",
     "from_code",
+    "from_rpc_error",
 ]
 
 
@@ -104,6 +105,11 @@ def code_for(exc: WeightcacheError) -> grpc.StatusCode:
         if cls in CODE_OF:
             return CODE_OF[cls]
     return grpc.StatusCode.INTERNAL
+
+
+def from_rpc_error(exc: grpc.RpcError) -> WeightcacheError:
+    """The exception for a failed call, with the daemon's message."""
+    return from_code(exc.code(), exc.details() or "")
 
 
 def from_code(code: grpc.StatusCode | str, message: str) -> WeightcacheError:

@@ -20,7 +20,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from weightcache import paths
-from weightcache.errors import InvalidInputError, SourceError, WeightcacheError, from_code
+from weightcache.errors import InvalidInputError, SourceError, WeightcacheError, from_rpc_error
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
@@ -45,7 +45,7 @@ def _call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
     try:
         return fn(*args, **kw)
     except grpc.RpcError as exc:
-        raise from_code(exc.code(), exc.details() or "") from None
+        raise from_rpc_error(exc) from None
 
 
 def _dict(msg: Any) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def cmd_prefetch(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
                 model = ev.model
     except grpc.RpcError as exc:
         bar.close()
-        raise from_code(exc.code(), exc.details() or "") from None
+        raise from_rpc_error(exc) from None
     bar.close()
     if model is None:
         raise WeightcacheError("the daemon ended the prefetch without a result")
@@ -210,7 +210,7 @@ def cmd_verify(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
                 result = ev.result
     except grpc.RpcError as exc:
         bar.close()
-        raise from_code(exc.code(), exc.details() or "") from None
+        raise from_rpc_error(exc) from None
     bar.close()
     assert result is not None
     if a.json:

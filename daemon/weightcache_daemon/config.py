@@ -154,13 +154,6 @@ _TOP_KEYS = {
 }
 
 
-def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    value = table[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise InvalidInputError(f"{where}: {key} has the wrong type ({type(value).__name__})")
-    return value
-
-
 def _sources(raw: Any, where: str) -> tuple[SourceConfig, ...]:
     if not isinstance(raw, list):
         raise InvalidInputError(f"{where}: sources must be an array of tables ([[sources]])")

@@ -469,12 +469,15 @@ class Core:
         return repaired
 
     def verify_blob(self, digest: str) -> str:
-        """'ok', 'missing' or 'corrupt' for one blob."""
+        """'ok', 'missing' or 'corrupt' for one blob; a corrupt blob is quarantined at once."""
         check_digest(digest)
         path = self.store.path(digest)
         if not path.is_file() or path.is_symlink():
             return "missing"
-        return "ok" if hash_file(path) == digest else "corrupt"
+        if hash_file(path) == digest:
+            return "ok"
+        self.quarantine(digest, "sha256 mismatch")
+        return "corrupt"
 
     def plan_gc(self) -> tuple[list[str], list[Path], list[str], int]:
         """(orphan blobs, stale ingest dirs, unnamed snapshots, bytes freed)."""

@@ -14,7 +14,7 @@ import struct
 
 import structlog
 
-from weightcache.errors import CorruptedError, WeightcacheError, code_for
+from weightcache.errors import BusyError, CorruptedError, WeightcacheError, code_for
 from weightcache.fdproto import MAX_FDS_PER_MSG, MAX_FRAME, pack
 from weightcache.v1 import weightcache_pb2 as pb
 
@@ -101,7 +101,7 @@ class FdServer:
                         sid = req.release.snapshot_id
                         lease = held.pop(sid, None)
                         if lease is None:
-                            raise _NotHeld(f"snapshot {sid[:80]!r} is not held by this connection")
+                            raise BusyError(f"snapshot {sid[:80]!r} is not held by this connection")
                         self.core.leases.release(lease.token)
                         self.core.lease_released(sid)
                         log.info("lease_released", snapshot=sid, **peer)
@@ -110,8 +110,6 @@ class FdServer:
                         await self._send(loop, conn, _error("INVALID_ARGUMENT", "fd.sock: empty request"), [])
                 except WeightcacheError as exc:
                     await self._send(loop, conn, _error(code_for(exc).name, str(exc)), [])
-                except _NotHeld as exc:
-                    await self._send(loop, conn, _error("FAILED_PRECONDITION", str(exc)), [])
         except (ConnectionError, OSError):
             return
         finally:
@@ -189,10 +187,6 @@ class FdServer:
                     loop.remove_writer(conn.fileno())
                 continue
             sent += n
-
-
-class _NotHeld(Exception):
-    pass
 
 
 def _error(code: str, message: str) -> pb.FdResponse:

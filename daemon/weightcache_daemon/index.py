@@ -142,9 +142,6 @@ class Index:
     def quarantined(self) -> dict[str, str]:
         return {str(s): str(r) for s, r in self._q("SELECT sha256, reason FROM quarantine")}
 
-    def has_blob(self, sha256: str) -> bool:
-        return bool(self._q("SELECT 1 FROM blobs WHERE sha256=?", (sha256,)))
-
     def add_snapshot(
         self,
         snapshot_id: str,

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -71,8 +70,6 @@ class BlobStore(Protocol):
 
     def open(self, digest: str) -> int: ...
 
-    def new_ingest(self) -> Path: ...
-
     def commit(self, tmp: Path, digest: str) -> bool: ...
 
     def remove(self, digest: str) -> int: ...
@@ -110,11 +107,6 @@ class LocalBlobStore:
             if exc.errno == errno.ELOOP:
                 raise CorruptedError(f"blob sha256:{digest} was replaced by a symlink; refusing it") from None
             raise
-
-    def new_ingest(self) -> Path:
-        d = self.ingest / uuid.uuid4().hex
-        d.mkdir(mode=0o700)
-        return d
 
     def commit(self, tmp: Path, digest: str) -> bool:
         """Move a verified, fsynced file into the store. False when the content was already there."""
