@@ -224,7 +224,7 @@ __all__ = ["Daemon", "make_model", "no_partial_files", "sha256_file", "shutil", 
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cuda`` skip cleanly on machines without a CUDA device (CI, this VM)."""
+    """Tests marked ``cuda`` skip cleanly on machines without a CUDA device (CI, development machines)."""
     try:
         import torch
 

@@ -1,4 +1,4 @@
-"""Safetensors validation (DESIGN decision 6): every rule refuses with its own message, and a
+"""Safetensors validation (docs/architecture.md, decision 6): every rule refuses with its own message, and a
 bad file in a model publishes nothing of that model while other models stay untouched."""
 
 from __future__ import annotations

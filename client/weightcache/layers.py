@@ -1,4 +1,4 @@
-"""Layer groups (DESIGN decision 9): the order in which tensors are streamed and fetched.
+"""Layer groups (docs/architecture.md, decision 9): the order in which tensors are streamed and fetched.
 
 A tensor belongs to ``layers.<n>`` when its name contains ``layers.<n>.`` (also
 ``h.<n>.``, ``blocks.<n>.``, ``layer.<n>.``, the common transformer spellings);

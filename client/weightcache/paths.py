@@ -1,4 +1,4 @@
-"""Where the daemon's sockets and store live by default (DESIGN "Interfaces").
+"""Where the daemon's sockets and store live by default (see the README, "Set up").
 
 User mode (not root): cache under ``$XDG_CACHE_HOME`` (or ``~/.cache``)``/weightcache``;
 sockets under ``$XDG_RUNTIME_DIR`` (or ``/tmp/weightcache-<uid>``, created 0700)

@@ -1,4 +1,4 @@
-"""The safetensors format: header parsing and the validation rules (DESIGN decision 6).
+"""The safetensors format: header parsing and the validation rules (docs/architecture.md, decision 6).
 
 Layout: 8 bytes little-endian header length N, N bytes of UTF-8 JSON object, then the
 data section. Every tensor entry is ``{"dtype", "shape", "data_offsets": [begin, end]}``

@@ -1,3 +1,5 @@
 """weightcached: the node-level model-weight cache daemon."""
 
-__version__ = "0.1.0"
+from weightcache import __version__
+
+__all__ = ["__version__"]

@@ -1,4 +1,4 @@
-"""Leases (DESIGN decision 4): a snapshot acquired over fd.sock is in use until that
+"""Leases (docs/architecture.md, decision 4): a snapshot acquired over fd.sock is in use until that
 connection closes. Kept in memory: a daemon restart closes every connection anyway."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Start-up reconciliation (DESIGN decision 5): the blobs are the truth.
+"""Start-up reconciliation (docs/architecture.md, decision 5): the blobs are the truth.
 
 Runs before the sockets are bound, so nobody sees the store before it is consistent:
 
