@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, write_config
+from harness import Daemon, wait_for, write_config
 
 from weightcache import PermissionDeniedError, connect
 from weightcache._fd import FdConnection
@@ -32,7 +32,7 @@ def test_client_cannot_fetch_a_source_outside_the_allow_list(daemon_factory, s3_
 
 
 def test_configured_daemon_defaults_to_no_client_sources(tmp_path: Path, s3, s3_model: str) -> None:  # type: ignore[no-untyped-def]
-    from conftest import start_daemon
+    from harness import start_daemon
 
     cfg = write_config(tmp_path / "c.toml", s3)  # no client_sources key
     d = start_daemon(tmp_path / "d", s3, config=cfg)
@@ -66,7 +66,9 @@ def test_descriptors_are_read_only(daemon: Daemon, s3_model: str, report) -> Non
                 os.close(f.fd)
         listed = daemon.ctl_json("ls")[0]["leases"]
         assert [(le["pid"], le["uid"]) for le in listed] == [(os.getpid(), os.getuid())]
-    assert "descriptors_granted" in daemon.log_text() and f'"peer_pid": {os.getpid()}' in daemon.log_text()
+    # logged right after the descriptors are sent: the client may have them before the line is written
+    wait_for(lambda: "descriptors_granted" in daemon.log_text(), 60, "the grant in the daemon's log")
+    assert f'"peer_pid": {os.getpid()}' in daemon.log_text()
     report(
         "access",
         "write through a granted descriptor: pwrite, ftruncate, shared writable mmap",
@@ -78,25 +80,19 @@ def test_descriptors_are_read_only(daemon: Daemon, s3_model: str, report) -> Non
 def test_lease_released_when_client_process_dies(daemon: Daemon, s3_model: str) -> None:
     snap = daemon.ctl_json("prefetch", s3_model, "--name", "tiny")["snapshot_id"]
     code = textwrap.dedent(f"""
-        import sys, time
+        import sys
         from weightcache._fd import FdConnection
         c = FdConnection({str(daemon.socket_dir / "fd.sock")!r})
         c.acquire({snap!r})
         print("held", flush=True)
-        time.sleep(60)
+        sys.stdin.readline()  # holds the lease until it is killed (or the test goes away)
     """)
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "held"
     assert [le["pid"] for le in daemon.ctl_json("ls")[0]["leases"]] == [p.pid]
     p.kill()
     p.wait()
-    import time
-
-    for _ in range(100):
-        if not daemon.ctl_json("ls")[0]["leases"]:
-            break
-        time.sleep(0.05)
-    assert daemon.ctl_json("ls")[0]["leases"] == []
+    wait_for(lambda: daemon.ctl_json("ls")[0]["leases"] == [], 60, "the dead client's lease to go")
 
 
 def test_unknown_and_malformed_snapshots_on_fd_sock(daemon: Daemon) -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, make_model, sha256_file
+from harness import Daemon, make_model, sha256_file
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -252,6 +252,55 @@ def test_load_into_module_strict_and_not(daemon: Daemon, tiny_model: Path) -> No
             load_into(wrong, m, strict=False)
 
 
+def test_load_into_meta_module_assigns(daemon: Daemon, tiny_model: Path) -> None:
+    from llama import TinyLlama
+
+    from weightcache.nn import load_into
+
+    ref = _reference(tiny_model)
+    with weightcache.connect(daemon.socket_dir) as c, c.open(f"file://{tiny_model}/", name="tiny") as m:
+        with torch.device("meta"):
+            module = TinyLlama()
+        assert load_into(module, m) == ([], [])  # assigned, like load_state_dict(assign=True)
+        for k, v in module.state_dict().items():
+            assert _same(v, ref[k]), k
+        assert isinstance(module.lm_head.weight, torch.nn.Parameter) and module.lm_head.weight.requires_grad
+        assert module.lm_head.weight.data_ptr() == m.get_tensor("lm_head.weight").data_ptr()  # zero-copy
+        with torch.device("meta"):
+            wider = TinyLlama(dtype=torch.float32)
+        load_into(wider, m)  # the module's dtype wins (a cast, so a copy)
+        assert wider.lm_head.weight.dtype == torch.float32
+        assert torch.equal(wider.lm_head.weight, ref["lm_head.weight"].float())
+        with torch.device("meta"):
+            streamed = TinyLlama()
+        load_into(streamed, m, device="cpu")  # streamed: fresh tensors, assigned
+        assert _same(streamed.lm_head.weight.detach(), ref["lm_head.weight"])
+        assert streamed.lm_head.weight.data_ptr() != m.get_tensor("lm_head.weight").data_ptr()
+        with torch.device("meta"):
+            extra = TinyLlama()
+            extra.register_parameter("bonus", torch.nn.Parameter(torch.zeros(1)))
+        assert load_into(extra, m, strict=False) == (["bonus"], [])
+        assert extra.bonus.is_meta and not extra.lm_head.weight.is_meta
+
+
+def test_path_with_and_without_descriptors(daemon: Daemon, tiny_model: Path) -> None:
+    with weightcache.connect(daemon.socket_dir) as c:
+        with c.open(f"file://{tiny_model}/", name="tiny") as fast, c.open("tiny", fallback=True) as slow:
+            assert Path(fast.store_path).is_dir() and fast.path != fast.store_path
+            assert fast.path == fast.path  # built once
+            for f in fast.files:
+                assert sha256_file(Path(fast.path) / f.path) == f.sha256, f.path
+            assert slow.path == slow.store_path  # no descriptors: the store's view, where it is visible
+            pid = os.fork()
+            if pid == 0:  # a forked worker closing its copy of the handle leaves the parent's path alone
+                try:
+                    fast.close()
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            assert (Path(fast.path) / "config.json").is_file()
+
+
 def test_just_in_time_equals_eager(daemon: Daemon, tiny_model: Path) -> None:
     from llama import TinyLlama
 
@@ -279,29 +328,45 @@ def test_open_errors_come_back_as_categories(daemon: Daemon) -> None:
             c.open("missing")
         with pytest.raises(InvalidInputError, match="unsupported scheme"):
             c.open("gopher://x/y")
-    with pytest.raises(NotFoundError, match="no weightcache daemon socket found"):
-        from weightcache._client import find_socket_dir
+    # "no daemon" is one category everywhere, whichever step finds it
+    from weightcache import DaemonUnavailableError
 
-        find_socket_dir(None, {"XDG_RUNTIME_DIR": str(daemon.root / "nowhere")})
+    with pytest.raises(DaemonUnavailableError, match="does not exist: is weightcached running"):
+        weightcache.connect(daemon.root / "nowhere")
+    daemon.stop(9)  # sockets left behind, nobody listening
+    with pytest.raises(DaemonUnavailableError):
+        with weightcache.connect(daemon.socket_dir) as c:
+            c.open("missing")
 
 
 def test_read_range_of_a_layer(daemon: Daemon, tiny_model: Path) -> None:
+    """The wire's layer ranges, through a plain gRPC stub (the client's API is whole files)."""
+    import grpc
+
+    from weightcache.errors import from_rpc_error
     from weightcache.v1 import weightcache_pb2 as pb
+    from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
     ref = _reference(tiny_model)
     with weightcache.connect(daemon.socket_dir) as c:
         man = c.ensure(f"file://{tiny_model}/", name="tiny")
-        assert len(man.tensors) == 21 and list(man.layers) == ["embed", "layers.0", "layers.1", "rest"]
+    assert len(man.tensors) == 21 and list(man.layers) == ["embed", "layers.0", "layers.1", "rest"]
+    with grpc.insecure_channel(f"unix://{daemon.socket_dir / 'weightcache.sock'}") as channel:
+        stub = pb_grpc.CacheStub(channel)
         req = pb.ReadRangeRequest(snapshot_id=man.snapshot_id, layers=pb.LayerRange(first=1, last=1), chunk_size=64)
         got: dict[str, bytearray] = {}
-        for ch in c._chunks(req):
+        for ch in stub.ReadRange(req):
             got.setdefault(ch.tensor, bytearray()).extend(ch.data)
             assert len(ch.data) <= 64
         assert set(got) == {t.name for t in man.tensors if t.layer == "layers.0"}
         for name, data in got.items():
             assert bytes(data) == ref[name].reshape(-1).view(torch.uint8).numpy().tobytes()
-        with pytest.raises(InvalidInputError, match=r"layer range 2\.\.9 is outside"):
-            list(c._chunks(pb.ReadRangeRequest(snapshot_id=man.snapshot_id, layers=pb.LayerRange(first=2, last=9))))
+        with pytest.raises(grpc.RpcError) as caught:
+            list(
+                stub.ReadRange(pb.ReadRangeRequest(snapshot_id=man.snapshot_id, layers=pb.LayerRange(first=2, last=9)))
+            )
+        err = from_rpc_error(caught.value)
+        assert isinstance(err, InvalidInputError) and "layer range 2..9 is outside" in str(err)
 
 
 def test_progress_reaches_the_client(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -311,7 +376,9 @@ def test_progress_reaches_the_client(daemon_factory, tmp_path: Path) -> None:  #
     with weightcache.connect(d.socket_dir) as c:
         man = c.ensure(f"file://{model}/", name="m", progress=events.append)
     total = sum(f.size for f in man.files)
-    sized = [e for e in events if e.phase != e.LISTING]
+    assert events and all(isinstance(e, weightcache.Progress) for e in events)
+    assert {e.phase for e in events} <= set(weightcache.Progress.PHASES)
+    sized = [e for e in events if e.phase != "listing"]
     assert sized and all(e.bytes_total == total for e in sized)
     assert max(e.bytes_done for e in events) > 0
 
@@ -339,3 +406,207 @@ def test_just_in_time_on_cuda_equals_eager(daemon: Daemon, tiny_model: Path) -> 
             lazy = TinyLlama()
         materialize_just_in_time(lazy, m, "cuda", prefetch=1)
         assert torch.equal(lazy(tokens), eager(tokens))
+
+
+# ---------------------------------------------------------------- records, backings, resolver, bar
+
+
+def test_ensure_list_and_open_return_the_packages_records(daemon: Daemon, tiny_model: Path) -> None:
+    import dataclasses
+
+    from google.protobuf.message import Message
+
+    ref = _reference(tiny_model)
+    with weightcache.connect(daemon.socket_dir) as c:
+        man = c.ensure(f"file://{tiny_model}/", name="tiny")
+        assert isinstance(man, weightcache.Manifest) and not isinstance(man, Message)
+        assert man.name == "tiny" and man.source == f"file://{tiny_model}/" and len(man.snapshot_id) >= 16
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            man.name = "other"  # type: ignore[misc]
+        assert all(isinstance(f, weightcache.FileInfo) for f in man.files)
+        assert sorted(f.path for f in man.files) == sorted(p.name for p in tiny_model.iterdir())
+        assert {t.name for t in man.tensors} == set(ref)
+        for t in man.tensors:
+            assert isinstance(t, weightcache.TensorMeta) and isinstance(t.shape, tuple)
+            assert t.shape == tuple(ref[t.name].shape) and t.length == ref[t.name].nbytes
+        assert man.layers == ("embed", "layers.0", "layers.1", "rest")
+        assert c.ensure("tiny") == man and hash(c.ensure(man.snapshot_id).files) == hash(man.files)
+        with c.open("tiny") as m:
+            assert m.manifest == man and m.files == list(man.files)
+            [info] = [i for i in c.list() if i.name == "tiny"]
+            assert isinstance(info, weightcache.ModelInfo) and not isinstance(info, Message)
+            assert info.snapshot_id == man.snapshot_id and info.source == man.source
+            assert info.size == sum(f.size for f in man.files) and info.file_count == len(man.files)
+            # (the client API does not show other processes' leases; cachectl ls does)
+            assert isinstance(info.leases, tuple) and all(isinstance(le, weightcache.Lease) for le in info.leases)
+
+
+def _gated_backing(inner: weightcache.Backing):  # type: ignore[no-untyped-def]
+    """A third backing, defined outside the package, whose bytes are not ready until the test
+    opens a gate: the shape of a file still being written."""
+    import threading
+
+    class Gated:
+        zero_copy = False
+
+        def __init__(self) -> None:
+            self.gate = threading.Event()
+            self.waiting = threading.Event()
+
+        def ready(self, file: str, offset: int, length: int) -> bool:
+            return self.gate.is_set()
+
+        def wait_ready(self, file: str, offset: int, length: int, timeout: float | None = None) -> bool:
+            self.waiting.set()
+            return self.gate.wait(timeout)
+
+        def read_into(self, file: str, offset: int, dest: memoryview) -> None:
+            self.wait_ready(file, offset, len(dest))
+            inner.read_into(file, offset, dest)
+
+        def view(self, file: str, offset: int, length: int) -> memoryview:
+            self.wait_ready(file, offset, length)
+            return inner.view(file, offset, length)
+
+        def advise(self, file: str, offset: int, length: int) -> None:
+            inner.advise(file, offset, length)
+
+        def descriptors(self) -> None:
+            return None
+
+        def close(self) -> None:
+            inner.close()
+
+    return Gated()
+
+
+def test_every_backing_gives_the_same_tensors(daemon: Daemon, dtype_model: Path) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from weightcache import Backing, CorruptedError, Model
+    from weightcache._backing import FetchedFiles, MappedFiles
+    from weightcache._fd import FdConnection
+
+    ref = _reference(dtype_model)
+    with weightcache.connect(daemon.socket_dir) as c:
+        man = c.ensure(f"file://{dtype_model}/", name="dtypes")
+        fetches: list[str] = []
+        lock = threading.Lock()
+
+        def fetch(path: str, buf: bytearray) -> None:
+            with lock:
+                fetches.append(path)
+            c.read_file_into(man.snapshot_id, path, buf)
+
+        mapped = MappedFiles(FdConnection(daemon.socket_dir / "fd.sock"), man.snapshot_id)
+        fetched = FetchedFiles(man.snapshot_id, man.files, fetch)
+        assert isinstance(mapped, Backing) and isinstance(fetched, Backing)
+        assert mapped.zero_copy and not fetched.zero_copy
+        assert set(mapped.descriptors() or {}) == {f.path for f in man.files} and fetched.descriptors() is None
+        # Many readers of one file at once: fetched once, not once per reader.
+        big = max(man.tensors, key=lambda t: t.length)
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda _: bytes(fetched.view(big.file, big.offset, big.length)), range(16)))
+        assert fetches == [big.file] and len(set(outs)) == 1
+        for t in man.tensors:
+            want = ref[t.name].reshape(-1).view(torch.uint8).numpy().tobytes() if t.length else b""
+            for b in (mapped, fetched):
+                assert b.ready(t.file, t.offset, t.length) and b.wait_ready(t.file, t.offset, t.length, timeout=0)
+                assert bytes(b.view(t.file, t.offset, t.length)) == want, (type(b).__name__, t.name)
+                dest = bytearray(t.length)
+                b.read_into(t.file, t.offset, memoryview(dest))
+                assert bytes(dest) == want, (type(b).__name__, t.name)
+        for b in (mapped, fetched):
+            with pytest.raises(CorruptedError, match=f"outside the file.*|{big.file}"):
+                b.view(big.file, big.offset, 1 << 40)
+            with pytest.raises(NotFoundError, match="'nope' is not in snapshot"):
+                b.view("nope", 0, 1)
+        # The same handle API over each backing, a backing from outside the package included.
+        gated = _gated_backing(FetchedFiles(man.snapshot_id, man.files, fetch))
+        assert isinstance(gated, Backing)
+        handles = [Model(man, mapped), Model(man, fetched), Model(man, gated)]
+        stream = handles[2].stream("cpu", prefetch=1)
+        assert gated.waiting.wait(60)  # the reader waits for bytes that are not ready yet
+        assert stream.groups_read == 0
+        gated.gate.set()
+        streamed = {k: v for _, group in stream for k, v in group.items()}
+        assert set(streamed) == set(ref) and all(_same(streamed[k], ref[k]) for k in ref)
+        kept = handles[0].get_tensor("lm_head.weight")
+        for m in handles:
+            sd = m.state_dict()
+            assert list(sd) == [t.name for t in man.tensors]
+            assert all(_same(sd[k], ref[k]) for k in ref), m.backing
+            m.close()
+        assert _same(kept, ref["lm_head.weight"])  # a tensor outlives its handle's close()
+        with pytest.raises(NotFoundError, match="closed"):
+            mapped.view(big.file, big.offset, big.length)
+
+
+def test_one_socket_resolver_for_client_and_cachectl(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weightcache import paths
+    from weightcache_daemon import cachectl
+
+    monkeypatch.chdir(daemon.socket_dir.parent)
+    rel = Path(daemon.socket_dir.name)
+    assert paths.client_socket_dir(rel, {}, 1000) == daemon.socket_dir  # relative: absolute, here
+    with weightcache.connect(rel) as c:  # and gRPC can use it
+        assert isinstance(c.list(), list)
+    env = {"WEIGHTCACHE_SOCKET_DIR": "sockets", "WEIGHTCACHE_ADMIN_SOCKET": "a.sock", "XDG_RUNTIME_DIR": "/x"}
+    assert paths.client_socket_dir(None, env, 1000) == daemon.socket_dir.parent / "sockets"
+    assert paths.admin_socket(None, env, 1000) == daemon.socket_dir.parent / "a.sock"
+    assert paths.admin_socket("b.sock", env, 0) == daemon.socket_dir.parent / "b.sock"
+    runtime = tmp_path / "run"
+    xdg = {"XDG_RUNTIME_DIR": str(runtime)}
+    assert paths.client_socket_dir(None, xdg, 0) == paths.SYSTEM_SOCKET_DIR  # nothing running: the default
+    assert paths.client_socket_dir(None, xdg, 1000) == runtime / "weightcache" / "client"
+    assert paths.admin_socket(None, xdg, 1000) == runtime / "weightcache" / "admin.sock"
+    (runtime / "weightcache" / "client").mkdir(parents=True)
+    (runtime / "weightcache" / "client" / "weightcache.sock").touch()
+    assert paths.client_socket_dir(None, xdg, 0) == runtime / "weightcache" / "client"  # a user daemon is found
+    # cachectl resolves with the very same functions, from its own process environment
+    for k in ("WEIGHTCACHE_SOCKET_DIR", "WEIGHTCACHE_ADMIN_SOCKET"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert cachectl.client_socket_dir(None) == runtime / "weightcache" / "client"
+    assert cachectl.client_socket_dir(rel) == daemon.socket_dir
+    assert cachectl.admin_socket(None) == paths.admin_socket(None, os.environ, os.geteuid())
+
+
+def test_one_progress_bar() -> None:
+    import io
+
+    from weightcache.progress import Bar, human
+
+    out = io.StringIO()
+    bar = Bar(stream=out, interval=3600)  # only the first frame, then the last one at close()
+    for done in range(0, 101, 10):
+        bar(weightcache.Progress("downloading", done << 20, 100 << 20, done // 10, 10, 50 << 20, "f"))
+    bar.close()
+    frames = [f.strip() for f in out.getvalue().split("\r") if f.strip()]
+    assert len(frames) == 2, frames
+    assert frames[0].startswith("[" + "." * 30 + "]   0.0% 0 B/100.0 MiB 50.0 MiB/s eta 2s 0/10 files downloading")
+    assert frames[1].startswith("[" + "#" * 30 + "] 100.0% 100.0 MiB/100.0 MiB 50.0 MiB/s 10/10 files downloading")
+    assert out.getvalue().endswith("\n")
+    quiet = io.StringIO()
+    off = Bar(enabled=False, stream=quiet)
+    off.update(1, 2)
+    off.close()
+    assert quiet.getvalue() == ""
+    assert [human(n) for n in (0, 1023, 1024, 3 << 30, 5 << 40, 9 << 50)] == [
+        "0 B", "1023 B", "1.0 KiB", "3.0 GiB", "5.0 TiB", "9216.0 TiB"]  # fmt: skip
+    assert weightcache.Progress("", 5, 0, 0, 0, 0.0, "").fraction == 0.0
+
+
+def test_every_exported_name_exists() -> None:
+    import dataclasses
+
+    assert weightcache.__all__ == sorted(weightcache.__all__)
+    missing = [n for n in weightcache.__all__ if not hasattr(weightcache, n)]
+    assert missing == []
+    for record in ("FileInfo", "Layer", "Lease", "Manifest", "ModelInfo", "Progress", "TensorMeta"):
+        cls = getattr(weightcache, record)
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, record  # type: ignore[attr-defined]
+    assert weightcache.nn.load_into and weightcache.transformers.from_pretrained  # lazy submodules

@@ -7,16 +7,13 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, no_partial_files, sha256_file, start_daemon, write_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from faultproxy import FaultProxy
+from harness import Daemon, daemon_argv, no_partial_files, s3_source, sha256_file, start_daemon, write_config
 
 
 @pytest.fixture
@@ -48,12 +45,10 @@ def model_in_s3(s3, bucket: str) -> tuple[str, dict[str, str]]:  # type: ignore[
 def _daemon(tmp_path: Path, s3: Any, proxy: FaultProxy, name: str = "d", **source: Any) -> Daemon:
     root = tmp_path / name
     root.mkdir()
-    cfg = write_config(root / "w.toml", s3, client_sources=["*"], download={"concurrency": 2, "part_size": "1MiB"})
-    text = cfg.read_text().replace(s3.endpoint, f"http://127.0.0.1:{proxy.port}")
-    text = text.replace("max_attempts = 3", "max_attempts = 6")  # the daemon's default is 5
-    for k, v in source.items():
-        text = text.replace("max_attempts = 6", f"max_attempts = 6\n{k} = {v}")
-    cfg.write_text(text)
+    # every request goes through the proxy; 6 attempts (the daemon's default is 5)
+    via_proxy = s3_source(s3, endpoint_url=f"http://127.0.0.1:{proxy.port}", max_attempts=6, **source)
+    cfg = write_config(root / "w.toml", None, client_sources=["*"], download={"concurrency": 2, "part_size": "1MiB"},
+                       sources=[via_proxy])  # fmt: skip
     return start_daemon(root, s3, config=cfg)
 
 
@@ -160,8 +155,8 @@ def test_index_deleted_or_corrupted_while_stopped(daemon: Daemon, tiny_model: Pa
     for suffix in ("-wal", "-shm"):
         Path(str(index) + suffix).unlink(missing_ok=True)
     index.write_bytes(b"this is not a database" * 100)
-    r = subprocess.run(["weightcached", "--cache-dir", str(daemon.cache_dir), "--socket-dir", str(daemon.socket_dir),
-                        "--admin-socket", str(daemon.admin_socket)], capture_output=True, text=True, timeout=30)  # fmt: skip
+    r = subprocess.run(daemon_argv(daemon.cache_dir, daemon.socket_dir, daemon.admin_socket, log_format=None),
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 1 and "index" in r.stderr and "--rebuild-index" in r.stderr, r.stderr
     d2 = start_daemon(daemon.root, None, config=daemon.root / "weightcached.toml", extra_args=["--rebuild-index"])
     try:
@@ -175,8 +170,8 @@ def test_index_deleted_or_corrupted_while_stopped(daemon: Daemon, tiny_model: Pa
     # deleted while stopped: refused the same way, never silently replaced by an empty index
     for suffix in ("", "-wal", "-shm"):
         Path(str(index) + suffix).unlink(missing_ok=True)
-    r = subprocess.run(["weightcached", "--cache-dir", str(daemon.cache_dir), "--socket-dir", str(daemon.socket_dir),
-                        "--admin-socket", str(daemon.admin_socket)], capture_output=True, text=True, timeout=30)  # fmt: skip
+    r = subprocess.run(daemon_argv(daemon.cache_dir, daemon.socket_dir, daemon.admin_socket, log_format=None),
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 1 and "is missing but the store holds 5 blob(s)" in r.stderr, r.stderr
     d3 = start_daemon(daemon.root, None, config=daemon.root / "weightcached.toml", extra_args=["--rebuild-index"])
     try:

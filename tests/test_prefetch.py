@@ -6,11 +6,10 @@ import json
 import os
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, make_model, no_partial_files, sha256_file, upload_dir
+from harness import Daemon, daemon_argv, make_model, no_partial_files, sha256_file, upload_dir
 
 
 def _view(d: Daemon, name: str) -> Path:
@@ -115,24 +114,34 @@ def test_concurrent_prefetch_of_one_model_downloads_once(daemon_factory, s3, buc
     assert int(d.ctl_json("stats")["bytes_downloaded"]) == total
 
 
-def test_object_replaced_mid_download_restarts_that_file(daemon_factory, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+def test_object_replaced_mid_download_restarts_that_file(daemon_factory, s3, bucket: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests_helpers import write_u8_safetensors
+
     c = s3.client()
-    old, new = os.urandom(12 << 20), os.urandom(12 << 20)
-    c.put_object(Bucket=bucket, Key="m/weights.bin", Body=old)
+    write_u8_safetensors(tmp_path / "old", 12 << 20, 1)
+    write_u8_safetensors(tmp_path / "new", 12 << 20, 2)
+    old, new = (tmp_path / "old").read_bytes(), (tmp_path / "new").read_bytes()
+    c.put_object(Bucket=bucket, Key="m/model.safetensors", Body=old)
     c.put_object(Bucket=bucket, Key="m/config.json", Body=b"{}")
-    d = daemon_factory(download={"rate_limit": 6 << 20, "concurrency": 2})
-    proc = subprocess.Popen(
-        ["cachectl", "prefetch", f"s3://{bucket}/m/", "--name", "m", "--include", "*", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=d.env,
-        text=True,
-    )
-    time.sleep(0.6)  # about 3 MiB of 12 fetched
-    c.put_object(Bucket=bucket, Key="m/weights.bin", Body=new)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    path = Path(json.loads(out)["path"]) / "weights.bin"
+    # Throttled so the replacement certainly lands mid-download: 12 MiB take 4 s at least.
+    d = daemon_factory(download={"rate_limit": 3 << 20, "concurrency": 2})
+    import grpc
+
+    from weightcache.v1 import weightcache_pb2 as pb
+    from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
+
+    replaced_at, model = -1, None
+    req = pb.PrefetchRequest(uri=f"s3://{bucket}/m/", name="m", include=["*"])
+    with grpc.insecure_channel(f"unix://{d.admin_socket}") as ch:
+        for ev in pb_grpc.AdminStub(ch).Prefetch(req, timeout=240):
+            if ev.HasField("model"):
+                model = ev.model
+            elif replaced_at < 0 and ev.progress.bytes_done >= 1 << 20:
+                # the daemon's own progress says the old bytes are arriving: replace the object now
+                c.put_object(Bucket=bucket, Key="m/model.safetensors", Body=new)
+                replaced_at = ev.progress.bytes_done
+    assert model is not None and 1 << 20 <= replaced_at < len(old), replaced_at
+    path = Path(model.path) / "model.safetensors"
     import hashlib
 
     assert sha256_file(path) == hashlib.sha256(new).hexdigest()  # never a splice of old and new
@@ -141,20 +150,8 @@ def test_object_replaced_mid_download_restarts_that_file(daemon_factory, s3, buc
 
 
 def test_second_daemon_on_same_store_refuses(daemon: Daemon, tmp_path: Path) -> None:
-    r = subprocess.run(
-        [
-            "weightcached",
-            "--cache-dir",
-            str(daemon.cache_dir),
-            "--socket-dir",
-            str(tmp_path / "s2"),
-            "--admin-socket",
-            str(tmp_path / "a2" / "admin.sock"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    r = subprocess.run(daemon_argv(daemon.cache_dir, tmp_path / "s2", tmp_path / "a2" / "admin.sock", log_format=None),
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 1
     assert "already used by another weightcached" in r.stderr and str(daemon.proc.pid) in r.stderr
 
@@ -204,14 +201,15 @@ def test_concurrent_prefetch_waiters_all_get_progress(daemon_factory, s3, bucket
 
     def run(i: int) -> None:
         stub = pb_grpc.AdminStub(grpc.insecure_channel(f"unix://{d.admin_socket}"))
-        for ev in stub.Prefetch(pb.PrefetchRequest(uri=f"s3://{bucket}/p/", name="p")):
+        for ev in stub.Prefetch(pb.PrefetchRequest(uri=f"s3://{bucket}/p/", name="p"), timeout=240):
             results[i].append(ev.WhichOneof("event"))
 
     ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in ts:
         t.start()
     for t in ts:
-        t.join(60)
+        t.join(300)
+        assert not t.is_alive()
     for r in results:
         assert r[-1] == "model" and r.count("progress") >= 2
 

@@ -8,10 +8,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, no_partial_files, upload_dir
+from harness import Daemon, no_partial_files, upload_dir
 
 from weightcache.errors import InvalidInputError
-from weightcache.safetensors_format import parse_header, validate_file
+from weightcache_daemon.safetensors_format import MAX_HEADER, MAX_TENSORS, parse_header, validate_file
 
 
 def st_bytes(header: object, data: bytes = b"", *, raw: bytes | None = None, length: int | None = None) -> bytes:
@@ -27,7 +27,7 @@ GOOD = {
 # (case id, file bytes, expected fragment of the message)
 CASES = [
     ("too-short", b"\x01\x02", "shorter than the 8-byte header length"),
-    ("header-too-large", struct.pack("<Q", 100_000_001) + b"{}", "exceeds the 100000000-byte limit"),
+    ("header-too-large", struct.pack("<Q", MAX_HEADER + 1) + b"{}", f"exceeds the {MAX_HEADER}-byte limit"),
     ("header-past-eof", st_bytes({}, length=500), "runs past the end"),
     ("header-too-small", st_bytes(None, raw=b"{", length=1), "too small to hold a JSON object"),
     ("not-object-start", st_bytes(None, raw=b'["x"]'), "does not start with '{'"),
@@ -93,6 +93,11 @@ CASES = [
     ("trailing-bytes", st_bytes(GOOD, b"x" * 13), "1 trailing bytes after the last tensor"),
     ("truncated-data", st_bytes(GOOD, b"x" * 11), "tensors need 12 data bytes but the file has 11"),
     ("missing-field", st_bytes({"a": {"dtype": "U8", "shape": [1]}}, b"x"), "missing field(s) data_offsets"),
+    (
+        "too-many-tensors",
+        st_bytes({f"t{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(MAX_TENSORS + 1)}),
+        f"more than {MAX_TENSORS} tensors",
+    ),
     (
         "sub-byte-dtype",
         st_bytes({"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, b"xx"),

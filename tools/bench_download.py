@@ -19,15 +19,14 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_model
+import make_model  # tools/ is on sys.path when this runs as `python tools/bench_download.py`
 import s3server
+from harness import start_daemon, write_config
 
 CONCURRENCY = 16
 PART = 8 << 20
@@ -47,21 +46,11 @@ def settle() -> None:
 
 def run_weightcache(srv: s3server.S3Server, bucket: str, prefix: str, work: Path) -> tuple[float, int]:
     root = Path(tempfile.mkdtemp(dir=work, prefix="wc-"))
-    cfg = root / "w.toml"
-    cfg.write_text(
-        f'client_sources = ["*"]\n[download]\nconcurrency = {CONCURRENCY}\npart_size = {PART}\n'
-        f'[[sources]]\nprefix = "s3://"\nendpoint_url = "{srv.endpoint}"\nregion = "{srv.region}"\n'
-        f'access_key_id = "{srv.admin_key[0]}"\nsecret_access_key = "{srv.admin_key[1]}"\n'
-    )
-    admin = root / "a" / "admin.sock"
-    d = subprocess.Popen(
-        ["weightcached", "--config", str(cfg), "--cache-dir", str(root / "store"), "--socket-dir",
-         str(root / "s"), "--admin-socket", str(admin), "--log-format", "json"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    cfg = write_config(root / "w.toml", srv, client_sources=["*"],
+                       download={"concurrency": CONCURRENCY, "part_size": PART})  # fmt: skip
+    d = start_daemon(root, srv, config=cfg)
+    admin = d.admin_socket
     try:
-        while not (root / "s" / "fd.sock").exists():
-            time.sleep(0.05)
         settle()
         t = time.perf_counter()
         subprocess.run(
@@ -70,13 +59,12 @@ def run_weightcache(srv: s3server.S3Server, bucket: str, prefix: str, work: Path
         )  # fmt: skip
         elapsed = time.perf_counter() - t
         hwm = 0
-        for line in Path(f"/proc/{d.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 hwm = int(line.split()[1]) * 1024
         return elapsed, hwm
     finally:
-        d.terminate()
-        d.wait()
+        d.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -131,7 +119,6 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
     from weightcache_daemon.config import parse_size
 
     work = a.work or Path(tempfile.mkdtemp(prefix="wc-bench-"))

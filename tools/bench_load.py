@@ -200,23 +200,17 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a.child, a.files, a.socket_dir, a.tzfile, a.first_only)))
         return
-    sys.path.insert(0, str(HERE.parent))
-    sys.path.insert(0, str(HERE.parent.parent / "daemon"))
-    import make_model
+    import make_model  # tools/ is on sys.path when this runs as `python tools/bench_load.py`
+    from harness import start_daemon
 
     from weightcache_daemon.config import parse_size
 
     work = a.work or Path(tempfile.mkdtemp(prefix="wc-bench-load-"))
     work.mkdir(parents=True, exist_ok=True)
     src = make_model.make_model(work / "src", parse_size(a.size, "--size"), shards=2)
-    admin = work / "a" / "admin.sock"
-    daemon = subprocess.Popen(
-        ["weightcached", "--cache-dir", str(work / "store"), "--socket-dir", str(work / "s"), "--admin-socket",
-         str(admin), "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    daemon = start_daemon(work / "d", None, client_sources=["*"])
+    admin = daemon.admin_socket
     try:
-        while not (work / "s" / "fd.sock").exists():
-            time.sleep(0.05)
         info = json.loads(subprocess.run(
             ["cachectl", "--admin-socket", str(admin), "prefetch", f"file://{src}/", "--name", "bench", "--json"],
             check=True, capture_output=True, text=True).stdout)  # fmt: skip
@@ -240,10 +234,10 @@ def main() -> None:
         )
         import weightcache
 
-        with weightcache.connect(work / "s") as c, c.open("bench") as m:
+        with weightcache.connect(daemon.socket_dir) as c, c.open("bench") as m:
             first_layer = list(m.layers()[0].tensors)
         total = sum(os.path.getsize(f) for f in files)
-        ctx = {"socket_dir": str(work / "s"), "files": files, "tzfile": tzfile, "first_layer": first_layer}
+        ctx = {"socket_dir": str(daemon.socket_dir), "files": files, "tzfile": tzfile, "first_layer": first_layer}
         allfiles = [*files, tzfile]
         res: dict[str, dict[str, list[dict[str, Any]]]] = {
             s: {} for s in ("warm-zero-copy", "warm-zero-copy-touched", "warm-copy", "cold", "first-layer")
@@ -287,8 +281,7 @@ def main() -> None:
             a.out.write_text(json.dumps(report, indent=1))
             a.out.with_suffix(".md").write_text(_table(report, total))
     finally:
-        daemon.terminate()
-        daemon.wait()
+        daemon.stop()
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
 

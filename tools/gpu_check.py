@@ -121,6 +121,8 @@ def main() -> None:
         return
     started = time.monotonic()
     installed = {} if a.no_install else install()
+    # install() may have just put the project in with `pip install -e`: its path hook is read at
+    # interpreter start-up, so this process finds the fresh install only through these paths.
     sys.path[:0] = [str(HERE.parent), str(ROOT / "daemon"), str(ROOT / "client")]
     import make_model
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +131,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true")
     a = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
     from weightcache_daemon.config import parse_size
 
     make_model(a.out, parse_size(a.size, "--size"), a.shards, a.dtype, a.seed, a.tiny)

@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SourceError, WeightcacheError, from_code
+from .errors import DaemonUnavailableError, WeightcacheError, from_code
 from .fdproto import pack, recv_frame
 from .v1 import weightcache_pb2 as pb
 
@@ -33,10 +33,11 @@ class FdConnection:
             self._sock.connect(self.path)
         except OSError as exc:
             self._sock.close()
-            raise SourceError(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
+            raise DaemonUnavailableError(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
 
     def _roundtrip(self, req: pb.FdRequest) -> tuple[pb.FdResponse, list[int]]:
         with self._lock:
+            fds: list[int] = []
             try:
                 try:
                     self._sock.sendall(pack(req.SerializeToString()))
@@ -46,15 +47,21 @@ class FdConnection:
                 resp = pb.FdResponse()
                 resp.ParseFromString(payload)
                 if resp.WhichOneof("response") == "acquire":
+                    # Large snapshots come in batches that the daemon sends as we read them.
                     while len(fds) < len(resp.acquire.files):
                         more_payload, more = recv_frame(self._sock)
                         fds.extend(more)
                         extra = pb.FdResponse()
                         extra.ParseFromString(more_payload)
+                        if extra.WhichOneof("response") == "error":
+                            resp = extra  # refused half-way (e.g. out of descriptors): its reason
+                            break
                         if extra.WhichOneof("response") != "more_fds":
                             raise ConnectionError("fd.sock: expected the rest of the descriptors")
             except (OSError, ConnectionError) as exc:
-                raise SourceError(f"fd.sock {self.path}: {exc}") from None
+                for fd in fds:
+                    os.close(fd)
+                raise DaemonUnavailableError(f"fd.sock {self.path}: {exc}") from None
         if resp.WhichOneof("response") == "error":
             for fd in fds:
                 os.close(fd)

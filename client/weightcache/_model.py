@@ -4,50 +4,23 @@ from __future__ import annotations
 
 import gc
 import math
-import mmap
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._backing import Backing
 from ._dtypes import torch_dtype, torch_module
-from .errors import CorruptedError, NotFoundError
-from .v1 import weightcache_pb2 as pb
+from ._pathdir import DescriptorDirectory
+from ._records import FileInfo, Layer, Manifest, TensorMeta
+from .errors import InvalidInputError, NotFoundError
 
 if TYPE_CHECKING:
-    from ._client import Client
-    from ._fd import FdConnection
+    from ._stream import LayerStream
 
 __all__ = ["FileInfo", "Layer", "Model", "TensorMeta"]
-
-
-@dataclass(frozen=True, slots=True)
-class FileInfo:
-    path: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class TensorMeta:
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    length: int
-    layer: str
-    layer_index: int
-
-
-@dataclass(frozen=True, slots=True)
-class Layer:
-    name: str
-    index: int
-    tensors: tuple[str, ...]
-    nbytes: int
 
 
 @contextmanager
@@ -64,81 +37,70 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-class _Backing:
-    """Where a file's bytes come from: a private mapping (plus the descriptor, for copies that
-    read straight into their destination), or private memory read over gRPC."""
-
-    def __init__(self, size: int, buf: mmap.mmap | bytearray, fd: int = -1) -> None:
-        self.size = size
-        self.buf = buf
-        self.fd = fd
-
-    def read_into(self, offset: int, dest: memoryview) -> None:
-        """Copy bytes [offset, offset+len(dest)) into dest: pread from the page cache (one copy,
-        kernel readahead when cold), or memcpy from private memory."""
-        if self.fd < 0:
-            dest[:] = memoryview(self.buf)[offset : offset + len(dest)]
-            return
-        done = 0
-        while done < len(dest):
-            n = os.preadv(self.fd, [dest[done:]], offset + done)
-            if n <= 0:
-                raise CorruptedError(f"file ended at {offset + done}, expected {offset + len(dest)}")
-            done += n
-
-    def advise(self, offset: int, length: int) -> None:
-        if self.fd >= 0:
-            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 class Model:
     """Returned by ``Client.open``. Use as a context manager or call ``close()``.
 
     Tensors from ``get_tensor``/``state_dict`` stay valid after close (their mapping is
     kept alive by the tensors themselves); close gives the lease back.
+
+    ``path`` is a directory that unmodified path-based loaders (transformers, vLLM) can open,
+    on the host and inside a container that mounts only the socket directory alike: its
+    entries are links to this process's descriptors (see ``_pathdir``). It lives until
+    ``close()``; ``store_path`` is the daemon's snapshot view, which exists only where the
+    store is visible (and is empty for a snapshot that no name points to).
     """
 
-    def __init__(self, client: Client, manifest: pb.Manifest, fdconn: FdConnection | None) -> None:
-        self._client = client
+    def __init__(self, manifest: Manifest, backing: Backing) -> None:
+        """A handle over ``manifest``'s tensors whose bytes come from ``backing``; the handle
+        owns the backing (``close()`` closes it). ``Client.open`` builds both."""
         self.manifest = manifest
         self.snapshot_id: str = manifest.snapshot_id
-        self.name: str = manifest.model
-        self.path: str = manifest.path
-        self.files: list[FileInfo] = [FileInfo(f.path, f.sha256, f.size) for f in manifest.files]
-        self._tensors: dict[str, TensorMeta] = {
-            t.name: TensorMeta(t.name, t.file, t.dtype, tuple(t.shape), t.offset, t.length, t.layer, t.layer_index)
-            for t in manifest.tensors
-        }
+        self.name: str = manifest.name
+        self.store_path: str = manifest.path
+        self.files: list[FileInfo] = list(manifest.files)
+        self._tensors: dict[str, TensorMeta] = {t.name: t for t in manifest.tensors}
         self._order = [t.name for t in manifest.tensors]
-        self._fdconn = fdconn
-        self._backings: dict[str, _Backing] = {}
-        self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.zero_copy = fdconn is not None
-        if fdconn is not None:
-            granted = fdconn.acquire(self.snapshot_id)
-            try:
-                for g in granted:
-                    if g.size == 0:
-                        self._backings[g.path] = _Backing(0, bytearray())
-                        os.close(g.fd)
-                        continue
-                    # MAP_PRIVATE: pages are shared with every process until one writes; a write
-                    # makes a private copy, never touching the blob or another process.
-                    mm = mmap.mmap(g.fd, g.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-                    self._backings[g.path] = _Backing(g.size, mm, g.fd)
-            except BaseException:
-                for g in granted:
-                    if g.path not in self._backings:
-                        os.close(g.fd)
-                for b in self._backings.values():
-                    b.close()
-                raise
+        self._backing = backing
+        self._streams: weakref.WeakSet[LayerStream] = weakref.WeakSet()
+        self._pathdir: DescriptorDirectory | None = None
+        self._pathdir_lock = threading.Lock()
         self._closed = False
+
+    @property
+    def backing(self) -> Backing:
+        """Where this handle's bytes come from (shared mapping, fetched memory, ...)."""
+        return self._backing
+
+    @property
+    def zero_copy(self) -> bool:
+        """True when tensors view the shared page cache (descriptors), False for private copies."""
+        return self._backing.zero_copy
+
+    # ---------------------------------------------------------------- paths
+
+    @property
+    def path(self) -> str:
+        """A directory with every file of the snapshot, for path-based loaders (built once)."""
+        with self._pathdir_lock:
+            if self._closed:
+                raise InvalidInputError(
+                    f"model {self.name or self.snapshot_id} is closed: its path went with its lease; open it again"
+                )
+            if self._pathdir is not None:
+                return self._pathdir.path
+            fds = self._backing.descriptors()
+            if fds is None:
+                # Read over gRPC: no descriptors to link to. The store's own view is the only
+                # directory there is, and only where the store is visible.
+                if self.store_path and os.path.isdir(self.store_path):
+                    return self.store_path
+                raise NotFoundError(
+                    f"model {self.name or self.snapshot_id} was opened without descriptors (fallback), and the "
+                    f"store's view {self.store_path or '(no name points to this snapshot)'} is not visible here; "
+                    "mount the whole client socket directory (fd.sock included) to get a path"
+                )
+            self._pathdir = DescriptorDirectory(self.snapshot_id, fds)
+            return self._pathdir.path
 
     # ---------------------------------------------------------------- metadata
 
@@ -171,38 +133,21 @@ class Model:
 
     # ---------------------------------------------------------------- bytes and tensors
 
-    def _backing(self, path: str) -> _Backing:
-        b = self._backings.get(path)
-        if b is None:
-            if self._fdconn is not None:
-                raise NotFoundError(f"file {path!r} is not in snapshot {self.snapshot_id}")
-            # Fallback: the whole file into private memory over ReadRange, once.
-            size = next((f.size for f in self.files if f.path == path), None)
-            if size is None:
-                raise NotFoundError(f"file {path!r} is not in snapshot {self.snapshot_id}")
-            buf = bytearray(size)
-            self._client._read_file_into(self.snapshot_id, path, buf)
-            b = self._backings[path] = _Backing(size, buf)
-        return b
-
     def get_bytes(self, name: str) -> memoryview:
         """The raw bytes of a tensor (no torch needed)."""
         t = self.meta(name)
-        b = self._backing(t.file)
-        return memoryview(b.buf)[t.offset : t.offset + t.length]
+        return self._backing.view(t.file, t.offset, t.length)
 
     def get_tensor(self, name: str) -> Any:
         """A torch tensor viewing the shared pages (copy-on-write: writes stay in this process)."""
         t = self.meta(name)
-        return self._tensor(t, self._backing(t.file))
-
-    def _tensor(self, t: TensorMeta, b: _Backing) -> Any:
         torch = torch_module()
         dtype = torch_dtype(t.dtype)
         numel = math.prod(t.shape)
         if numel == 0:
             return torch.empty(t.shape, dtype=dtype)
-        flat = torch.frombuffer(b.buf, dtype=dtype, count=numel, offset=t.offset)
+        # The tensor keeps the view, and the view its mapping or buffer, alive after close().
+        flat = torch.frombuffer(self._backing.view(t.file, t.offset, t.length), dtype=dtype, count=numel)
         return flat.view(t.shape)
 
     def get_slice(self, name: str) -> _Slice:
@@ -221,7 +166,7 @@ class Model:
         copy: bool = True,
         layer_of: Callable[[str], str] | None = None,
         reuse: bool = False,
-    ) -> Iterator[tuple[str, dict[str, Any]]]:
+    ) -> LayerStream:
         """Yield (layer group, {name: tensor}) in layer order, at most ``prefetch`` groups read ahead.
 
         On CUDA the bytes go through a ring of pinned staging buffers and non_blocking copies
@@ -233,11 +178,13 @@ class Model:
         """
         from ._stream import LayerStream
 
-        stream = LayerStream(self, self._groups(layer_of), device, prefetch, copy, reuse)
+        stream = LayerStream(self, self.groups(layer_of), device, prefetch, copy, reuse)
         self._streams.add(stream)
         return stream
 
-    def _groups(self, layer_of: Callable[[str], str] | None) -> list[tuple[str, list[TensorMeta]]]:
+    def groups(self, layer_of: Callable[[str], str] | None = None) -> list[tuple[str, list[TensorMeta]]]:
+        """(group name, its tensors' records) in stream order: the manifest's layer groups, or
+        the groups ``layer_of`` (tensor name -> group name) makes, ordered like layers."""
         from .layers import order_layers
 
         if layer_of is None:
@@ -251,16 +198,16 @@ class Model:
 
     def close(self) -> None:
         """Give the lease back. Tensors already handed out keep working."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._pathdir_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._pathdir is not None:
+                self._pathdir.close()  # before the descriptors it links to go away
+                self._pathdir = None
         for stream in list(self._streams):
             stream.close()  # stop readers before the descriptors they read go away
-        if self._fdconn is not None:
-            self._fdconn.close()
-        for b in self._backings.values():
-            b.close()
-        self._backings = {}
+        self._backing.close()
 
     def __enter__(self) -> Model:
         return self

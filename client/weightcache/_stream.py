@@ -88,10 +88,10 @@ class LayerStream:
         """Read every (tensor, destination) of a group at once, split into READ_SPLIT pieces
         across the pool, so a cold group keeps several reads in flight."""
         futs = []
+        backing = self.model.backing
         for t, dest in spans:
-            backing = self.model._backing(t.file)
             for o in range(0, len(dest), READ_SPLIT):
-                futs.append(self._pool.submit(backing.read_into, t.offset + o, dest[o : o + READ_SPLIT]))
+                futs.append(self._pool.submit(backing.read_into, t.file, t.offset + o, dest[o : o + READ_SPLIT]))
         for f in futs:
             f.result()
 
@@ -105,7 +105,7 @@ class LayerStream:
             else:
                 r[0], r[1] = min(r[0], t.offset), max(r[1], t.offset + t.length)
         for path, (start, end) in ranges.items():
-            self.model._backing(path).advise(start, end - start)
+            self.model.backing.advise(path, start, end - start)
 
     def _reader(self) -> None:
         try:

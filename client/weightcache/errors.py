@@ -10,7 +10,9 @@
     ├── ExhaustedError         RESOURCE_EXHAUSTED   out of space, over capacity, too many clients
     ├── SourceError            UNAVAILABLE          the source (S3, directory, HTTP) failed
     ├── DeadlineError          DEADLINE_EXCEEDED
-    └── InternalError          INTERNAL             a bug: the message says where
+    ├── InternalError          INTERNAL             a bug: the message says where
+    └── DaemonUnavailableError (client side only)   no daemon answers on the socket: not running,
+                                                    wrong path, socket directory not mounted
 
 Every message carries its context ("blob sha256:ab12… of model llama-8b: …").
 ``CODE_OF`` / ``ERROR_OF`` are the one table between these classes and gRPC
@@ -28,6 +30,7 @@ __all__ = [
     "AlreadyExistsError",
     "BusyError",
     "CorruptedError",
+    "DaemonUnavailableError",
     "DeadlineError",
     "ExhaustedError",
     "InternalError",
@@ -85,6 +88,14 @@ class InternalError(WeightcacheError):
     pass
 
 
+class DaemonUnavailableError(WeightcacheError, ConnectionError):
+    """No daemon answers: the socket is missing, refuses connections, or the connection broke.
+
+    Raised by the client and cachectl themselves (the daemon never sends it), so that "is the
+    daemon running?" is one category everywhere, distinct from a source failing (SourceError).
+    """
+
+
 CODE_OF: dict[type[WeightcacheError], grpc.StatusCode] = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
@@ -107,9 +118,23 @@ def code_for(exc: WeightcacheError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# gRPC's own words when no daemon took the call (as opposed to an UNAVAILABLE the daemon sent).
+# "Stream removed (sendmsg: Broken pipe)" is a daemon that died while a call was streaming.
+_TRANSPORT_FAILURES = (
+    "failed to connect to all addresses",
+    "Socket closed",
+    "Connection reset",
+    "connect failed",
+    "Stream removed",
+)
+
+
 def from_rpc_error(exc: grpc.RpcError) -> WeightcacheError:
     """The exception for a failed call, with the daemon's message."""
-    return from_code(exc.code(), exc.details() or "")
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and any(t in details for t in _TRANSPORT_FAILURES):
+        return DaemonUnavailableError(f"weightcached is not answering: {details}")
+    return from_code(exc.code(), details)
 
 
 def from_code(code: grpc.StatusCode | str, message: str) -> WeightcacheError:

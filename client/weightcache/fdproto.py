@@ -7,7 +7,10 @@ import array
 import socket
 import struct
 
-MAX_FRAME = 16 << 20  # an Acquire response for thousands of files stays far below this
+MAX_FRAME = 16 << 20  # a response (daemon -> client): an Acquire for thousands of files stays far below
+# A request (client -> daemon) names one snapshot id: a few dozen bytes. The daemon reads no
+# more than this per frame, so a client cannot make it buffer more (docs/security.md).
+MAX_REQUEST_FRAME = 4096
 MAX_FDS_PER_MSG = 250  # the kernel's SCM_MAX_FD is 253
 
 
@@ -20,14 +23,15 @@ def pack(payload: bytes) -> bytes:
 def recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
     """Blocking receive of one frame and the descriptors that came with it.
 
-    Raises ConnectionError on EOF. Descriptors are returned even if the frame is bad, so
-    the caller can close them.
+    Raises ConnectionError on EOF, or when the kernel dropped descriptors because this
+    process is at its open-file limit. Descriptors are closed when the frame is refused.
     """
     fds: list[int] = []
     header = b""
     while len(header) < 4:
-        data, anc, _flags, _ = sock.recvmsg(4 - len(header), socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4))
+        data, anc, flags, _ = sock.recvmsg(4 - len(header), socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4))
         fds.extend(_fds(anc))
+        _check_truncated(flags, fds)
         if not data:
             _close(fds)
             raise ConnectionError("fd.sock closed by the peer")
@@ -38,13 +42,26 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
         raise ConnectionError(f"fd.sock frame of {n} bytes exceeds {MAX_FRAME}")
     body = bytearray()
     while len(body) < n:
-        data, anc, _flags, _ = sock.recvmsg(n - len(body), socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4))
+        data, anc, flags, _ = sock.recvmsg(n - len(body), socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4))
         fds.extend(_fds(anc))
+        _check_truncated(flags, fds)
         if not data:
             _close(fds)
             raise ConnectionError("fd.sock closed in the middle of a frame")
         body += data
     return bytes(body), fds
+
+
+def _check_truncated(flags: int, fds: list[int]) -> None:
+    if flags & socket.MSG_CTRUNC:
+        _close(fds)
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        raise ConnectionError(
+            f"descriptors from fd.sock were dropped by the kernel: this process is at its open-file limit "
+            f"({soft}, hard {hard}); raise it (ulimit -n, or resource.setrlimit) before opening this model"
+        )
 
 
 def _fds(anc: list[tuple[int, int, bytes]]) -> list[int]:

@@ -2,9 +2,11 @@
 
 from weightcache.nn import load_into, materialize_just_in_time
 
-load_into(module, model, strict=True)              # like load_state_dict, zero-copy source
-with torch.device("meta"):
+load_into(module, model, strict=True)      # like load_state_dict, zero-copy source
+with accelerate.init_empty_weights():      # parameters on meta, buffers (inv_freq…) real
     module = MyLlama(cfg)
+load_into(module, model)                   # meta parameters are assigned, like assign=True
+# or, on a fresh meta module:
 jit = materialize_just_in_time(module, model, "cuda:0", prefetch=2)
 out = module(tokens)   # each layer's weights arrive right before that layer runs
 """
@@ -12,6 +14,7 @@ out = module(tokens)   # each layer's weights arrive right before that layer run
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._dtypes import torch_module
@@ -24,7 +27,7 @@ __all__ = ["JustInTime", "load_into", "materialize_just_in_time"]
 
 
 def _targets(module: Any) -> dict[str, Any]:
-    """Every parameter and persistent buffer of a module by its state_dict name."""
+    """Every parameter and persistent buffer of a module by its state_dict name (tied names included)."""
     out: dict[str, Any] = dict(module.named_parameters(remove_duplicate=False))
     for name, buf in module.named_buffers(remove_duplicate=False):
         owner, _, leaf = name.rpartition(".")
@@ -34,25 +37,60 @@ def _targets(module: Any) -> dict[str, Any]:
     return out
 
 
-def _check_keys(module: Any, model: Model, strict: bool) -> tuple[list[str], list[str]]:
-    want = set(_targets(module))
+def _first(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+@dataclass
+class _Plan:
+    """What a load will do. ``sources``: checkpoint name -> every module name it fills: itself
+    and the names the module ties to it (same tensor object), so a tied weight the checkpoint
+    omits (``lm_head.weight`` saved once as ``model.embed_tokens.weight``) is filled, and stays
+    tied, rather than reported missing."""
+
+    targets: dict[str, Any]
+    sources: dict[str, list[str]]
+    missing: list[str]
+    unexpected: list[str]
+
+
+def _plan(module: Any, model: Model, strict: bool, who: str) -> _Plan:
+    label = model.name or model.snapshot_id
+    targets = _targets(module)
+    tied: dict[int, list[str]] = {}
+    for name, t in targets.items():
+        tied.setdefault(id(t), []).append(name)
     have = set(model.keys())
-    missing = sorted(want - have)
-    unexpected = sorted(have - want)
+    sources: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for names in tied.values():
+        present = [n for n in names if n in have]
+        if present:
+            # Saved more than once (an untied save of tied weights): the first copy fills them all.
+            sources[present[0]] = names
+        else:
+            missing.extend(names)
+    missing.sort()
+    unexpected = sorted(have - set(targets))
     if strict and (missing or unexpected):
         parts = []
         if missing:
-            parts.append(
-                f"missing from model {model.name or model.snapshot_id}: {', '.join(missing[:10])}"
-                + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
-            )
+            parts.append(f"missing from model {label}: {_first(missing)}")
         if unexpected:
-            parts.append(
-                f"not in the module: {', '.join(unexpected[:10])}"
-                + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else "")
-            )
-        raise InvalidInputError("load_into(strict=True): " + "; ".join(parts))
-    return missing, unexpected
+            parts.append(f"not in the module: {_first(unexpected)}")
+        raise InvalidInputError(f"{who}(strict=True): " + "; ".join(parts))
+    for src, names in sources.items():
+        _check_shape(names[0], targets[names[0]], model.meta(src).shape)
+    covered = {n for names in sources.values() for n in names}
+    stuck = [n for n, b in module.named_buffers(remove_duplicate=False) if b.is_meta and n not in covered]
+    if stuck:
+        raise InvalidInputError(
+            f"{who}: buffer(s) {_first(sorted(stuck))} are on the meta device and model {label} does not carry "
+            "them, so nothing would ever fill them (the forward pass would fail or compute garbage); build the "
+            "module with only its parameters on meta and its buffers on a real device, as accelerate's "
+            "init_empty_weights() does by default (torch.device('meta') puts buffers on meta too)"
+        )
+    return _Plan(targets, sources, missing, unexpected)
 
 
 def _check_shape(name: str, target: Any, meta_shape: tuple[int, ...]) -> None:
@@ -62,30 +100,57 @@ def _check_shape(name: str, target: Any, meta_shape: tuple[int, ...]) -> None:
         )
 
 
+def _assign(module: Any, names: list[str], old: Any, value: Any) -> None:
+    """Put ``value`` in place of ``old`` under every name (one object for tied names), keeping
+    the module's dtype (a cast copies; matching dtypes stay zero-copy) and requires_grad."""
+    torch = torch_module()
+    if value.dtype != old.dtype:
+        value = value.to(old.dtype)
+    new = torch.nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else value
+    for full in names:
+        owner, _, leaf = full.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        # Module.__setattr__ replaces a parameter with a Parameter and a buffer with a tensor
+        # under the same name (a buffer keeps its persistence).
+        setattr(sub, leaf, new)
+
+
 def load_into(module: Any, model: Model, *, strict: bool = True, device: Any = None) -> tuple[list[str], list[str]]:
-    """Copy a cached model's tensors into ``module`` (in place, keeping its dtypes and devices).
+    """Load a cached model's tensors into ``module``.
+
+    Real tensors are filled in place (``copy_``, keeping their dtypes and devices). Tensors on
+    the meta device are replaced, like ``load_state_dict(assign=True)``: by zero-copy views of
+    the shared pages (or, with ``device`` set, by tensors streamed there group by group), in
+    the module's dtype. A tied weight the checkpoint omits is filled with, and stays tied to,
+    the tensor it is tied to. Buffers the checkpoint does not carry are left as the module
+    computed them; one still on meta is an InvalidInputError naming it, raised before anything
+    is loaded.
 
     Returns (missing keys, unexpected keys) like ``load_state_dict``; with strict=True any of
-    them, or any shape mismatch, is an InvalidInputError that names the tensors. With
-    ``device`` set, weights are streamed there group by group instead of read zero-copy.
+    them, or any shape mismatch, is an InvalidInputError that names the tensors.
     """
     torch = torch_module()
-    missing, unexpected = _check_keys(module, model, strict)
-    targets = _targets(module)
-    for name in model.keys():
-        if name in targets:
-            _check_shape(name, targets[name], model.meta(name).shape)
+    plan = _plan(module, model, strict, "load_into")
+
+    def put(src: str, value: Any) -> None:
+        names = plan.sources[src]
+        target = plan.targets[names[0]]
+        if target.is_meta:
+            _assign(module, names, target, value)
+        else:
+            target.copy_(value, non_blocking=device is not None)
+
     with torch.no_grad():
         if device is None:
             for name in model.keys():
-                if name in targets:
-                    targets[name].copy_(model.get_tensor(name))
+                if name in plan.sources:
+                    put(name, model.get_tensor(name))
         else:
             for _, group in model.stream(device, copy=True):
                 for name, tensor in group.items():
-                    if name in targets:
-                        targets[name].copy_(tensor, non_blocking=True)
-    return missing, unexpected
+                    if name in plan.sources:
+                        put(name, tensor)
+    return plan.missing, plan.unexpected
 
 
 def _owner_modules(names: list[str]) -> list[str]:
@@ -109,25 +174,52 @@ class JustInTime:
     layers i+1…i+prefetch are already being read and copied. A hook that needs group k
     consumes the stream up to k (materialising every group on the way), so any execution
     order is correct; the hooks remove themselves once every group has arrived.
+
+    The rules are ``load_into``'s: every tensor the checkpoint carries replaces the module's
+    (meta or not), tied weights the checkpoint omits arrive with the tensor they are tied to,
+    a buffer left on meta is an error at arming time. Tensors the checkpoint does not carry
+    (rotary ``inv_freq``, position ids) keep their values and are moved to ``device`` now, so
+    the forward pass finds everything on one device. ``missing``/``unexpected`` say what
+    strict=False let through.
     """
 
     def __init__(
-        self, module: Any, model: Model, device: Any, prefetch: int = 2, layer_of: Callable[[str], str] | None = None
+        self,
+        module: Any,
+        model: Model,
+        device: Any,
+        prefetch: int = 2,
+        layer_of: Callable[[str], str] | None = None,
+        *,
+        strict: bool = True,
     ) -> None:
+        torch_module()  # without torch, fail here with the install hint
         self.module = module
         self.model = model
-        _check_keys(module, model, strict=True)
-        targets = _targets(module)
-        for name in model.keys():
-            _check_shape(name, targets[name], model.meta(name).shape)
-        self._groups = model._groups(layer_of)
-        self._stream = iter(model.stream(device, prefetch=prefetch, layer_of=layer_of))
+        plan = _plan(module, model, strict, "materialize_just_in_time")
+        self.missing, self.unexpected = plan.missing, plan.unexpected
+        self._sources = plan.sources
+        self._groups = model.groups(layer_of)
+        self._stream = model.stream(device, prefetch=prefetch, layer_of=layer_of)
+        self._move_the_rest(self._stream.device)
         self._arrived: set[str] = set()
         self._handles: list[Any] = []
         for gname, metas in self._groups:
-            for owner in _owner_modules([m.name for m in metas]):
+            names = [n for m in metas for n in self._sources.get(m.name, ())]
+            for owner in _owner_modules(names) if names else ():
                 sub = module.get_submodule(owner) if owner else module
                 self._handles.append(sub.register_forward_pre_hook(self._hook_for(gname)))
+
+    def _move_the_rest(self, device: Any) -> None:
+        covered = {n for names in self._sources.values() for n in names}
+        rest: dict[int, tuple[Any, list[str]]] = {}
+        for name, t in [*self.module.named_parameters(remove_duplicate=False),
+                        *self.module.named_buffers(remove_duplicate=False)]:  # fmt: skip
+            if name not in covered and not t.is_meta and t.device != device:
+                rest.setdefault(id(t), (t, []))[1].append(name)
+        with torch_module().no_grad():
+            for t, names in rest.values():
+                _assign(self.module, names, t, t.to(device))
 
     def _hook_for(self, gname: str) -> Callable[..., None]:
         def hook(_mod: Any, _args: Any) -> None:
@@ -140,23 +232,22 @@ class JustInTime:
             try:
                 name, tensors = next(self._stream)
             except StopIteration:
-                raise InvalidInputError(f"layer group {gname} never arrived from the stream") from None
+                raise InvalidInputError(
+                    f"materialize_just_in_time: layer group {gname} never arrived from the stream"
+                ) from None
             self._materialise(tensors)
             self._arrived.add(name)
         if len(self._arrived) == len(self._groups):
             self.remove()
 
     def _materialise(self, tensors: dict[str, Any]) -> None:
-        torch = torch_module()
-        for full, tensor in tensors.items():
-            owner, _, leaf = full.rpartition(".")
-            sub = self.module.get_submodule(owner) if owner else self.module
-            old = getattr(sub, leaf)
-            if isinstance(old, torch.nn.Parameter):
-                value = tensor if tensor.dtype == old.dtype else tensor.to(old.dtype)
-                sub._parameters[leaf] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
-            else:
-                sub._buffers[leaf] = tensor if tensor.dtype == old.dtype else tensor.to(old.dtype)
+        with torch_module().no_grad():
+            for full, tensor in tensors.items():
+                names = self._sources.get(full)
+                if names is not None:  # strict=False: tensors the module does not have are dropped
+                    owner, _, leaf = names[0].rpartition(".")
+                    sub = self.module.get_submodule(owner) if owner else self.module
+                    _assign(self.module, names, getattr(sub, leaf), tensor)
 
     def finish(self) -> None:
         """Materialise whatever has not arrived yet (e.g. weights no forward pass touched)."""
@@ -170,7 +261,13 @@ class JustInTime:
 
 
 def materialize_just_in_time(
-    module: Any, model: Model, device: Any, prefetch: int = 2, layer_of: Callable[[str], str] | None = None
+    module: Any,
+    model: Model,
+    device: Any,
+    prefetch: int = 2,
+    layer_of: Callable[[str], str] | None = None,
+    *,
+    strict: bool = True,
 ) -> JustInTime:
-    """Arm a module built on the meta device; see ``JustInTime``."""
-    return JustInTime(module, model, device, prefetch, layer_of)
+    """Arm a module built with its parameters on the meta device; see ``JustInTime``."""
+    return JustInTime(module, model, device, prefetch, layer_of, strict=strict)

@@ -19,21 +19,24 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from weightcache import paths
-from weightcache.errors import InvalidInputError, SourceError, WeightcacheError, from_rpc_error
+from weightcache import Progress, paths
+from weightcache.errors import DaemonUnavailableError, InvalidInputError, WeightcacheError, from_rpc_error
+from weightcache.progress import Bar, human
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
-from .progress import Bar, human
-
 
 def admin_socket(arg: Path | None) -> Path:
-    return arg or paths.env_or_default_admin_socket(os.environ, os.geteuid())
+    return paths.admin_socket(arg, os.environ, os.geteuid())
+
+
+def client_socket_dir(arg: Path | None) -> Path:
+    return paths.client_socket_dir(arg, os.environ, os.geteuid())
 
 
 def _stub(sock: Path) -> pb_grpc.AdminStub:
     if not sock.exists():
-        raise SourceError(
+        raise DaemonUnavailableError(
             f"admin socket {sock} does not exist: is weightcached running? (--admin-socket or "
             "WEIGHTCACHE_ADMIN_SOCKET point elsewhere)"
         )
@@ -76,13 +79,7 @@ def cmd_prefetch(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     try:
         for ev in stub.Prefetch(req):
             if ev.HasField("progress"):
-                p = ev.progress
-                bar.update(
-                    p.bytes_done,
-                    p.bytes_total,
-                    p.bytes_per_second,
-                    f"{p.files_done}/{p.files_total} files {pb.Progress.Phase.Name(p.phase).lower()}",
-                )
+                bar(Progress.from_pb(ev.progress))
             else:
                 model = ev.model
     except grpc.RpcError as exc:
@@ -205,7 +202,7 @@ def cmd_verify(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
         for ev in stub.Verify(pb.VerifyRequest(model=a.model or "", repair=a.repair)):
             if ev.HasField("progress"):
                 p = ev.progress
-                bar.update(p.bytes_done, p.bytes_total, 0.0, f"{p.files_done}/{p.files_total} blobs")
+                bar.update(p.bytes_done, p.bytes_total, note=f"{p.files_done}/{p.files_total} blobs")
             else:
                 result = ev.result
     except grpc.RpcError as exc:
@@ -289,13 +286,16 @@ def _client_checks(socket_dir: Path) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def cmd_doctor(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
+def cmd_doctor(admin: Path, a: argparse.Namespace) -> int:
+    """Runs every check it can: with the daemon down, the client-side checks still run and the
+    admin socket is one more FAIL with what to do, not a reason to stop."""
     checks = _client_checks(client_socket_dir(a.socket_dir))
     try:
-        resp = _call(stub.Doctor, pb.DoctorRequest(timeout_seconds=a.timeout))
+        resp = _call(_stub(admin).Doctor, pb.DoctorRequest(timeout_seconds=a.timeout))
         checks += [(c.name, pb.Check.Status.Name(c.status), c.detail, c.hint) for c in resp.checks]
     except WeightcacheError as exc:
-        checks.append(("admin API", "FAIL", str(exc), "is weightcached running? is --admin-socket right?"))
+        checks.append(("admin API", "FAIL", str(exc), "start weightcached, or point --admin-socket / "
+                       "WEIGHTCACHE_ADMIN_SOCKET at its admin socket"))  # fmt: skip
     if a.json:
         _out([{"name": n, "status": s, "detail": d, "hint": h} for n, s, d, h in checks])
     else:
@@ -311,10 +311,6 @@ def cmd_health(a: argparse.Namespace) -> int:
     _, s, d, _ = checks[0]
     print(f"[{s}] {d}")
     return 0 if s == "PASS" else 1
-
-
-def client_socket_dir(arg: Path | None) -> Path:
-    return arg or paths.env_or_default_socket_dir(os.environ, os.geteuid())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     if a.command == "health":
         sys.exit(cmd_health(a))
+    if a.command == "doctor":
+        sys.exit(cmd_doctor(admin_socket(a.admin_socket), a))
     try:
         stub = _stub(admin_socket(a.admin_socket))
         handlers: dict[str, Callable[[pb_grpc.AdminStub, argparse.Namespace], int]] = {
@@ -375,7 +373,6 @@ def main(argv: list[str] | None = None) -> None:
             "stats": cmd_stats,
             "verify": cmd_verify,
             "gc": cmd_gc,
-            "doctor": cmd_doctor,
         }
         code = handlers[a.command](stub, a)
     except WeightcacheError as exc:

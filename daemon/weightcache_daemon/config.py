@@ -6,7 +6,6 @@ here is passed down.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import tomllib
@@ -17,6 +16,8 @@ from typing import Any
 
 from weightcache import paths
 from weightcache.errors import InvalidInputError
+
+from . import uris
 
 __all__ = ["Config", "DownloadConfig", "SourceConfig", "load", "parse_size"]
 
@@ -103,6 +104,18 @@ class Config:
     socket_mode: int = 0o660
     admin_group: str | None = None  # when set, the admin socket is 0660 with this group
     max_clients: int = 4096  # open fd.sock connections (leases); more are refused as UNAVAILABLE
+    # fd.sock bounds (docs/security.md, "fd.sock bounds"): connections per peer uid, seconds a
+    # connection may sit inside a frame, seconds one without leases may sit idle.
+    max_clients_per_uid: int = 64
+    fd_frame_timeout: float = 10.0
+    fd_idle_timeout: float = 60.0
+    # Bytes of distinct snapshots one uid may lease at once (0 = no bound), or a share of the
+    # capacity (of the store's filesystem when the capacity is unlimited).
+    lease_quota: int = 0
+    lease_quota_percent: float = 50.0
+    # Set FS_IMMUTABLE_FL on committed blobs (needs CAP_LINUX_IMMUTABLE): not even root in a
+    # container can open a granted descriptor for writing (docs/security.md).
+    immutable_blobs: bool = False
     log_format: str = "console"
     metrics_address: str | None = None
     client_sources: tuple[str, ...] = ()
@@ -120,7 +133,14 @@ class Config:
         return best
 
     def client_may_fetch(self, uri: str) -> bool:
-        return any(fnmatch.fnmatchcase(uri, pattern) for pattern in self.client_sources)
+        """Whether a client may trigger a download of ``uri``: the allow-list is matched against
+        the canonical form only (uris.normalize), so '..', encodings and duplicate slashes
+        cannot step out of an allowed prefix; a URI that does not normalise is never allowed."""
+        try:
+            canonical = uris.normalize(uri)
+        except InvalidInputError:
+            return False
+        return uris.allowed(canonical, self.client_sources)
 
 
 def capacity_bytes(cfg: Config) -> int:
@@ -145,6 +165,11 @@ _TOP_KEYS = {
     "socket_mode",
     "admin_group",
     "max_clients",
+    "max_clients_per_uid",
+    "fd_frame_timeout",
+    "fd_idle_timeout",
+    "lease_quota",
+    "immutable_blobs",
     "log_format",
     "metrics_address",
     "client_sources",
@@ -221,7 +246,10 @@ def load(
         if "admin_socket" in data
         else (paths.SYSTEM_ADMIN_SOCKET if system else paths.user_admin_socket(env))
     )
-    if admin_socket.parent.resolve() == socket_dir.resolve():
+    # Absolute from here on: gRPC reads "unix://rel/x.sock" as a host name, and a daemon that
+    # later changes directory must still find its own store.
+    cache_dir, socket_dir, admin_socket = cache_dir.absolute(), socket_dir.absolute(), admin_socket.absolute()
+    if admin_socket.parent.resolve().is_relative_to(socket_dir.resolve()):
         raise InvalidInputError(
             f"admin socket {admin_socket} must not be inside the client socket directory {socket_dir} "
             "(containers mount that directory)"
@@ -232,7 +260,7 @@ def load(
         cs = data["client_sources"]
         if not isinstance(cs, list) or not all(isinstance(s, str) for s in cs):
             raise InvalidInputError(f"{where}: client_sources must be a list of URI glob patterns")
-        client_sources = tuple(cs)
+        client_sources = tuple(uris.check_pattern(p, where) for p in cs)
     else:
         client_sources = () if config_file is not None else ("*",)
     log_format = str(data.get("log_format", "json" if env.get("JOURNAL_STREAM") else "console"))
@@ -285,10 +313,38 @@ def load(
             raise InvalidInputError(f'{key} {raw!r}: an octal mode such as "0750"') from None
         if not 0 <= modes[key] <= 0o777 or modes[key] & 0o007:
             raise InvalidInputError(f"{key} {oct(modes[key])}: must grant nothing to others (o=---)")
+    if modes["socket_dir_mode"] & 0o020:
+        # group write on the directory lets any client replace the daemon's sockets with its own
+        raise InvalidInputError(f"socket_dir_mode {oct(modes['socket_dir_mode'])}: must not let the group write (g-w)")
     for key in ("socket_group", "admin_group"):
         if key in data and not isinstance(data[key], str | int):
             raise InvalidInputError(f"{key}: a group name or gid")
     metrics = data.get("metrics_address", "127.0.0.1:9464" if system and config_file is not None else None)
+    fd_bounds = {}
+    for key, lo in (
+        ("max_clients", 1),
+        ("max_clients_per_uid", 1),
+        ("fd_frame_timeout", 0.1),
+        ("fd_idle_timeout", 0.1),
+    ):
+        raw = data.get(key, getattr(Config, key))
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or raw < lo:
+            raise InvalidInputError(f"{key} {raw!r}: must be a number >= {lo}")
+        fd_bounds[key] = raw
+    quota_raw = data.get("lease_quota", "50%")
+    quota, quota_percent = 0, 0.0
+    if isinstance(quota_raw, str) and quota_raw.strip().endswith("%"):
+        try:
+            quota_percent = float(quota_raw.strip()[:-1])
+        except ValueError:
+            quota_percent = -1
+        if not 0 < quota_percent <= 100:
+            raise InvalidInputError(f"lease_quota {quota_raw!r}: a percentage must be in (0, 100]")
+    else:
+        quota = parse_size(quota_raw, "lease_quota")
+    immutable = data.get("immutable_blobs", False)
+    if not isinstance(immutable, bool):
+        raise InvalidInputError(f"immutable_blobs {immutable!r}: must be true or false")
     return Config(
         cache_dir=cache_dir,
         socket_dir=socket_dir,
@@ -304,7 +360,13 @@ def load(
         socket_dir_mode=modes["socket_dir_mode"],
         socket_mode=modes["socket_mode"],
         admin_group=str(data["admin_group"]) if "admin_group" in data else None,
-        max_clients=int(data.get("max_clients", 4096)),
+        max_clients=int(fd_bounds["max_clients"]),
+        max_clients_per_uid=int(fd_bounds["max_clients_per_uid"]),
+        fd_frame_timeout=float(fd_bounds["fd_frame_timeout"]),
+        fd_idle_timeout=float(fd_bounds["fd_idle_timeout"]),
+        lease_quota=quota,
+        lease_quota_percent=quota_percent,
+        immutable_blobs=immutable,
         client_sources=client_sources,
         include=tuple(include),
         download=download,

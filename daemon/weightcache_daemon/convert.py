@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from weightcache.v1 import weightcache_pb2 as pb
 
-from .core import Manifest, ModelView, Stats
+from .admission import Stats
+from .eviction import EvictPlan, GCPlan
 from .jobs import ProgressState
 from .leases import Lease
+from .manifests import Manifest, ModelView
 
 
 def progress(p: ProgressState) -> pb.Progress:
@@ -79,4 +81,20 @@ def stats(s: Stats, cache_dir: str) -> pb.StatsResponse:
         max_size=s.capacity,
         held_bytes=s.held_bytes,
         filesystem_free=s.filesystem_free,
+    )
+
+
+def evict_plan(p: EvictPlan, dry_run: bool) -> pb.EvictResponse:
+    return pb.EvictResponse(
+        models=p.models, snapshots=p.snapshots, blobs=p.blobs, bytes_freed=p.bytes_freed, dry_run=dry_run
+    )
+
+
+def gc_plan(p: GCPlan, dry_run: bool) -> pb.GCResponse:
+    return pb.GCResponse(
+        blobs=p.orphans,
+        ingests=[d.name for d in p.stale_ingests],
+        snapshots=p.snapshots,
+        bytes_freed=p.bytes_freed,
+        dry_run=dry_run,
     )

@@ -1,114 +1,57 @@
-"""The cache core: what the gRPC handlers and the descriptor server call.
+"""The cache core: the one object the gRPC handlers and the descriptor server call.
 
-Handlers validate and convert; everything that decides lives here.
+It wires the parts that decide, each in its own module, and owns only what spans them:
+fetching a model (resolve or download, then name it, then its manifest), resuming
+interrupted downloads, and granting a snapshot's files over fd.sock.
+
+- naming.py: model references, names and who may point them (resolve, check_snapshot)
+- manifests.py: manifests and model views; list, show, pin
+- admission.py: usage and capacity admission for downloads; stats
+- eviction.py: eviction and gc plans (immutable records with their effect) and their execution
+- verify.py: verify, quarantine, the damaged check, repair
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import re
-import shutil
-import threading
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import structlog
 
-from weightcache.errors import (
-    BusyError,
-    ExhaustedError,
-    InvalidInputError,
-    NotFoundError,
-    PermissionDeniedError,
-    WeightcacheError,
-)
-from weightcache.layers import default_layer_of, order_layers
-from weightcache.safetensors_format import TensorInfo
+from weightcache.errors import InvalidInputError, NotFoundError, PermissionDeniedError, WeightcacheError
 
-from .config import Config, capacity_bytes
+from . import uris
+from .admission import Admission, Stats
+from .config import Config
+from .eviction import Evictor, EvictPlan, GCPlan
 from .index import FileRow, Index, ModelRow
-from .jobs import Fetcher, JobKey, ProgressState, read_state
+from .ingest_state import IngestState
+from .jobs import Fetcher, Job, ProgressState
 from .leases import Lease, Leases
+from .manifests import Catalog, Manifest, ModelView, Span, TensorEntry, layer_spans
 from .metrics import Metrics
-from .progress import human
-from .sources import parse_uri
-from .store import LocalBlobStore, check_digest, hash_file
-from .views import build_view, remove_view, view_path
+from .naming import Names, check_name, default_name
+from .store import LocalBlobStore
+from .verify import Verifier
+
+__all__ = ["Core", "EvictPlan", "GCPlan", "Grant", "Manifest", "ModelView", "Stats", "TensorEntry"]
 
 log = structlog.get_logger("weightcached.core")
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?")
-_SNAPSHOT = re.compile(r"[0-9a-f]{32}")
-
-
-def check_name(name: str) -> str:
-    if not _NAME.fullmatch(name) or ".." in name:
-        raise InvalidInputError(
-            f"model name {name[:200]!r}: use letters, digits, '.', '_', '-' (at most 128), optionally one 'org/' prefix"
-        )
-    return name
-
-
-def default_name(uri: str) -> str:
-    _, _, path = parse_uri(uri)
-    last = [p for p in path.split("/") if p]
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", last[-1] if last else "model").lstrip("._-") or "model"
-    return name[:128]
+CLIENT_IO_THREADS = 16
+ADMIN_IO_THREADS = 4
 
 
 @dataclass(frozen=True)
-class TensorEntry:
-    info: TensorInfo
-    file: str
-    layer: str
-    layer_index: int
+class Grant:
+    """A snapshot granted to one peer over fd.sock: its files (to open and send, in this
+    order) and the lease that keeps them accounted until the connection closes."""
 
-
-@dataclass(frozen=True)
-class Manifest:
-    model: str
     snapshot_id: str
-    source: str
-    files: list[FileRow]
-    tensors: list[TensorEntry]
-    layers: list[str]
-    path: str
-
-
-@dataclass(frozen=True)
-class ModelView:
-    row: ModelRow
-    size: int
-    file_count: int
-    leases: list[Lease]
-    path: str
-
-
-@dataclass
-class EvictPlan:
-    models: list[str] = field(default_factory=list)
-    snapshots: list[str] = field(default_factory=list)
-    views: list[tuple[str, str]] = field(default_factory=list)
-    blobs: list[str] = field(default_factory=list)
-    bytes_freed: int = 0
-
-
-@dataclass(frozen=True)
-class Stats:
-    models: int
-    snapshots: int
-    blobs: int
-    logical_bytes: int
-    stored_bytes: int
-    bytes_downloaded: int
-    active_downloads: int
-    leases: int
-    filesystem_free: int
-    held_bytes: int
-    capacity: int
+    files: tuple[FileRow, ...]
+    lease: Lease
 
 
 class Core:
@@ -121,41 +64,21 @@ class Core:
         self.index = index
         self.fetcher = fetcher
         self.leases = leases
-        self.capacity = capacity_bytes(cfg)
-        # Bytes of blobs unlinked while a process still had them open (evicted with --force):
-        # they use disk until the last lease on their snapshot goes.
-        self.held: dict[str, int] = {}
-        self._room = threading.Lock()
-        fetcher.make_room = self.make_room
-
-    # ---------------------------------------------------------------- resolution
-
-    def resolve(self, model: str) -> tuple[str, ModelRow | None]:
-        """A name, snapshot id or source URI of a cached model -> (snapshot id, model row)."""
-        if not model:
-            raise InvalidInputError("model is empty: give a name, a snapshot id or a source URI")
-        row = self.index.model(model)
-        if row is not None:
-            return row.snapshot_id, row
-        if _SNAPSHOT.fullmatch(model) and self.index.snapshot_source(model) is not None:
-            rows = self.index.models_of_snapshot(model)
-            return model, rows[0] if rows else None
-        if "://" in model:
-            for r in self.index.models():
-                if r.source == model:
-                    return r.snapshot_id, r
-        raise NotFoundError(f"model {model[:200]!r} is not in the cache (cachectl prefetch URI --name NAME adds it)")
-
-    def check_snapshot(self, snapshot_id: str) -> str:
-        if not _SNAPSHOT.fullmatch(snapshot_id):
-            raise InvalidInputError(f"snapshot id {snapshot_id[:80]!r} is not 32 lowercase hex characters")
-        if self.index.snapshot_source(snapshot_id) is None:
-            raise NotFoundError(f"snapshot {snapshot_id} is not in the cache")
-        return snapshot_id
-
-    def _key(self, uri: str, include: list[str], exclude: list[str]) -> JobKey:
-        parse_uri(uri)  # validates the shape
-        return JobKey(uri, tuple(include) or self.cfg.include, tuple(exclude))
+        self.names = Names(cfg, store, index)
+        self.catalog = Catalog(store, index, leases, self.names)
+        self.evictor = Evictor(store, index, leases, fetcher, self.names.resolve)
+        self.admission = Admission(cfg, store, index, leases, fetcher, metrics, self.evictor)
+        self.verifier = Verifier(store, index, self.names)
+        self.capacity = self.admission.capacity
+        fetcher.make_room = self.admission.make_room
+        # The job names its snapshot itself: an accepted prefetch ends named even when its
+        # caller has gone away or the daemon crashed and resumed it.
+        fetcher.on_commit = self._name_job
+        # Client-serving work (manifests, listings, ReadRange; also the loop's default executor)
+        # has its own threads: downloads run in the fetcher's pool and admin work (verify,
+        # doctor) in another, so none waits on the others.
+        self.client_io = ThreadPoolExecutor(max_workers=CLIENT_IO_THREADS, thread_name_prefix="wc-client-io")
+        self.admin_io = ThreadPoolExecutor(max_workers=ADMIN_IO_THREADS, thread_name_prefix="wc-admin-io")
 
     # ---------------------------------------------------------------- fetch
 
@@ -163,22 +86,27 @@ class Core:
         self,
         model: str,
         name: str,
-        include: list[str],
-        exclude: list[str],
+        include: Sequence[str],
+        exclude: Sequence[str],
         *,
         admin: bool,
         pin: bool | None = None,
+        owner: str | None = None,
     ) -> AsyncIterator[ProgressState | Manifest]:
-        """Ensure (client) and Prefetch (admin): progress events, then the Manifest."""
+        """Ensure (client) and Prefetch (admin): progress events, then the Manifest.
+
+        `owner` is who names the model (index.OWNERS): "client" for Ensure, "admin" for
+        Prefetch by default, "models.d" for declared models. See Index.set_model for what each
+        may name."""
+        owner = owner or ("admin" if admin else "client")
         if "://" not in model:
             if name or include or exclude:
                 raise InvalidInputError(f"model {model[:200]!r}: name/include/exclude apply to source URIs only")
-            snapshot, row = self.resolve(model)
-            if row is not None and self.damaged(snapshot):
+            snapshot, row = self.names.resolve(model)
+            if row is not None and self.verifier.damaged(snapshot):
                 # A blob failed verification or vanished: fetch the model again, then go on.
                 log.warning("refetching_damaged_model", model=row.name, snapshot=snapshot)
-                filters = json.loads(row.filters)
-                async for ev in self.fetch(row.source, row.name, filters["include"], filters["exclude"], admin=True):
+                async for ev in self._refetch(row):
                     if isinstance(ev, Manifest):
                         snapshot = ev.snapshot_id
                     else:
@@ -188,46 +116,66 @@ class Core:
                 self.index.touch(row.name)
                 if pin is not None:
                     self.index.set_pinned(row.name, pin)
-            yield self.manifest(snapshot, row.name if row else "")
+            yield await self.manifest_async(snapshot, row.name if row else "")
             return
-        key = self._key(model, include, exclude)
-        name = check_name(name or default_name(model))
+        # Everything below sees the canonical URI only (uris.py): the allow-list, the job key,
+        # the index and the source.
+        uri = uris.normalize(model)
+        key = self.names.key(uri, include, exclude)
         if not admin:
-            if not self.cfg.client_may_fetch(model):
+            pin = None  # a client never pins
+            if not uris.allowed(uri, self.cfg.client_sources):
                 raise PermissionDeniedError(
-                    f"source {model}: clients may not trigger this download (not in the daemon's client_sources "
-                    f"allow-list); an admin can run: cachectl prefetch {model}"
+                    f"source {uri}: clients may not trigger this download (not in the daemon's client_sources "
+                    f"allow-list); an admin can run: cachectl prefetch {uri}"
                 )
             # A client asks for presence, not freshness: a cached copy of the same source answers at once.
-            cached = [
-                r for r in self.index.models_by_source(key.uri, key.filters) if r.name == name
-            ] or self.index.models_by_source(key.uri, key.filters)
+            same = self.index.models_by_source(key.uri, key.filters)
+            cached = [r for r in same if r.name == name] if name else same
             if cached:
                 self.metrics.hits.labels("ensure").inc()
                 self.index.touch(cached[0].name)
-                yield self.manifest(cached[0].snapshot_id, cached[0].name)
+                yield await self.manifest_async(cached[0].snapshot_id, cached[0].name)
                 return
+            name = check_name(name) if name else self.names.client_default_name(key)
+            self.names.check_owner(name, key, owner)
+        else:
+            name = check_name(name or default_name(uri))
         self.metrics.misses.labels("prefetch" if admin else "ensure").inc()
-        job = self.fetcher.start(key, name, pin)
-        async for p in job.watch():
-            if not job.result.done():
-                yield p
-        snapshot = await asyncio.shield(job.result)
-        self.name_model(name, key, snapshot, pin)
-        yield self.manifest(snapshot, name)
+        with self.admission.fetching(name):
+            job = self.fetcher.start(key, name, pin, owner)
+            async for p in job.watch():
+                if not job.result.done():
+                    yield p
+            snapshot = await asyncio.shield(job.result)
+            self.names.name_model(name, key, snapshot, pin, owner)
+            yield await self.manifest_async(snapshot, name)
 
-    def name_model(self, name: str, key: JobKey, snapshot: str, pin: bool | None) -> None:
-        build_view(self.store, name, snapshot, self.index.files(snapshot))
-        old = self.index.model(name)
-        self.index.set_model(name, key.uri, snapshot, key.filters, pin)
-        if old is not None and old.snapshot_id != snapshot:
-            log.info("model_updated", model=name, old_snapshot=old.snapshot_id, snapshot=snapshot)
+    def _refetch(self, row: ModelRow) -> AsyncIterator[ProgressState | Manifest]:
+        """Fetch a named model again from its source, as the admin would (damaged or repaired)."""
+        f = row.filters
+        return self.fetch(row.source, row.name, f.include, f.exclude, admin=True, owner=row.owner)
 
-    async def run_prefetch(self, uri: str, name: str, include: list[str], exclude: list[str], pin: bool | None,
-                           why: str) -> None:  # fmt: skip
+    async def _repair_one(self, row: ModelRow) -> None:
+        async for _ in self._refetch(row):
+            pass
+
+    def _name_job(self, job: Job, snapshot: str) -> None:
+        """Name a committed job's snapshot (from the job's thread). A client's name taken by an
+        admin meanwhile fails only that client (its own fetch() names again and reports it);
+        everyone else waiting on the job still gets the snapshot."""
+        try:
+            self.names.name_model(job.label, job.key, snapshot, job.pin, job.owner)
+        except PermissionDeniedError as exc:
+            if job.owner != "client":
+                raise
+            log.warning("client_name_refused", model=job.label, source=job.key.uri, error=str(exc))
+
+    async def run_prefetch(self, uri: str, name: str, include: Sequence[str], exclude: Sequence[str], pin: bool | None,
+                           why: str, owner: str = "admin") -> None:  # fmt: skip
         """A prefetch nobody waits on (resume after a restart, models.d): logged, never raised."""
         try:
-            async for _ in self.fetch(uri, name, include, exclude, admin=True, pin=pin):
+            async for _ in self.fetch(uri, name, include, exclude, admin=True, pin=pin, owner=owner):
                 pass
             log.info("background_prefetch_done", model=name, source=uri, reason=why)
         except WeightcacheError as exc:
@@ -237,276 +185,112 @@ class Core:
         """Restart the downloads a previous run left in ingest/ (they resume their parts)."""
         tasks = []
         for d in sorted(self.store.ingest.iterdir()):
-            state = read_state(d)
+            state = IngestState.load(d)
             if state is None:
                 continue
-            name = str(state.get("name") or default_name(state["uri"]))
-            pin = state.get("pin")
+            name = state.name or default_name(state.uri)
+            # The job keeps the rights of whoever started it (IngestState.load reads a record
+            # without an owner as a client's: it may create its name, never re-point one).
             tasks.append(asyncio.get_running_loop().create_task(self.run_prefetch(
-                state["uri"], name, list(state.get("include", [])), list(state.get("exclude", [])),
-                pin if isinstance(pin, bool) else None, "resume")))  # fmt: skip
-            log.info("resuming_ingest", model=name, source=state["uri"])
+                state.uri, name, state.include, state.exclude, state.pin, "resume", state.owner)))  # fmt: skip
+            log.info("resuming_ingest", model=name, source=state.uri)
         return tasks
 
     # ---------------------------------------------------------------- reading
 
+    async def manifest_async(self, snapshot_id: str, model: str = "") -> Manifest:
+        """manifest(), built in the client I/O pool: a snapshot with a hundred thousand tensors
+        takes a while, and the event loop serves everyone else meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.client_io, self.manifest, snapshot_id, model)
+
     def manifest(self, snapshot_id: str, model: str = "", with_tensors: bool = True) -> Manifest:
-        files = self.index.files(snapshot_id)
-        entries: list[tuple[TensorInfo, str, str]] = []
-        if with_tensors:
-            for f in files:
-                if f.path.endswith(".safetensors"):
-                    entries.extend((t, f.path, default_layer_of(t.name)) for t in self.index.tensors(f.sha256))
-        layers = order_layers(e[2] for e in entries)
-        pos = {name: i for i, name in enumerate(layers)}
-        file_pos = {f.path: i for i, f in enumerate(files)}
-        entries.sort(key=lambda e: (pos[e[2]], file_pos[e[1]], e[0].offset))
-        names = self.index.models_of_snapshot(snapshot_id)
-        view_model = model or (names[0].name if names else "")
-        path = str(view_path(self.store, view_model, snapshot_id)) if view_model else ""
-        return Manifest(
-            model=model,
-            snapshot_id=snapshot_id,
-            source=self.index.snapshot_source(snapshot_id) or "",
-            files=files,
-            tensors=[TensorEntry(t, fp, layer, pos[layer]) for t, fp, layer in entries],
-            layers=layers,
-            path=path,
-        )
+        return self.catalog.manifest(snapshot_id, model, with_tensors)
+
+    async def read_spans(
+        self, snapshot_id: str, file: tuple[str, int, int] | None = None, layers: tuple[int, int] | None = None
+    ) -> list[Span]:
+        """What a ReadRange reads: a (path, offset, length) file range or a (first, last) layer range."""
+        sid = self.names.check_snapshot(snapshot_id)
+        if file is not None:
+            return [self.catalog.file_span(sid, *file)]
+        if layers is not None:
+            return layer_spans(await self.manifest_async(sid), *layers)
+        raise InvalidInputError("ReadRange needs a file range or a layer range")
+
+    # ---------------------------------------------------------------- fd.sock
+
+    def open_snapshot_for(self, pid: int, uid: int, gid: int, snapshot_id: str, lease: Lease | None = None) -> Grant:
+        """Grant a snapshot to a peer: validate, lease, check every blob is usable, mark use.
+
+        The lease comes first: from then on eviction sees the snapshot as in use (or, if it
+        already planned it, counts its bytes as held), so what the caller opens stays
+        accounted. `lease` is the connection's existing lease on this snapshot, kept as it
+        is; a new one is released again if the snapshot cannot be granted."""
+        sid = self.names.check_snapshot(snapshot_id)
+        files = self.index.files(sid)
+        new = lease is None
+        if lease is None:
+            lease = self.leases.acquire(sid, pid, uid, gid, sum(f.size for f in files))
+        try:
+            self.names.check_snapshot(sid)  # evicted between the lookup and the lease?
+            self.verifier.check_usable(sid, files)
+        except BaseException:
+            if new:
+                self.leases.release(lease.token)
+            raise
+        for row in self.index.models_of_snapshot(sid):
+            self.index.touch(row.name)
+        self.metrics.grants.inc()  # counted when granted, before the client can act on it
+        return Grant(sid, tuple(files), lease)
+
+    # ---------------------------------------------------------------- the parts, for the edges
+
+    def check_snapshot(self, snapshot_id: str) -> str:
+        return self.names.check_snapshot(snapshot_id)
 
     def view(self, row: ModelRow) -> ModelView:
-        files = self.index.files(row.snapshot_id)
-        return ModelView(
-            row,
-            sum(f.size for f in files),
-            len(files),
-            self.leases.of(row.snapshot_id),
-            str(view_path(self.store, row.name, row.snapshot_id)),
-        )
+        return self.catalog.view(row)
+
+    def view_of(self, name: str) -> ModelView:
+        """The view of a model name just fetched (NotFoundError if evicted since)."""
+        row = self.index.model(name)
+        if row is None:
+            raise NotFoundError(f"model {name!r} is not in the cache")
+        return self.catalog.view(row)
 
     def list_models(self) -> list[ModelView]:
-        return [self.view(r) for r in self.index.models()]
+        return self.catalog.list_models()
 
     def show(self, model: str) -> tuple[ModelView | None, Manifest]:
-        snapshot, row = self.resolve(model)
-        return (self.view(row) if row else None), self.manifest(snapshot, row.name if row else "")
+        return self.catalog.show(model)
 
     def set_pin(self, model: str, pinned: bool) -> ModelView:
-        _, row = self.resolve(model)
-        if row is None:
-            raise NotFoundError(f"snapshot {model} has no name to pin; pin a model name")
-        self.index.set_pinned(row.name, pinned)
-        new = self.index.model(row.name)
-        assert new is not None
-        return self.view(new)
-
-    # ---------------------------------------------------------------- capacity
+        return self.catalog.set_pin(model, pinned)
 
     def usage(self) -> int:
-        """Bytes the cache is responsible for: stored blobs, held unlinked ones, admitted downloads."""
-        return sum(self.index.blobs().values()) + sum(self.held.values()) + sum(self.fetcher.reserved.values())
-
-    def make_room(self, need: int, label: str) -> None:
-        """Admit `need` new bytes for model `label`, evicting least recently used models if that
-        takes usage past the high watermark; ExhaustedError before a byte is fetched otherwise."""
-        free = self.filesystem_free()
-        if self.capacity and need > self.capacity:
-            raise ExhaustedError(
-                f"model {label} needs {human(need)}, more than the cache capacity of {human(self.capacity)}"
-            )
-        with self._room:
-            used = self.usage()
-            target = None
-            if self.capacity and used + need > self.capacity * self.cfg.high_watermark:
-                target = int(self.capacity * self.cfg.low_watermark) - need
-            if need > free:
-                target = min(target if target is not None else used, used - (need - free))
-            if target is None:
-                return
-            plan = self.plan_lru(max(used - target, 0), exclude={label})
-            if plan.models:
-                self.execute_evict(plan, trigger="capacity")
-            used_after = used - plan.bytes_freed
-            fits_capacity = not self.capacity or used_after + need <= self.capacity
-            if not fits_capacity or need > self.filesystem_free():
-                raise ExhaustedError(
-                    f"model {label} needs {human(need)} but only {human(max(self.capacity - used_after, 0))} of the "
-                    f"capacity and {human(self.filesystem_free())} of the filesystem can be freed: the rest is pinned, "
-                    "in use, or being downloaded"
-                )
-
-    def plan_lru(self, nbytes: int, exclude: set[str] | None = None) -> EvictPlan:
-        """The least recently used unpinned, unleased models whose removal frees >= nbytes (or all of them)."""
-        plan = EvictPlan()
-        if nbytes <= 0:
-            return plan
-        held = self.leases.held()
-        chosen: list[str] = []
-        for row in sorted(self.index.models(), key=lambda r: r.last_used):
-            if row.pinned or row.snapshot_id in held or row.name in (exclude or set()):
-                continue
-            chosen.append(row.name)
-            plan = self.plan_evict(chosen, all_unpinned=False, force=False)
-            if plan.bytes_freed >= nbytes:
-                break
-        return plan
-
-    def filesystem_free(self) -> int:
-        st = os.statvfs(self.store.root)
-        return st.f_bavail * st.f_frsize
-
-    def lease_released(self, snapshot_id: str) -> None:
-        if snapshot_id in self.held and not self.leases.of(snapshot_id):
-            del self.held[snapshot_id]
+        return self.admission.usage()
 
     def stats(self) -> Stats:
-        blobs = self.index.blobs()
-        st = os.statvfs(self.store.root)
-        return Stats(
-            models=len(self.index.models()),
-            snapshots=len(self.index.snapshot_ids()),
-            blobs=len(blobs),
-            logical_bytes=self.index.logical_bytes(),
-            stored_bytes=sum(blobs.values()),
-            bytes_downloaded=self.fetcher.bytes_downloaded,
-            active_downloads=len(self.fetcher.jobs),
-            leases=len(self.leases),
-            filesystem_free=st.f_bavail * st.f_frsize,
-            held_bytes=sum(self.held.values()),
-            capacity=self.capacity,
-        )
-
-    # ---------------------------------------------------------------- eviction
+        return self.admission.stats()
 
     def plan_evict(self, models: list[str], all_unpinned: bool, force: bool) -> EvictPlan:
-        if models and all_unpinned:
-            raise InvalidInputError("give model names or --all-unpinned, not both")
-        if not models and not all_unpinned:
-            raise InvalidInputError("nothing to evict: give model names or --all-unpinned")
-        rows: list[ModelRow] = []
-        if all_unpinned:
-            rows = [r for r in self.index.models() if not r.pinned]
-        for m in models:
-            _, row = self.resolve(m)
-            if row is None:
-                raise NotFoundError(f"snapshot {m} has no name; evict by name, or run cachectl gc")
-            if row.pinned:
-                raise BusyError(f"model {row.name} is pinned; cachectl unpin {row.name} first")
-            rows.append(row)
-        names = {r.name for r in rows}
-        held = self.leases.held()
-        plan = EvictPlan()
-        remaining = [r for r in self.index.models() if r.name not in names]
-        kept_snaps = {r.snapshot_id for r in remaining}
-        # Least recently used first; leased models (only ever with force) last.
-        for r in sorted(rows, key=lambda r: (r.snapshot_id in held, r.last_used)):
-            if r.snapshot_id in held and not force:
-                if all_unpinned:
-                    continue  # in use right now: skipped, not an error, when sweeping
-                raise BusyError(
-                    f"model {r.name} is in use by {len(self.leases.of(r.snapshot_id))} process(es); "
-                    "use --force to evict anyway (running processes keep their mappings)"
-                )
-            plan.models.append(r.name)
-            plan.views.append((r.name, r.snapshot_id))
-            if r.snapshot_id not in kept_snaps and r.snapshot_id not in plan.snapshots:
-                plan.snapshots.append(r.snapshot_id)
-        kept_blobs = {f.sha256 for s in kept_snaps for f in self.index.files(s)}
-        sizes = self.index.blobs()
-        for s in plan.snapshots:
-            for f in self.index.files(s):
-                if f.sha256 not in kept_blobs and f.sha256 not in plan.blobs:
-                    plan.blobs.append(f.sha256)
-                    plan.bytes_freed += sizes.get(f.sha256, 0)
-        return plan
+        return self.evictor.plan_evict(models, all_unpinned, force)
 
-    def execute_evict(self, plan: EvictPlan, trigger: str = "admin") -> None:
-        # References go before what they refer to: index rows, then views, then blobs.
-        sizes = self.index.blobs()
-        for snap in plan.snapshots:
-            if self.leases.of(snap):  # unlinked, not truncated: its holders keep reading it
-                self.held[snap] = sum(sizes.get(f.sha256, 0) for f in self.index.files(snap) if f.sha256 in plan.blobs)
-        self.index.delete(plan.models, plan.snapshots, plan.blobs)
-        for name, snap in plan.views:
-            remove_view(self.store, name, snap)
-        for b in plan.blobs:
-            self.store.remove(b)
-        self.metrics.evictions.labels(trigger).inc(len(plan.models))
-        self.metrics.evicted_bytes.inc(plan.bytes_freed)
-        log.info(
-            "evicted", models=plan.models, snapshots=plan.snapshots, blobs=len(plan.blobs), bytes_freed=plan.bytes_freed
-        )
+    def evict(self, plan: EvictPlan) -> None:
+        plan.execute(self.index, self.store, self.leases, self.metrics)
 
-    # ---------------------------------------------------------------- verify / gc
+    def plan_gc(self) -> GCPlan:
+        return self.evictor.plan_gc()
+
+    def gc(self, plan: GCPlan) -> None:
+        plan.execute(self.index, self.store)
 
     def verify_targets(self, model: str) -> dict[str, int]:
-        sizes = self.index.blobs()
-        if not model:
-            return sizes
-        snapshot, _ = self.resolve(model)
-        return {f.sha256: f.size for f in self.index.files(snapshot)}
+        return self.verifier.verify_targets(model)
 
-    def damaged(self, snapshot_id: str) -> list[str]:
-        """Blobs of a snapshot that are quarantined or missing."""
-        bad = self.index.quarantined()
-        return [f.sha256 for f in self.index.files(snapshot_id) if f.sha256 in bad or not self.store.has(f.sha256)]
-
-    def quarantine(self, digest: str, reason: str) -> None:
-        self.index.quarantine(digest, reason)
-        moved = self.store.quarantine(digest)
-        log.error("blob_quarantined", blob=digest, reason=reason, moved_to=str(moved) if moved else None)
+    def verify_blob(self, digest: str) -> str:
+        return self.verifier.verify_blob(digest)
 
     async def repair(self, digests: list[str]) -> list[str]:
         """Re-download every model that uses one of these blobs; the names repaired."""
-        bad = set(digests)
-        repaired = []
-        for row in self.index.models():
-            if any(f.sha256 in bad for f in self.index.files(row.snapshot_id)):
-                filters = json.loads(row.filters)
-                async for _ in self.fetch(row.source, row.name, filters["include"], filters["exclude"], admin=True):
-                    pass
-                repaired.append(row.name)
-        return repaired
-
-    def verify_blob(self, digest: str) -> str:
-        """'ok', 'missing' or 'corrupt' for one blob; a corrupt blob is quarantined at once."""
-        check_digest(digest)
-        path = self.store.path(digest)
-        if not path.is_file() or path.is_symlink():
-            return "missing"
-        if hash_file(path) == digest:
-            return "ok"
-        self.quarantine(digest, "sha256 mismatch")
-        return "corrupt"
-
-    def plan_gc(self) -> tuple[list[str], list[Path], list[str], int]:
-        """(orphan blobs, stale ingest dirs, unnamed snapshots, bytes freed)."""
-        if self.fetcher.jobs:
-            # A running job has blobs committed but not yet indexed: they would look orphaned.
-            raise BusyError(f"{len(self.fetcher.jobs)} download(s) in progress; run gc when they finish")
-        named = {r.snapshot_id for r in self.index.models()}
-        snapshots = [s for s in self.index.snapshot_ids() if s not in named]
-        keep = {f.sha256 for s in named for f in self.index.files(s)}
-        on_disk = set(self.store.digests())
-        indexed = self.index.blobs()
-        orphans = sorted((on_disk | set(indexed)) - keep)
-        freed = 0
-        for b in orphans:
-            try:
-                freed += self.store.path(b).lstat().st_size
-            except FileNotFoundError:
-                pass
-        stale = sorted(self.store.ingest.iterdir())
-        for p in stale:
-            freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        return orphans, stale, snapshots, freed
-
-    def execute_gc(self, orphans: list[str], stale: list[Path], snapshots: list[str]) -> None:
-        self.index.delete([], snapshots, orphans)
-        for s in snapshots:
-            for d in self.store.snapshots.glob(f"**/{s}"):
-                shutil.rmtree(d, ignore_errors=True)
-        for b in orphans:
-            self.store.remove(b)
-        for p in stale:
-            self.store.remove_ingest(p)
+        return await self.verifier.repair(digests, self._repair_one)

@@ -23,8 +23,9 @@ import structlog
 
 from weightcache.errors import InvalidInputError, WeightcacheError
 
-from .core import Core, check_name, default_name
-from .sources import parse_uri
+from . import uris
+from .core import Core
+from .naming import check_name, default_name
 
 log = structlog.get_logger("weightcached.models_d")
 
@@ -51,7 +52,7 @@ def parse(path: Path) -> Declared:
     uri = data.get("uri")
     if not isinstance(uri, str) or not uri:
         raise InvalidInputError(f'models.d file {path}: needs uri = "s3://bucket/prefix/" (or file:///dir/)')
-    parse_uri(uri)
+    uri = uris.normalize(uri)  # the same canonical form as every other entry
     name = data.get("name", default_name(uri))
     if not isinstance(name, str):
         raise InvalidInputError(f"models.d file {path}: name must be a string")
@@ -124,7 +125,8 @@ class ModelsDir:
         self.declared[path] = spec
         log.info("models_d_apply", file=str(path), model=spec.name, source=spec.uri, pin=spec.pin)
         task = asyncio.get_running_loop().create_task(self.core.run_prefetch(
-            spec.uri, spec.name, list(spec.include), list(spec.exclude), spec.pin, f"models.d {path.name}"))  # fmt: skip
+            spec.uri, spec.name, list(spec.include), list(spec.exclude), spec.pin, f"models.d {path.name}",
+            "models.d"))  # fmt: skip
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

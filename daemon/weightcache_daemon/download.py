@@ -76,6 +76,14 @@ class BufferPool:
     def put(self, buf: mmap.mmap) -> None:
         self._free.put(buf)
 
+    def wait(self, timeout: float) -> None:
+        """Block until a buffer is free (or timeout), without keeping it: the pool is shared by
+        every running job, and a job whose parts all wait for a buffer waits, it does not fail."""
+        try:
+            self._free.put(self._free.get(timeout=timeout))
+        except queue.Empty:
+            pass
+
 
 @dataclass
 class Downloaded:
@@ -354,6 +362,9 @@ def _run(
                 if cancelled.is_set():
                     raise DeadlineError("download cancelled")
                 if not pending and not any(f.restart_pending for f in queue_):
+                    if any(f.next_part < f.parts_total for f in queue_):
+                        pool.wait(0.5)  # other jobs hold every buffer: our turn comes when one is put back
+                        continue
                     raise SourceError(f"download stalled with {len(queue_)} file(s) incomplete")  # a bug if seen
                 done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in done:

@@ -11,12 +11,19 @@ import functools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
 import structlog
 
-from weightcache.errors import CorruptedError, InvalidInputError, NotFoundError, WeightcacheError, code_for
+from weightcache.errors import (
+    CorruptedError,
+    ExhaustedError,
+    InvalidInputError,
+    WeightcacheError,
+    code_for,
+)
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
@@ -29,6 +36,9 @@ DEFAULT_CHUNK = 1 << 20
 MAX_CHUNK = 4 << 20
 MAX_LIST = 4096  # bounds on repeated request fields
 MAX_STR = 4096
+# A manifest must fit one message (the server's send limit is 64 MiB); the job already bounds
+# a snapshot's tensors, this turns anything that still does not fit into a clear error.
+MAX_MANIFEST_BYTES = 60 << 20
 
 T = TypeVar("T")
 
@@ -100,6 +110,22 @@ def _str(value: str, what: str) -> str:
     return value
 
 
+def _manifest_message(m: Manifest) -> pb.Manifest:
+    msg = convert.manifest(m)
+    size = msg.ByteSize()
+    if size > MAX_MANIFEST_BYTES:
+        raise ExhaustedError(
+            f"manifest of snapshot {m.snapshot_id} ({len(m.tensors)} tensors) is {size} bytes, more than the "
+            f"{MAX_MANIFEST_BYTES}-byte message limit"
+        )
+    return msg
+
+
+async def _in(pool: Executor, fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking work in one of the core's pools (never the event loop, never the downloads')."""
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
 class CacheService(pb_grpc.CacheServicer):
     """The client API (weightcache.sock)."""
 
@@ -119,48 +145,31 @@ class CacheService(pb_grpc.CacheServicer):
         )
         async for ev in events:
             if isinstance(ev, Manifest):
-                yield pb.EnsureResponse(manifest=convert.manifest(ev))
+                yield pb.EnsureResponse(manifest=await _in(self.core.client_io, _manifest_message, ev))
             else:
                 yield pb.EnsureResponse(progress=convert.progress(ev))
 
     @unary
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
-        # Clients see names and snapshots, not who else holds them.
-        return pb.ListResponse(models=[convert.model(v, with_leases=False) for v in self.core.list_models()])
+        # Clients see names and snapshots, not who else holds them. Built off the loop, so a
+        # slow index read (another client's huge manifest) never stalls the others' requests.
+        def build() -> pb.ListResponse:
+            return pb.ListResponse(models=[convert.model(v, with_leases=False) for v in self.core.list_models()])
+
+        return await _in(self.core.client_io, build)
 
     @streaming
     async def ReadRange(self, request: pb.ReadRangeRequest, context: Any) -> AsyncIterator[pb.ReadRangeChunk]:
-        sid = self.core.check_snapshot(_str(request.snapshot_id, "snapshot_id"))
         chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
         kind = request.WhichOneof("range")
-        if kind == "file":
-            files = {f.path: f for f in self.core.index.files(sid)}
-            f = files.get(request.file.path)
-            if f is None:
-                raise NotFoundError(f"file {request.file.path[:200]!r} is not in snapshot {sid}")
-            off = request.file.offset
-            length = request.file.length or max(f.size - off, 0)
-            if off > f.size or off + length > f.size:
-                raise InvalidInputError(
-                    f"range [{off}, {off + length}) is outside file {f.path} of snapshot {sid} ({f.size} bytes)"
-                )
-            spans = [(f.path, f.sha256, off, length, "")]
-        elif kind == "layers":
-            m = self.core.manifest(sid)
-            first, last = request.layers.first, request.layers.last
-            if first > last or last >= len(m.layers):
-                raise InvalidInputError(
-                    f"layer range {first}..{last} is outside snapshot {sid}'s {len(m.layers)} layers"
-                )
-            digests = {f.path: f.sha256 for f in m.files}
-            spans = [
-                (t.file, digests[t.file], t.info.offset, t.info.length, t.info.name)
-                for t in m.tensors
-                if first <= t.layer_index <= last
-            ]
-        else:
-            raise InvalidInputError("ReadRange needs a file range or a layer range")
-        for path, digest, off, length, tensor in spans:
+        rf, rl = request.file, request.layers
+        spans = await self.core.read_spans(
+            _str(request.snapshot_id, "snapshot_id"),
+            file=(rf.path, rf.offset, rf.length) if kind == "file" else None,
+            layers=(rl.first, rl.last) if kind == "layers" else None,
+        )
+        for sp in spans:
+            path, digest, off, length, tensor = sp.path, sp.sha256, sp.offset, sp.length, sp.tensor
             if length == 0:  # an empty tensor still announces itself
                 yield pb.ReadRangeChunk(file=path, file_offset=off, tensor=tensor)
                 continue
@@ -169,7 +178,7 @@ class CacheService(pb_grpc.CacheServicer):
                 done = 0
                 while done < length:
                     n = min(chunk, length - done)
-                    data = await asyncio.to_thread(os.pread, fd, n, off + done)
+                    data = await _in(self.core.client_io, os.pread, fd, n, off + done)
                     if len(data) != n:
                         raise CorruptedError(f"blob sha256:{digest} ({path}) is shorter than the index says")
                     yield pb.ReadRangeChunk(
@@ -203,9 +212,7 @@ class AdminService(pb_grpc.AdminServicer):
         )
         async for ev in events:
             if isinstance(ev, Manifest):
-                row = self.core.index.model(ev.model)
-                assert row is not None
-                yield pb.PrefetchResponse(model=convert.model(self.core.view(row)))
+                yield pb.PrefetchResponse(model=convert.model(self.core.view_of(ev.model)))
             else:
                 yield pb.PrefetchResponse(progress=convert.progress(ev))
 
@@ -213,14 +220,8 @@ class AdminService(pb_grpc.AdminServicer):
     async def Evict(self, request: pb.EvictRequest, context: Any) -> pb.EvictResponse:
         plan = self.core.plan_evict(_strings(request.models, "models"), request.all_unpinned, request.force)
         if not request.dry_run:
-            self.core.execute_evict(plan)
-        return pb.EvictResponse(
-            models=plan.models,
-            snapshots=plan.snapshots,
-            blobs=plan.blobs,
-            bytes_freed=plan.bytes_freed,
-            dry_run=request.dry_run,
-        )
+            self.core.evict(plan)
+        return convert.evict_plan(plan, request.dry_run)
 
     @unary
     async def Pin(self, request: pb.PinRequest, context: Any) -> pb.ModelInfo:
@@ -232,17 +233,25 @@ class AdminService(pb_grpc.AdminServicer):
 
     @unary
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
-        return pb.ListResponse(models=[convert.model(v) for v in self.core.list_models()])
+        def build() -> pb.ListResponse:
+            return pb.ListResponse(models=[convert.model(v) for v in self.core.list_models()])
+
+        return await _in(self.core.admin_io, build)
 
     @unary
     async def Show(self, request: pb.ShowRequest, context: Any) -> pb.ShowResponse:
-        view, m = self.core.show(_str(request.model, "model"))
-        out = pb.ShowResponse(manifest=convert.manifest(m))
-        if not request.tensors:
-            del out.manifest.tensors[:]
-        if view is not None:
-            out.model.CopyFrom(convert.model(view))
-        return out
+        model = _str(request.model, "model")
+
+        def build() -> pb.ShowResponse:
+            view, m = self.core.show(model)
+            out = pb.ShowResponse(manifest=_manifest_message(m))
+            if not request.tensors:
+                del out.manifest.tensors[:]
+            if view is not None:
+                out.model.CopyFrom(convert.model(view))
+            return out
+
+        return await _in(self.core.admin_io, build)
 
     @unary
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
@@ -259,7 +268,7 @@ class AdminService(pb_grpc.AdminServicer):
 
         async def check(digest: str) -> tuple[str, str]:
             async with sem:
-                return digest, await asyncio.to_thread(self.core.verify_blob, digest)
+                return digest, await _in(self.core.admin_io, self.core.verify_blob, digest)
 
         for fut in asyncio.as_completed([check(d) for d in sorted(targets)]):
             digest, state = await fut
@@ -291,16 +300,14 @@ class AdminService(pb_grpc.AdminServicer):
     async def Doctor(self, request: pb.DoctorRequest, context: Any) -> pb.DoctorResponse:
         from .doctor import run_checks
 
-        results = await asyncio.to_thread(run_checks, self.core, request.timeout_seconds or 5.0)
+        results = await _in(self.core.admin_io, run_checks, self.core, request.timeout_seconds or 5.0)
         return pb.DoctorResponse(
             checks=[pb.Check(name=n, status=pb.Check.Status.Value(s), detail=d, hint=h) for n, s, d, h in results]  # type: ignore[arg-type]
         )
 
     @unary
     async def GC(self, request: pb.GCRequest, context: Any) -> pb.GCResponse:
-        orphans, stale, snaps, freed = self.core.plan_gc()
+        plan = self.core.plan_gc()
         if not request.dry_run:
-            self.core.execute_gc(orphans, stale, snaps)
-        return pb.GCResponse(
-            blobs=orphans, ingests=[p.name for p in stale], snapshots=snaps, bytes_freed=freed, dry_run=request.dry_run
-        )
+            self.core.gc(plan)
+        return convert.gc_plan(plan, request.dry_run)

@@ -17,10 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from weightcache.errors import CorruptedError, NotFoundError
-from weightcache.safetensors_format import TensorInfo
+from weightcache.errors import CorruptedError, NotFoundError, PermissionDeniedError
 
-SCHEMA_VERSION = 1
+from .safetensors_format import TensorInfo
+
+# 2: models.owner (who created the name: admin, models.d or client); a version-1 index is
+# migrated in place at open, its names becoming admin-owned (clients can never re-point them).
+SCHEMA_VERSION = 2
+OWNERS = ("admin", "models.d", "client")
+_MODEL_SELECT = "SELECT name, source, snapshot_id, filters, pinned, created, last_used, owner FROM models"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS blobs (
@@ -39,7 +44,7 @@ CREATE INDEX IF NOT EXISTS snapshot_files_blob ON snapshot_files(sha256);
 CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY, source TEXT NOT NULL, snapshot_id TEXT NOT NULL REFERENCES snapshots(id),
     filters TEXT NOT NULL, pinned INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL, last_used REAL NOT NULL);
+    created REAL NOT NULL, last_used REAL NOT NULL, owner TEXT NOT NULL DEFAULT 'admin');
 CREATE TABLE IF NOT EXISTS quarantine (
     sha256 TEXT PRIMARY KEY, since REAL NOT NULL, reason TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS source_objects (
@@ -56,14 +61,34 @@ class FileRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Filters:
+    """The include/exclude patterns a model was fetched with. Stored as a JSON column; this
+    record is what the rest of the daemon sees. `to_json()` is the one spelling written to
+    the index and hashed into ingest directory names, so it must never change."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps({"include": list(self.include), "exclude": list(self.exclude)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Filters:
+        # An older or hand-written row may lack a key ('{}'): no patterns.
+        d = json.loads(text)
+        return cls(tuple(str(p) for p in d.get("include", ())), tuple(str(p) for p in d.get("exclude", ())))
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRow:
     name: str
     source: str
     snapshot_id: str
-    filters: str
+    filters: Filters
     pinned: bool
     created: float
     last_used: float
+    owner: str = "admin"  # who created the name: one of OWNERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +116,8 @@ class Index:
             raise CorruptedError(f"index {path} is unreadable ({exc})") from None
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) == 1:
+            self._migrate_1_to_2()
         elif int(row[0]) != SCHEMA_VERSION:
             raise CorruptedError(f"index {path} has schema {row[0]}, this daemon expects {SCHEMA_VERSION}")
         # Reads get their own connection: in WAL mode they never wait for the writer's fsync,
@@ -98,6 +125,15 @@ class Index:
         self._rlock = threading.Lock()
         self._rdb = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._rdb.execute("PRAGMA foreign_keys=ON")
+
+    def _migrate_1_to_2(self) -> None:
+        """Add models.owner; names that existed before are the admin's (the safe side: a client
+        cannot re-point them). One transaction, so a crash leaves version 1 intact."""
+        with self._tx() as db:
+            cols = {str(r[1]) for r in db.execute("PRAGMA table_info(models)").fetchall()}
+            if "owner" not in cols:
+                db.execute("ALTER TABLE models ADD COLUMN owner TEXT NOT NULL DEFAULT 'admin'")
+            db.execute("UPDATE meta SET value='2' WHERE key='schema'")
 
     def close(self) -> None:
         self.flush_uses()
@@ -166,21 +202,42 @@ class Index:
             db.executemany("INSERT OR REPLACE INTO source_objects VALUES (?,?,?,?)", objects)
             db.executemany("DELETE FROM quarantine WHERE sha256=?", [(f.sha256,) for f in files])
 
-    def set_model(self, name: str, source: str, snapshot_id: str, filters: str, pinned: bool | None) -> None:
+    def set_model(
+        self, name: str, source: str, snapshot_id: str, filters: Filters, pinned: bool | None, owner: str = "admin"
+    ) -> None:
+        """Point `name` at a snapshot, checking ownership in the same transaction (so a name
+        created meanwhile by someone else is never overwritten by a client).
+
+        A client may create a name that does not exist; it may not re-point an existing one
+        (its own included: gRPC cannot tell clients apart) unless the request is the same
+        source and filters. The admin and models.d may re-point any name; the name then
+        becomes theirs (and keeps its pin unless `pinned` says otherwise)."""
+        if owner not in OWNERS:
+            raise ValueError(f"owner {owner!r}")
         now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT pinned, created FROM models WHERE name=?", (name,)).fetchone()
-            keep_pin = bool(row[0]) if row else False
+            row = db.execute("SELECT pinned, created, source, filters, owner FROM models WHERE name=?",
+                             (name,)).fetchone()  # fmt: skip
+            same = row is not None and (row[2], Filters.from_json(row[3])) == (source, filters)
+            if row is not None and owner == "client" and not same:
+                raise PermissionDeniedError(
+                    f"model name {name!r} already exists (created by {row[4]}, source {row[2]}); clients may not "
+                    "re-point an existing name: use another name, or ask an admin (cachectl prefetch URI --name NAME)"
+                )
+            keep_pin = bool(row[0]) if row is not None else False
+            new_owner = str(row[4]) if row is not None and owner == "client" else owner
             db.execute(
-                "INSERT OR REPLACE INTO models VALUES (?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO models (name, source, snapshot_id, filters, pinned, created, last_used, owner) "
+                "VALUES (?,?,?,?,?,?,?,?)",
                 (
                     name,
                     source,
                     snapshot_id,
-                    filters,
+                    filters.to_json(),
                     int(keep_pin if pinned is None else pinned),
                     row[1] if row else now,
                     now,
+                    new_owner,
                 ),
             )
 
@@ -193,18 +250,18 @@ class Index:
         return [replace(r, last_used=uses[r.name]) if r.name in uses else r for r in rows]
 
     def model(self, name: str) -> ModelRow | None:
-        rows = self._rows("SELECT * FROM models WHERE name=?", (name,))
+        rows = self._rows(_MODEL_SELECT + " WHERE name=?", (name,))
         return rows[0] if rows else None
 
     def models(self) -> list[ModelRow]:
-        return self._rows("SELECT * FROM models ORDER BY name")
+        return self._rows(_MODEL_SELECT + " ORDER BY name")
 
-    def models_by_source(self, source: str, filters: str) -> list[ModelRow]:
-        rows = self._rows("SELECT * FROM models WHERE source=? AND filters=?", (source, filters))
+    def models_by_source(self, source: str, filters: Filters) -> list[ModelRow]:
+        rows = self._rows(_MODEL_SELECT + " WHERE source=? AND filters=?", (source, filters.to_json()))
         return sorted(rows, key=lambda r: r.last_used, reverse=True)
 
     def models_of_snapshot(self, snapshot_id: str) -> list[ModelRow]:
-        return self._rows("SELECT * FROM models WHERE snapshot_id=? ORDER BY name", (snapshot_id,))
+        return self._rows(_MODEL_SELECT + " WHERE snapshot_id=? ORDER BY name", (snapshot_id,))
 
     def snapshot_source(self, snapshot_id: str) -> str | None:
         rows = self._q("SELECT source FROM snapshots WHERE id=?", (snapshot_id,))
@@ -272,5 +329,6 @@ class Index:
 
 
 def _model(r: tuple[object, ...]) -> ModelRow:
-    name, source, snap, filters, pinned, created, last_used = r
-    return ModelRow(str(name), str(source), str(snap), str(filters), bool(pinned), float(created), float(last_used))  # type: ignore[arg-type]
+    name, source, snap, filters, pinned, created, last_used, owner = r
+    return ModelRow(str(name), str(source), str(snap), Filters.from_json(str(filters)), bool(pinned), float(created), float(last_used),  # type: ignore[arg-type]
+                    str(owner))  # fmt: skip

@@ -1,10 +1,12 @@
-"""Download jobs: one per (source URI, filters), shared by every caller (DESIGN decision 8).
+"""Download jobs: one per (source URI, filters), shared by every caller (docs/architecture.md, decision 8).
 
-A job lists the source, skips objects already in the store (same object URI and version
-as a previous fetch), downloads the rest through the engine, validates each safetensors
-file as soon as its hash is known, then commits: blobs into the store, one index
-transaction for the snapshot. Nothing of a job is visible until that transaction; on any
-failure its ingest directory is removed and the store is as before.
+A job is accepted once its record (ingest/<job>/state.json) is written: from then on a
+crashed daemon resumes it at its next start. It lists the source, skips objects already in
+the store (same object URI and version as a previous fetch), downloads the rest through the
+engine, validates each safetensors file as soon as its hash is known, then commits: blobs
+into the store, one index transaction for the snapshot, the model name. Nothing of a job is
+visible until that transaction; on any failure its ingest directory is removed and the
+store is as before.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import asyncio
 import errno
 import fnmatch
 import hashlib
-import json
-import os
+import itertools
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,18 +35,26 @@ from weightcache.errors import (
     PermissionDeniedError,
     WeightcacheError,
 )
-from weightcache.safetensors_format import TensorInfo, validate_file
 
 from .config import Config
 from .download import BufferPool, Downloaded, RateLimiter, download
-from .index import Index, NewFile
+from .index import Filters, Index, NewFile
+from .ingest_state import IngestFile, IngestState
 from .metrics import Metrics, source_label
+from .safetensors_format import TensorInfo, validate_file
 from .sources import RemoteObject, open_source
 from .store import LocalBlobStore
 
 log = structlog.get_logger("weightcached.jobs")
 
 TICK = 0.2  # seconds between progress events
+MAX_JOBS = 8  # downloads running at once; more wait their turn
+# Tensors one snapshot may have (each file is bounded by safetensors_format.MAX_TENSORS): its
+# manifest must fit one gRPC message, and the largest public checkpoints have ~150k.
+MAX_SNAPSHOT_TENSORS = 262_144
+# Files per model: one Acquire answers with all of them (paths in one frame, descriptors in
+# batches), so the count is bounded where it enters (docs/security.md, "fd.sock bounds").
+MAX_SNAPSHOT_FILES = 10_000
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,8 @@ class JobKey:
     exclude: tuple[str, ...]
 
     @property
-    def filters(self) -> str:
-        return json.dumps({"include": list(self.include), "exclude": list(self.exclude)})
+    def filters(self) -> Filters:
+        return Filters(self.include, self.exclude)
 
 
 @dataclass
@@ -69,11 +79,18 @@ class ProgressState:
     current_file: str = ""
 
 
+_JOB_IDS = itertools.count(1)
+
+
 @dataclass
 class Job:
     key: JobKey
     label: str
     pin: bool | None = None
+    owner: str = "admin"  # who names the result (index.OWNERS); kept in the resume record
+    # Reservations are keyed by this, not by the model name: two jobs for one name (other
+    # filters, or a re-point) must not release each other's bytes.
+    id: int = field(default_factory=lambda: next(_JOB_IDS))
     progress: ProgressState = field(default_factory=ProgressState)
     version: int = 0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -97,6 +114,10 @@ class Job:
             yield snap
             if self.result.done():
                 return
+
+
+# Weight files in formats the store does not serve; a listing with these and no safetensors is refused.
+NON_SAFETENSORS_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
 def select(objects: list[RemoteObject], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[RemoteObject]:
@@ -127,54 +148,50 @@ def store_error(exc: OSError, label: str) -> WeightcacheError:
 
 def ingest_dir_name(key: JobKey) -> str:
     """One ingest directory per source and filters, so a restarted job finds its parts."""
-    return hashlib.sha256(f"{key.uri}\0{key.filters}".encode()).hexdigest()[:32]
-
-
-STATE_FILE = "state.json"
+    return hashlib.sha256(f"{key.uri}\0{key.filters.to_json()}".encode()).hexdigest()[:32]
 
 
 def save_resume(
     ingest: Path, key: JobKey, job: Job, part_size: int, files: list[tuple[RemoteObject, str, list[int]]]
 ) -> None:
-    state = {
-        "uri": key.uri,
-        "include": list(key.include),
-        "exclude": list(key.exclude),
-        "name": job.label,
-        "pin": job.pin,
-        "part_size": part_size,
-        "files": [
-            {"relpath": o.relpath, "version": o.version, "size": o.size, "file": name, "written": written}
-            for o, name, written in files
-        ],
-    }
-    tmp = ingest / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, ingest / STATE_FILE)
+    IngestState(
+        uri=key.uri,
+        include=key.include,
+        exclude=key.exclude,
+        name=job.label,
+        pin=job.pin,
+        owner=job.owner,
+        part_size=part_size,
+        files=tuple(IngestFile(o.relpath, o.version, o.size, name, tuple(written)) for o, name, written in files),
+    ).save(ingest)
 
 
-def read_state(ingest: Path) -> dict[str, Any] | None:
-    try:
-        state = json.loads((ingest / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) and isinstance(state.get("uri"), str) else None
+def record_intent(ingest: Path, key: JobKey, job: Job, part_size: int) -> bool:
+    """Write the job's record before the job is accepted: from then on a crashed daemon
+    resumes it at its next start, even if not a byte was fetched yet. A record a previous run
+    left for the same job is kept (it says which parts are on disk). True when it was kept."""
+    state = IngestState.load(ingest)
+    if state is not None and state.uri == key.uri:
+        return True
+    ingest.mkdir(mode=0o700, exist_ok=True)
+    save_resume(ingest, key, job, part_size, [])
+    return False
 
 
 def load_resume(ingest: Path, key: JobKey, todo: list[RemoteObject], part_size: int) -> dict[str, set[int]]:
     """Parts a previous run of this job wrote, for objects whose version is unchanged."""
-    state = read_state(ingest)
-    if state is None or state.get("uri") != key.uri or state.get("part_size") != part_size:
+    state = IngestState.load(ingest)
+    if state is None or state.uri != key.uri or state.part_size != part_size:
         return {}
     current = {o.relpath: o for o in todo}
     out: dict[str, set[int]] = {}
-    for f in state.get("files", []):
-        o = current.get(f.get("relpath"))
-        if o is None or o.version != f.get("version") or o.size != f.get("size"):
+    for f in state.files:
+        o = current.get(f.relpath)
+        if o is None or o.version != f.version or o.size != f.size:
             continue  # changed at the source (or no longer wanted): that file starts over
-        parts = {int(i) for i in f.get("written", [])}
+        parts = set(f.written)
         try:
-            on_disk = (ingest / str(f.get("file"))).stat().st_size
+            on_disk = (ingest / f.file).stat().st_size
         except OSError:
             continue
         if parts and max(min((i + 1) * part_size, o.size) for i in parts) <= on_disk:
@@ -193,34 +210,60 @@ class Fetcher:
         self.jobs: dict[JobKey, Job] = {}
         self.bytes_downloaded = 0
         self.shutting_down = False
-        self.reserved: dict[str, int] = {}  # bytes admitted per running job (label)
+        self.reserved: dict[int, int] = {}  # bytes admitted per running job (Job.id)
         # Set by the core: raises ExhaustedError or makes room (eviction) for a job's new bytes.
         self.make_room: Callable[[int, str], None] = lambda need, label: None
+        # Set by the core: gives a committed job's snapshot its model name. Called before the
+        # job's record goes, so a crash in between leaves a record whose resume names it.
+        self.on_commit: Callable[[Job, str], None] = lambda job, snapshot: None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._admit_lock = threading.Lock()
+        self._admit_lock = threading.RLock()  # admission and reservation as one step
+        # Blobs already in the store that a running job's snapshot will reference (dedupe), by
+        # Job.id: eviction must keep them (Evictor.plan_evict), or the new model commits over holes.
+        self.in_use: dict[int, frozenset[str]] = {}
+        # Jobs run in their own threads, never in the loop's default executor: client reads
+        # (ReadRange, fd.sock helpers) never queue behind downloads. A job past MAX_JOBS waits
+        # its turn here (LISTING) rather than taking a thread from everyone else.
+        self.job_pool = ThreadPoolExecutor(max_workers=MAX_JOBS, thread_name_prefix="wc-job")
 
-    def start(self, key: JobKey, label: str, pin: bool | None = None) -> Job:
-        """The running job for key, or a new one."""
+    def start(self, key: JobKey, label: str, pin: bool | None = None, owner: str = "admin") -> Job:
+        """The running job for key, or a new one, accepted only once its record is on disk
+        (see record_intent): every caller that sees the job can count on it being resumed."""
         job = self.jobs.get(key)
         if job is not None:
             return job
-        job = Job(key, label, pin)
+        job = Job(key, label, pin, owner=owner)
+        ingest = self.store.ingest / ingest_dir_name(key)
+        try:
+            resumed = record_intent(ingest, key, job, self.cfg.download.part_size)
+        except OSError as exc:
+            self.store.remove_ingest(ingest)  # no record of a previous run was there: nothing lost
+            raise store_error(exc, label) from None
+        log.info("fetch_accepted", source=key.uri, model=label, resumed=resumed)
         self.jobs[key] = job
         task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
 
-    def admit(self, need: int, label: str) -> None:
+    def admit(self, need: int, label: str, job_id: int) -> None:
         """Admission before the first byte: the core checks capacity (and evicts), then the
-        bytes are reserved until the job ends."""
-        self.make_room(need, label)
+        bytes are reserved until the job ends. One step under one lock: two jobs admitted at
+        once would each see the other's bytes as free otherwise."""
         with self._admit_lock:
-            self.reserved[label] = self.reserved.get(label, 0) + need
+            self.make_room(need, label)
+            self.reserved[job_id] = self.reserved.get(job_id, 0) + need
 
-    def release(self, label: str) -> None:
+    def release(self, job_id: int) -> None:
         with self._admit_lock:
-            self.reserved.pop(label, None)
+            self.reserved.pop(job_id, None)
+
+    def reserved_bytes(self) -> int:
+        with self._admit_lock:
+            return sum(self.reserved.values())
+
+    def blobs_in_use(self) -> frozenset[str]:
+        return frozenset().union(*list(self.in_use.values()))
 
     async def shutdown(self) -> None:
         self.shutting_down = True
@@ -228,13 +271,14 @@ class Fetcher:
             job.cancelled.set()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.job_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, job: Job) -> None:
         ticker = asyncio.get_running_loop().create_task(self._tick(job))
         started = time.monotonic()
         source = source_label(job.key.uri)
         try:
-            snapshot = await asyncio.to_thread(self._fetch, job)
+            snapshot = await asyncio.get_running_loop().run_in_executor(self.job_pool, self._fetch, job)
             job.progress.phase = "DONE"
             job.result.set_result(snapshot)
         except (WeightcacheError, OSError) as exc:
@@ -250,6 +294,7 @@ class Fetcher:
             self.metrics.download_seconds.labels(source).inc(time.monotonic() - started)
             ticker.cancel()
             del self.jobs[job.key]
+            self.in_use.pop(job.id, None)
             async with job.changed:
                 job.version += 1
                 job.changed.notify_all()
@@ -271,6 +316,23 @@ class Fetcher:
     # ---------------------------------------------------------------- in a worker thread
 
     def _fetch(self, job: Job) -> str:
+        """Run the job, then name its snapshot. Its ingest directory (and record) goes when the
+        job ends, whatever the outcome, except when the daemon is shutting down: the next start
+        resumes it."""
+        ingest = self.store.ingest / ingest_dir_name(job.key)
+        keep_ingest = False
+        try:
+            snapshot = self._fetch_into(job, ingest)
+            self.on_commit(job, snapshot)
+            return snapshot
+        except BaseException:
+            keep_ingest = self.shutting_down
+            raise
+        finally:
+            if not keep_ingest:
+                self.store.remove_ingest(ingest)
+
+    def _fetch_into(self, job: Job, ingest: Path) -> str:
         key, p = job.key, job.progress
         source = open_source(key.uri, self.cfg)
         try:
@@ -281,6 +343,22 @@ class Fetcher:
                     f"source {key.uri}: no files match include {list(key.include)} / exclude {list(key.exclude)} "
                     f"({len(listed)} object(s) listed)"
                 )
+            if len(objects) > MAX_SNAPSHOT_FILES:
+                raise InvalidInputError(
+                    f"source {key.uri}: {len(objects)} files match include {list(key.include)}; a model may have at "
+                    f"most {MAX_SNAPSHOT_FILES} (narrow it with include/exclude)"
+                )
+            # Only safetensors are validated, indexed and mapped: weights in any other format
+            # (pytorch_model.bin, …) would publish a model with a config and no tensors.
+            if not any(o.relpath.endswith(".safetensors") for o in objects):
+                other = sorted(o.relpath for o in listed if o.relpath.endswith(NON_SAFETENSORS_WEIGHTS))
+                if other:
+                    raise InvalidInputError(
+                        f"source {key.uri}: no safetensors weights; skipped {', '.join(other[:10])}"
+                        f"{f' (+{len(other) - 10} more)' if len(other) > 10 else ''}: weightcache serves only "
+                        "safetensors; convert them (transformers save_pretrained(..., safe_serialization=True), or "
+                        "safetensors.torch.save_file) and fetch again"
+                    )
             p.files_total = len(objects)
             p.bytes_total = sum(o.size for o in objects)
             known: dict[str, str] = {}
@@ -309,19 +387,16 @@ class Fetcher:
                 cached=len(known),
                 bytes=p.bytes_total,
             )
-            self.admit(sum(o.size for o in todo), job.label)
+            self.in_use[job.id] = frozenset(known.values())  # before admission can evict anything
+            self.admit(sum(o.size for o in todo), job.label, job.id)
             tensors: dict[str, tuple[TensorInfo, ...]] = {}
-            ingest = self.store.ingest / ingest_dir_name(key)
             try:
-                ingest.mkdir(mode=0o700, exist_ok=True)
-            except BaseException:
-                self.release(job.label)  # the try below, which releases it, is not reached
-                raise
-            resume = load_resume(ingest, key, todo, self.cfg.download.part_size)
-            if resume:
-                log.info("fetch_resume", source=key.uri, model=job.label, parts=sum(len(v) for v in resume.values()))
-            keep_ingest = False
-            try:
+                # ingest (made with the job's record in start()) is removed by _fetch
+                resume = load_resume(ingest, key, todo, self.cfg.download.part_size)
+                if resume:
+                    log.info(
+                        "fetch_resume", source=key.uri, model=job.label, parts=sum(len(v) for v in resume.values())
+                    )
                 got: list[Downloaded] = []
                 if todo:
                     p.phase = "DOWNLOADING"
@@ -374,14 +449,8 @@ class Fetcher:
                     )
                 p.phase = "COMMITTING"
                 return self._commit(job, objects, known, got, tensors)
-            except BaseException:
-                # A daemon shutting down keeps what it fetched for the next start to resume.
-                keep_ingest = self.shutting_down
-                raise
             finally:
-                self.release(job.label)
-                if not keep_ingest:
-                    self.store.remove_ingest(ingest)
+                self.release(job.id)
         finally:
             source.close()
 
@@ -395,10 +464,17 @@ class Fetcher:
     ) -> str:
         files: list[NewFile] = []
         by_rel = {d.obj.relpath: d for d in got}
+        known_tensors = {rel: tuple(self.index.tensors(digest)) for rel, digest in known.items()}
+        total = sum(map(len, known_tensors.values())) + sum(map(len, tensors.values()))
+        if total > MAX_SNAPSHOT_TENSORS:
+            raise InvalidInputError(
+                f"model {job.label} ({job.key.uri}): {total} tensors, more than the {MAX_SNAPSHOT_TENSORS} one "
+                "snapshot may have (its manifest must fit one message); nothing published"
+            )
         for o in objects:
             if o.relpath in known:
                 digest = known[o.relpath]
-                files.append(NewFile(o.relpath, digest, o.size, tuple(self.index.tensors(digest))))
+                files.append(NewFile(o.relpath, digest, o.size, known_tensors[o.relpath]))
                 continue
             d = by_rel[o.relpath]
             size = d.path.stat().st_size

@@ -1,11 +1,30 @@
-"""Leases (docs/architecture.md, decision 4): a snapshot acquired over fd.sock is in use until that
-connection closes. Kept in memory: a daemon restart closes every connection anyway."""
+"""Leases (DESIGN decision 4): a snapshot acquired over fd.sock is in use until that
+connection closes. Kept in memory: a daemon restart closes every connection anyway.
+
+The table is shared by the event loop (fd.sock grants and releases) and the download worker
+threads (capacity admission plans evictions around leased snapshots), so every access goes
+through one lock, and so do the held bytes: blobs evicted while leased are unlinked but still
+open, they use disk until the last lease on their snapshot goes, and that "last lease" is only
+known under the same lock that releases it.
+
+Lease quota (docs/security.md, "Leases and disk"): one uid may lease at most ``quota`` bytes
+of distinct snapshots at a time, however many connections it opens; an Acquire past it is an
+ExhaustedError for that uid only. Everything no lease protects stays evictable, so a tenant
+cannot hold the node's disk hostage beyond its quota.
+"""
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from dataclasses import dataclass
+
+from weightcache.errors import ExhaustedError
+
+from .progress import human
+
+__all__ = ["Lease", "Leases"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,26 +35,66 @@ class Lease:
     uid: int
     gid: int
     since: float
+    size: int = 0  # bytes of the snapshot's files, for the per-uid quota
 
 
 class Leases:
-    def __init__(self) -> None:
+    def __init__(self, quota: int = 0) -> None:
+        self.quota = quota  # bytes of distinct leased snapshots per uid; 0 = no quota
         self._by_token: dict[int, Lease] = {}
+        self._held: dict[str, int] = {}  # snapshot -> bytes unlinked while leased
         self._ids = itertools.count(1)
+        self._lock = threading.Lock()
 
-    def acquire(self, snapshot_id: str, pid: int, uid: int, gid: int) -> Lease:
-        lease = Lease(next(self._ids), snapshot_id, pid, uid, gid, time.time())
-        self._by_token[lease.token] = lease
-        return lease
+    def acquire(self, snapshot_id: str, pid: int, uid: int, gid: int, size: int = 0) -> Lease:
+        with self._lock:
+            if self.quota:
+                mine = {le.snapshot_id: le.size for le in self._by_token.values() if le.uid == uid}
+                if snapshot_id not in mine and sum(mine.values()) + size > self.quota:
+                    raise ExhaustedError(
+                        f"uid {uid} leases {len(mine)} snapshot(s) of {human(sum(mine.values()))}; snapshot "
+                        f"{snapshot_id} ({human(size)}) would pass the per-uid lease quota of {human(self.quota)}: "
+                        "close models this uid no longer uses"
+                    )
+            lease = Lease(next(self._ids), snapshot_id, pid, uid, gid, time.time(), size)
+            self._by_token[lease.token] = lease
+            return lease
 
     def release(self, token: int) -> None:
-        self._by_token.pop(token, None)
+        """Drop a lease; the snapshot's held bytes go with its last lease."""
+        with self._lock:
+            lease = self._by_token.pop(token, None)
+            if lease is not None and not any(le.snapshot_id == lease.snapshot_id for le in self._by_token.values()):
+                self._held.pop(lease.snapshot_id, None)
+
+    def hold_if_leased(self, snapshot_id: str, nbytes: int) -> bool:
+        """Count `nbytes` of a snapshot being evicted as held, if (and only if) it is still
+        leased: checked and recorded atomically, so a release racing the eviction cannot leave
+        bytes counted as held forever."""
+        with self._lock:
+            if not any(le.snapshot_id == snapshot_id for le in self._by_token.values()):
+                return False
+            self._held[snapshot_id] = self._held.get(snapshot_id, 0) + nbytes
+            return True
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(self._held.values())
 
     def of(self, snapshot_id: str) -> list[Lease]:
-        return [le for le in self._by_token.values() if le.snapshot_id == snapshot_id]
+        with self._lock:
+            return [le for le in self._by_token.values() if le.snapshot_id == snapshot_id]
 
     def held(self) -> set[str]:
-        return {le.snapshot_id for le in self._by_token.values()}
+        """Snapshots with at least one lease."""
+        with self._lock:
+            return {le.snapshot_id for le in self._by_token.values()}
+
+    def of_uid(self, uid: int) -> int:
+        """Bytes of distinct snapshots `uid` leases now."""
+        with self._lock:
+            return sum({le.snapshot_id: le.size for le in self._by_token.values() if le.uid == uid}.values())
 
     def __len__(self) -> int:
-        return len(self._by_token)
+        with self._lock:
+            return len(self._by_token)

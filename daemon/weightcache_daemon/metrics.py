@@ -51,6 +51,21 @@ class Metrics:
         self.evictions = Counter("weightcache_evictions", "Models evicted", ["trigger"], registry=r)
         self.evicted_bytes = Counter("weightcache_evicted_bytes", "Bytes freed by eviction", registry=r)
         self.grants = Counter("weightcache_descriptor_grants", "Acquire requests answered with descriptors", registry=r)
+        self.fd_refused = Counter(
+            "weightcache_fd_refused",
+            "fd.sock connections refused or closed for breaking a bound",
+            ["reason"],
+            registry=r,
+        )
+        self.fd_accept_errors = Counter(
+            "weightcache_fd_accept_errors", "fd.sock accept() failures (EMFILE, ENFILE, ...)", ["errno"], registry=r
+        )
+        self.fd_send_errors = Counter(
+            "weightcache_fd_send_errors",
+            "Descriptor grants the kernel or the open-file limit refused",
+            ["errno"],
+            registry=r,
+        )
         self.rpc_seconds = Histogram(
             "weightcache_rpc_duration_seconds",
             "RPC latency",

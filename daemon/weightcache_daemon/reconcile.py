@@ -3,7 +3,8 @@
 Runs before the sockets are bound, so nobody sees the store before it is consistent:
 
 * ingest directories with a readable resume state are kept (the daemon resumes them once it
-  is up); any other ingest directory is removed;
+  is up), also one whose job was accepted and fetched nothing yet: its record alone is the
+  intent; any other ingest directory is removed;
 * temporary view directories are removed;
 * blob files with no index row (a crash between the rename and the index transaction) are
   re-hashed: adopted when the bytes match their name (gc removes them if nothing refers to
@@ -20,7 +21,7 @@ from typing import Any
 import structlog
 
 from .index import Index
-from .jobs import read_state
+from .ingest_state import IngestState
 from .store import LocalBlobStore, hash_file
 
 log = structlog.get_logger("weightcached.reconcile")
@@ -30,7 +31,7 @@ def reconcile(store: LocalBlobStore, index: Index) -> dict[str, Any]:
     resumable: list[Path] = []
     stale = 0
     for p in sorted(store.ingest.iterdir()):
-        if p.is_dir() and read_state(p) is not None:
+        if p.is_dir() and IngestState.load(p) is not None:
             resumable.append(p)
         else:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
@@ -48,6 +49,7 @@ def reconcile(store: LocalBlobStore, index: Index) -> dict[str, Any]:
                 index.adopt_blob(name, f.stat().st_size)
                 adopted.append(name)
             else:
+                store.unfreeze(f)  # an immutable blob whose bytes rotted: the flag goes first
                 f.unlink()
                 removed.append(name)
     missing = [d for d in indexed if not store.has(d)]

@@ -23,10 +23,10 @@ from weightcache import paths
 from weightcache.errors import BusyError, CorruptedError, InvalidInputError, PermissionDeniedError
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
-from .config import Config
+from .config import Config, capacity_bytes
 from .core import Core
 from .declarative import ModelsDir
-from .fdserver import FdServer
+from .fdserver import FdServer, raise_nofile_limit
 from .handlers import AdminService, CacheService
 from .index import Index
 from .jobs import Fetcher
@@ -104,24 +104,64 @@ def open_index(store: LocalBlobStore, rebuild: bool) -> Index:
                 "to rebuild it from them (model names and pins are lost)"
             )
     try:
-        return Index(path)
+        index = Index(path)
     except CorruptedError as exc:
         raise CorruptedError(
             f"{exc}; start once with --rebuild-index to set it aside and rebuild from the blobs"
         ) from None
+    private_files(path)
+    return index
+
+
+def private_files(index_db: Path) -> None:
+    """index.db and its WAL files: 0600 whatever the umask they were created under (names,
+    sources and pins are the daemon's business)."""
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.chmod(f"{index_db}{suffix}", 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def lease_quota(cfg: Config) -> int:
+    """Bytes one uid may lease (docs/security.md, "Leases and disk"); 0 = no bound."""
+    if cfg.lease_quota:
+        return cfg.lease_quota
+    if not cfg.lease_quota_percent:
+        return 0
+    base = capacity_bytes(cfg)
+    if not base:
+        st = os.statvfs(cfg.cache_dir)
+        base = st.f_blocks * st.f_frsize
+    return int(base * cfg.lease_quota_percent / 100)
+
+
+def check_places(cfg: Config, env: dict[str, str] | None = None) -> None:
+    """Refuse to start where another user controls or could replace the store or a socket
+    directory (docs/security.md, "Modes and places")."""
+    base = paths.tmp_runtime_base(env or {})
+    if base is not None and (cfg.socket_dir.is_relative_to(base) or cfg.admin_socket.is_relative_to(base)):
+        paths.ensure_private_base(base)
+    for what, d in (
+        ("store directory", cfg.cache_dir),
+        ("socket directory", cfg.socket_dir),
+        ("admin socket directory", cfg.admin_socket.parent),
+    ):
+        paths.check_dir_not_foreign(d, what)
 
 
 class Daemon:
-    def __init__(self, cfg: Config, rebuild_index: bool = False) -> None:
+    def __init__(self, cfg: Config, rebuild_index: bool = False, env: dict[str, str] | None = None) -> None:
         self.cfg = cfg
+        check_places(cfg, env)
         self.lock = StoreLock(cfg.cache_dir)
         try:
-            self.store = LocalBlobStore(cfg.cache_dir)
+            self.store = LocalBlobStore(cfg.cache_dir, immutable=cfg.immutable_blobs)
             self.index = open_index(self.store, rebuild_index)
         except BaseException:
             self.lock.release()
             raise
-        self.leases = Leases()
+        self.leases = Leases(lease_quota(cfg))
         self.metrics = Metrics()
         self.fetcher = Fetcher(cfg, self.store, self.index, self.metrics)
         self.core = Core(cfg, self.store, self.index, self.fetcher, self.leases, self.metrics)
@@ -144,6 +184,9 @@ class Daemon:
         return self.cfg.socket_dir / paths.FD_SOCKET_NAME
 
     async def start(self) -> None:
+        # Whatever uses the loop's default executor (asyncio.to_thread anywhere) shares the
+        # client I/O pool, never the downloads' threads (Fetcher.job_pool).
+        asyncio.get_running_loop().set_default_executor(self.core.client_io)
         report = await asyncio.to_thread(reconcile, self.store, self.index)
         log.info("reconciled", **report)
         self.cfg.socket_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +207,15 @@ class Daemon:
         self.admin_server = grpc.aio.server(options=opts)
         pb_grpc.add_AdminServicer_to_server(AdminService(self.core), self.admin_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.admin_server)
-        self.fd_server = FdServer(self.core, str(self.fd_socket), self.cfg.max_clients)
+        self.fd_server = FdServer(
+            self.core,
+            str(self.fd_socket),
+            self.cfg.max_clients,
+            max_per_uid=self.cfg.max_clients_per_uid,
+            frame_timeout=self.cfg.fd_frame_timeout,
+            idle_timeout=self.cfg.fd_idle_timeout,
+            on_health=self._fd_health,
+        )
         # Every socket is created 0600 and widened only after its group is set: never, even
         # briefly, reachable by someone the configuration does not name.
         old = os.umask(0o177)
@@ -200,6 +251,13 @@ class Daemon:
             pid=os.getpid(),
         )
 
+    async def _fd_health(self, accepting: bool) -> None:
+        """Health tells the truth: a daemon whose fd.sock cannot accept cannot serve models."""
+        status = health_pb2.HealthCheckResponse.SERVING if accepting else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", "weightcache.v1.Cache"):
+            await self.health.set(service, status)
+        log.warning("health", serving=accepting, reason="fd.sock accept " + ("recovered" if accepting else "failing"))
+
     def _sizes(self) -> dict[str, float]:
         s = self.core.stats()
         return {
@@ -233,6 +291,8 @@ class Daemon:
                 await srv.stop(grace=2)
         for p in (self.client_socket, self.fd_socket, self.cfg.admin_socket):
             p.unlink(missing_ok=True)
+        for pool in (self.core.client_io, self.core.admin_io):
+            pool.shutdown(wait=False, cancel_futures=True)  # queued work is moot now; never holds up SIGTERM
         self.index.close()
         self.lock.release()
         log.info("stopped")
@@ -251,7 +311,8 @@ def sd_notify(state: str, env: dict[str, str]) -> None:
 
 
 async def serve(cfg: Config, env: dict[str, str], rebuild_index: bool = False) -> None:
-    daemon = Daemon(cfg, rebuild_index)
+    raise_nofile_limit()  # logged with the fd.sock bounds derived from it ("fd_limits")
+    daemon = Daemon(cfg, rebuild_index, env)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

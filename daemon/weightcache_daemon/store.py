@@ -4,9 +4,14 @@ Lifecycle of a blob (the only way bytes become visible)::
 
     ingest   bytes are written to ingest/<job>/<n> (a private, unique name)
     verify   fsync, sha256 over the bytes, format validation (by the caller)
-    commit   chmod 0444 -> rename to blobs/sha256/<2 hex>/<hex> -> fsync the directory
+    commit   chmod 0444 -> rename to blobs/sha256/<2 hex>/<hex> -> [immutable] -> fsync the directory
     visible  only now may the index refer to it; a blob is never modified again
-    remove   unlink (never truncate: a process that still maps it keeps its bytes)
+    remove   [clear immutable] -> unlink (never truncate: a process that still maps it keeps its bytes)
+
+With ``immutable=True`` every committed blob carries FS_IMMUTABLE_FL: the kernel refuses to
+open it for writing to anyone, root included, so a descriptor granted to a container cannot
+be reopened writable through /proc/self/fd (docs/security.md, "Root in a container").
+The store directory is private to the daemon (0700, or 0750 when an operator gave it a group).
 
 Correctness never depends on a lock: a unique ingest name plus an atomic rename does.
 Identical content has one name, so committing bytes that are already stored just drops
@@ -16,18 +21,35 @@ the new copy.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import shutil
+import stat
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from weightcache.errors import BusyError, CorruptedError, InvalidInputError, NotFoundError
+from weightcache.errors import BusyError, CorruptedError, InvalidInputError, NotFoundError, PermissionDeniedError
 
-__all__ = ["BlobStore", "LocalBlobStore", "StoreLock", "check_digest", "fsync_dir", "hash_file"]
+__all__ = [
+    "BlobStore",
+    "LocalBlobStore",
+    "StoreLock",
+    "check_digest",
+    "fsync_dir",
+    "hash_file",
+    "is_immutable",
+    "set_immutable",
+]
+
+# linux/fs.h: _IOR('f', 1, long) / _IOW('f', 2, long); the kernel reads and writes an int.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IMMUTABLE_FL = 0x00000010
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 HASH_CHUNK = 8 << 20
@@ -43,6 +65,38 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flags(fd: int) -> int:
+    buf = bytearray(8)
+    fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+    return int(struct.unpack_from("i", buf)[0])
+
+
+def set_immutable(path: Path | str, on: bool) -> None:
+    """Set or clear FS_IMMUTABLE_FL (chattr +i / -i). Needs CAP_LINUX_IMMUTABLE and a
+    filesystem that supports the flag (ext4, xfs, btrfs; not tmpfs or overlayfs)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        flags = _flags(fd)
+        new = flags | FS_IMMUTABLE_FL if on else flags & ~FS_IMMUTABLE_FL
+        if new != flags:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", new) + bytes(4))
+    finally:
+        os.close(fd)
+
+
+def is_immutable(path: Path | str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        return bool(_flags(fd) & FS_IMMUTABLE_FL)
+    except OSError:
+        return False
     finally:
         os.close(fd)
 
@@ -78,13 +132,33 @@ class BlobStore(Protocol):
 
 
 class LocalBlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, immutable: bool = False) -> None:
         self.root = root
+        self.immutable = immutable
         self.blobs = root / "blobs" / "sha256"
         self.ingest = root / "ingest"
         self.snapshots = root / "snapshots"
+        private_dir(root)
         for d in (self.blobs, self.ingest, self.snapshots):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if immutable:
+            self._check_immutable()
+
+    def _check_immutable(self) -> None:
+        """Refuse to start when immutable blobs are asked for but cannot be had: a silent
+        fallback would leave the protection the operator configured off."""
+        probe = self.ingest / f".immutable-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        try:
+            set_immutable(probe, True)
+            set_immutable(probe, False)
+        except OSError as exc:
+            raise PermissionDeniedError(
+                f"immutable_blobs: cannot set FS_IMMUTABLE_FL in {self.root} ({exc.strerror or exc}); the daemon "
+                "needs CAP_LINUX_IMMUTABLE and a filesystem with the flag (ext4, xfs, btrfs)"
+            ) from None
+        finally:
+            probe.unlink(missing_ok=True)
 
     def path(self, digest: str) -> Path:
         check_digest(digest)
@@ -96,6 +170,18 @@ class LocalBlobStore:
         except FileNotFoundError:
             return False
         return os.path.stat.S_ISREG(st.st_mode)  # type: ignore[attr-defined, no-any-return]
+
+    def check(self, digest: str) -> None:
+        """What open() would refuse, refused without opening (a grant checks every file before
+        it sends any, then opens them one batch at a time)."""
+        try:
+            st = os.lstat(self.path(digest))
+        except FileNotFoundError:
+            raise NotFoundError(f"blob sha256:{digest} is missing from the store") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise CorruptedError(f"blob sha256:{digest} was replaced by a symlink; refusing it")
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptedError(f"blob sha256:{digest} is not a regular file; refusing it")
 
     def open(self, digest: str) -> int:
         """A read-only descriptor of a blob. O_NOFOLLOW: a symlink planted in the store is refused."""
@@ -116,7 +202,9 @@ class LocalBlobStore:
             tmp.unlink()
             return False
         os.chmod(tmp, 0o444)  # read-only before it becomes visible
-        os.rename(tmp, final)
+        os.rename(tmp, final)  # (an immutable file cannot be renamed: the flag comes after)
+        if self.immutable:
+            set_immutable(final, True)
         fsync_dir(final.parent)
         return True
 
@@ -124,10 +212,16 @@ class LocalBlobStore:
         p = self.path(digest)
         try:
             size = os.lstat(p).st_size
+            self.unfreeze(p)
             p.unlink()
         except FileNotFoundError:
             return 0
         return size
+
+    def unfreeze(self, p: Path) -> None:
+        """Clear the immutable flag (set by this or an earlier run) so the blob can go."""
+        if is_immutable(p):
+            set_immutable(p, False)
 
     def digests(self) -> Iterator[str]:
         for sub in sorted(self.blobs.iterdir()):
@@ -143,6 +237,7 @@ class LocalBlobStore:
         src = self.path(digest)
         dst = qdir / f"{digest}.{int(time.time())}"
         try:
+            self.unfreeze(src)
             os.rename(src, dst)
         except FileNotFoundError:
             return None
@@ -153,15 +248,24 @@ class LocalBlobStore:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def private_dir(root: Path) -> None:
+    """The store root: created 0700; an existing one keeps a group it was given (0750 from the
+    systemd unit) but loses group write and everything for others."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = os.stat(root).st_mode & 0o7777
+    if mode & 0o027:
+        os.chmod(root, mode & ~0o027)
+
+
 class StoreLock:
     """One daemon per store: an exclusive flock on <store>/lock, held for the process lifetime."""
 
     def __init__(self, root: Path) -> None:
-        import fcntl
-
-        root.mkdir(parents=True, exist_ok=True)
+        private_dir(root)
         self.path = root / "lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # 0600 whatever the umask: a lock others can open is a lock others can hold.
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(self.fd, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -6,9 +6,10 @@ import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
 
 from weightcache.errors import InvalidInputError
+
+from ..uris import normalize
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,23 +54,16 @@ class Source(Protocol):
 
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
-    """'s3://bucket/a/b/' -> ('s3', 'bucket', 'a/b/'); 'file:///d/' -> ('file', '', '/d/')."""
-    if "://" not in uri:
-        raise InvalidInputError(f"source {uri!r}: not a URI (expected s3://bucket/prefix/ or file:///dir/)")
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
+    """'s3://bucket/a/b/' -> ('s3', 'bucket', 'a/b/'); 'file:///d/' -> ('file', '', '/d/').
+
+    The URI is normalised first (uris.normalize: no '..', no query, decoded once), so a source
+    never sees a path that another parser could read differently."""
+    canonical = normalize(uri)
+    scheme, _, rest = canonical.partition("://")
     if scheme == "s3":
-        if not parts.netloc:
-            raise InvalidInputError(f"source {uri!r}: missing bucket name")
-        return scheme, parts.netloc, unquote(parts.path.lstrip("/"))
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise InvalidInputError(f"source {uri!r}: file URIs must be local (file:///dir/)")
-        path = unquote(parts.path)
-        if not path.startswith("/"):
-            raise InvalidInputError(f"source {uri!r}: file URIs need an absolute path")
-        return scheme, "", path
-    return scheme, parts.netloc, parts.path
+        bucket, _, prefix = rest.partition("/")
+        return scheme, bucket, prefix
+    return scheme, "", rest
 
 
 def check_relpath(relpath: str, uri: str) -> str:

@@ -4,7 +4,11 @@ Layout: 8 bytes little-endian header length N, N bytes of UTF-8 JSON object, the
 data section. Every tensor entry is ``{"dtype", "shape", "data_offsets": [begin, end]}``
 with offsets relative to the start of the data section. A valid file:
 
-* has N >= 2 and the header inside the file, and N <= MAX_HEADER (100 MB);
+* has N >= 2 and the header inside the file, and N <= MAX_HEADER (64 MiB);
+* has at most MAX_TENSORS (131072) tensors: the JSON parser stops at the first object
+  past that, so a header of hundreds of thousands of empty tensors is refused in
+  milliseconds instead of building them all (the largest public checkpoints have a few
+  tens of thousands per file);
 * has a UTF-8 JSON object header starting with ``{`` and no duplicate keys;
 * has ``__metadata__`` (optional) mapping strings to strings;
 * names known dtypes; shapes are lists of non-negative integers;
@@ -22,11 +26,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidInputError
+from weightcache.errors import InvalidInputError
 
-__all__ = ["DTYPE_BITS", "MAX_HEADER", "TensorInfo", "parse_header", "read_header"]
+__all__ = ["DTYPE_BITS", "MAX_HEADER", "MAX_TENSORS", "TensorInfo", "parse_header", "read_header"]
 
-MAX_HEADER = 100_000_000
+# Below the format's own 100 MB: a header of MAX_TENSORS entries with long names is ~30 MB.
+MAX_HEADER = 64 << 20
+MAX_TENSORS = 131_072
 MAX_ELEMENTS = 2**64
 MAX_DIMS = 64  # real tensors have a handful; bounds the work a hostile shape can cause
 
@@ -64,18 +70,33 @@ class TensorInfo:
     length: int
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Dup(key)
-        out[key] = value
-    return out
+class _Objects:
+    """object_pairs_hook: refuses duplicate keys, and stops the parse once the header holds
+    more JSON objects than a valid one can (one per tensor, the top level, __metadata__)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        self.count += 1
+        if self.count > self.limit:
+            raise _TooMany()
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise _Dup(key)
+            out[key] = value
+        return out
 
 
 class _Dup(Exception):
     def __init__(self, key: str) -> None:
         self.key = key
+
+
+class _TooMany(Exception):
+    pass
 
 
 def read_header(fd: int, file_size: int, label: str) -> tuple[int, bytes]:
@@ -106,13 +127,17 @@ def parse_header(header: bytes, file_size: int, label: str) -> tuple[list[Tensor
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"{label}: header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+        obj = json.loads(text, object_pairs_hook=_Objects(MAX_TENSORS + 2))
     except _Dup as dup:
         raise InvalidInputError(f"{label}: header has duplicate key {dup.key!r}") from None
+    except _TooMany:
+        raise InvalidInputError(f"{label}: header has more than {MAX_TENSORS} tensors (the limit)") from None
     except (json.JSONDecodeError, RecursionError) as exc:
         raise InvalidInputError(f"{label}: header is not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise InvalidInputError(f"{label}: header is not a JSON object")
+    if len(obj) - ("__metadata__" in obj) > MAX_TENSORS:  # the hook above stops only the far-too-many
+        raise InvalidInputError(f"{label}: header has more than {MAX_TENSORS} tensors (the limit)")
     metadata: dict[str, str] = {}
     raw_meta = obj.pop("__metadata__", None)
     if raw_meta is not None:

@@ -1,0 +1,217 @@
+"""Where a snapshot's bytes come from: the one seam between a model handle and its files.
+
+``Model``, ``LayerStream`` and ``weightcache.nn`` read bytes only through ``Backing``; none of
+them knows whether the bytes are a shared mapping, private memory, or something else.
+
+- ``MappedFiles``: the descriptors fd.sock granted, mapped ``MAP_PRIVATE`` (zero-copy, pages
+  shared with every process until one writes). Owns the fd.sock connection, i.e. the lease.
+- ``FetchedFiles``: whole files read over the gRPC ``ReadRange`` stream into private memory,
+  each on first use (for a client that cannot receive descriptors).
+
+The protocol also carries readiness (``ready``/``wait_ready``) so that a backing whose bytes
+arrive range by range — a file still being written — fits without changing its users:
+``read_into`` and ``view`` return only once their range is ready. For the two backings here
+every byte is ready as soon as the backing exists.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from .errors import CorruptedError, NotFoundError
+
+if TYPE_CHECKING:
+    from ._fd import FdConnection
+    from ._records import FileInfo
+
+__all__ = ["Backing", "FetchedFiles", "MappedFiles"]
+
+
+@runtime_checkable
+class Backing(Protocol):
+    """The bytes of one snapshot's files, addressed by (file path, offset)."""
+
+    @property
+    def zero_copy(self) -> bool:
+        """True when ``view`` shares page-cache pages rather than private memory."""
+        ...
+
+    def read_into(self, file: str, offset: int, dest: memoryview) -> None:
+        """Copy bytes [offset, offset + len(dest)) of ``file`` into ``dest`` (waiting until
+        they are ready). Safe to call from several threads at once."""
+        ...
+
+    def view(self, file: str, offset: int, length: int) -> memoryview:
+        """A writable view of bytes [offset, offset + length) of ``file``, without copying
+        where the backing allows (waiting until they are ready). Writes stay in this process."""
+        ...
+
+    def ready(self, file: str, offset: int, length: int) -> bool:
+        """Whether that range can be read now without waiting."""
+        ...
+
+    def wait_ready(self, file: str, offset: int, length: int, timeout: float | None = None) -> bool:
+        """Block until that range is ready; False if ``timeout`` passed first."""
+        ...
+
+    def advise(self, file: str, offset: int, length: int) -> None:
+        """A hint that the range is wanted soon (asynchronous readahead); may do nothing."""
+        ...
+
+    def descriptors(self) -> Mapping[str, int] | None:
+        """Open descriptors per file path (for path-based loaders), or None without descriptors."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backing holds. Views already handed out stay valid."""
+        ...
+
+
+def _check_range(file: str, size: int, offset: int, length: int) -> None:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise CorruptedError(f"bytes {offset}..{offset + length} of {file} are outside the file ({size} bytes)")
+
+
+class MappedFiles:
+    """Descriptors from fd.sock, each file mapped ``MAP_PRIVATE``; ``close()`` ends the lease."""
+
+    zero_copy = True
+
+    def __init__(self, conn: FdConnection, snapshot_id: str) -> None:
+        self._conn = conn
+        self._snapshot_id = snapshot_id
+        self._fds: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}
+        self._views: dict[str, memoryview] = {}
+        granted = conn.acquire(snapshot_id)
+        try:
+            for g in granted:
+                # Every descriptor stays open until close(), empty files included: a path-based
+                # loader links to them, and a mapping alone cannot be reopened by name.
+                self._fds[g.path] = g.fd
+                self._sizes[g.path] = g.size
+                if g.size:
+                    # MAP_PRIVATE: pages are shared with every process until one writes; a write
+                    # makes a private copy, never touching the blob or another process.
+                    mm = mmap.mmap(g.fd, g.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                    # The mapping is never closed explicitly: tensors viewing it keep it alive,
+                    # and it goes when the last of them does.
+                    self._views[g.path] = memoryview(mm)
+                else:
+                    self._views[g.path] = memoryview(bytearray())
+        except BaseException:
+            for g in granted:
+                if g.path not in self._fds:
+                    os.close(g.fd)
+            self.close()
+            raise
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None or fd < 0:
+            raise NotFoundError(f"file {file!r} is not in snapshot {self._snapshot_id} (or the handle is closed)")
+        return fd
+
+    def read_into(self, file: str, offset: int, dest: memoryview) -> None:
+        # pread from the page cache rather than memcpy from the mapping: one copy either way,
+        # but a cold read gets kernel readahead and does not fault page by page.
+        fd = self._fd(file)
+        _check_range(file, self._sizes[file], offset, len(dest))
+        done = 0
+        while done < len(dest):
+            n = os.preadv(fd, [dest[done:]], offset + done)
+            if n <= 0:
+                raise CorruptedError(f"{file} ended at {offset + done}, expected {offset + len(dest)}")
+            done += n
+
+    def view(self, file: str, offset: int, length: int) -> memoryview:
+        v = self._views.get(file)
+        if v is None:
+            raise NotFoundError(f"file {file!r} is not in snapshot {self._snapshot_id} (or the handle is closed)")
+        _check_range(file, len(v), offset, length)
+        return v[offset : offset + length]
+
+    def ready(self, file: str, offset: int, length: int) -> bool:
+        return True
+
+    def wait_ready(self, file: str, offset: int, length: int, timeout: float | None = None) -> bool:
+        return True
+
+    def advise(self, file: str, offset: int, length: int) -> None:
+        fd = self._fds.get(file, -1)
+        if fd >= 0:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def descriptors(self) -> Mapping[str, int] | None:
+        return dict(self._fds)
+
+    def close(self) -> None:
+        self._conn.close()
+        self._views = {}  # views handed out keep their mappings alive
+        for path, fd in self._fds.items():
+            if fd >= 0:
+                os.close(fd)
+                self._fds[path] = -1
+
+
+class FetchedFiles:
+    """Whole files read over gRPC into private memory, once each, on first use.
+
+    ``fetch(path, buf)`` fills ``buf`` (sized to the file) with the file's bytes.
+    """
+
+    zero_copy = False
+
+    def __init__(self, snapshot_id: str, files: Iterable[FileInfo], fetch: Callable[[str, bytearray], None]) -> None:
+        self._snapshot_id = snapshot_id
+        self._sizes = {f.path: f.size for f in files}
+        self._fetch = fetch
+        self._bufs: dict[str, bytearray] = {}
+        # One lock per file: stream readers ask for the same file from several threads at once,
+        # and it must be fetched once, while other files are fetched in parallel.
+        self._locks = {p: threading.Lock() for p in self._sizes}
+
+    def _buf(self, file: str) -> bytearray:
+        buf = self._bufs.get(file)
+        if buf is not None:
+            return buf
+        lock = self._locks.get(file)
+        if lock is None:
+            raise NotFoundError(f"file {file!r} is not in snapshot {self._snapshot_id}")
+        with lock:
+            buf = self._bufs.get(file)
+            if buf is None:
+                buf = bytearray(self._sizes[file])
+                self._fetch(file, buf)
+                self._bufs[file] = buf
+        return buf
+
+    def read_into(self, file: str, offset: int, dest: memoryview) -> None:
+        buf = self._buf(file)
+        _check_range(file, len(buf), offset, len(dest))
+        dest[:] = memoryview(buf)[offset : offset + len(dest)]
+
+    def view(self, file: str, offset: int, length: int) -> memoryview:
+        buf = self._buf(file)
+        _check_range(file, len(buf), offset, length)
+        return memoryview(buf)[offset : offset + length]
+
+    def ready(self, file: str, offset: int, length: int) -> bool:
+        return True  # fetched on demand: reading never waits for bytes still to arrive
+
+    def wait_ready(self, file: str, offset: int, length: int, timeout: float | None = None) -> bool:
+        return True
+
+    def advise(self, file: str, offset: int, length: int) -> None:
+        pass
+
+    def descriptors(self) -> Mapping[str, int] | None:
+        return None
+
+    def close(self) -> None:
+        # Views handed out keep their buffers alive; dropping ours frees the rest.
+        self._bufs = {}

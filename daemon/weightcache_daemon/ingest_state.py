@@ -1,0 +1,105 @@
+"""The resume record of one download job: ingest/<job>/state.json.
+
+A job is accepted once this record is written (the intent, before a byte is fetched), and
+the download engine rewrites it now and then with the parts already on disk. Three readers
+rely on it: the job itself (which parts to skip on resume), start-up reconciliation (which
+ingest directories to keep) and the core (which jobs to restart). They all read it through
+`IngestState.load`, which answers None for a missing or unreadable record: such a directory
+is stale, never an error. Fields that are present but malformed read as "nothing known"
+(no name, no pin, a client's rights, no parts), so a damaged record can only cost a refetch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .index import OWNERS
+
+__all__ = ["STATE_FILE", "IngestFile", "IngestState"]
+
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestFile:
+    """One source object of the job: which ingest file holds it and which parts are written."""
+
+    relpath: str
+    version: str
+    size: int
+    file: str  # the ingest file's name inside the job's directory
+    written: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"relpath": self.relpath, "version": self.version, "size": self.size, "file": self.file,
+                "written": list(self.written)}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: object) -> IngestFile | None:
+        if not isinstance(d, dict):
+            return None
+        relpath, version, size, file, written = (d.get(k) for k in ("relpath", "version", "size", "file", "written"))
+        if not (isinstance(relpath, str) and isinstance(version, str) and isinstance(size, int)):
+            return None
+        if not isinstance(file, str) or not isinstance(written, list) or not all(isinstance(i, int) for i in written):
+            return None
+        return cls(relpath, version, size, file, tuple(written))
+
+
+@dataclass(frozen=True, slots=True)
+class IngestState:
+    uri: str  # canonical source URI
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    name: str  # the model name the job produces ("" = derive it from the URI)
+    pin: bool | None
+    owner: str  # one of index.OWNERS: the rights the job keeps across a restart
+    part_size: int
+    files: tuple[IngestFile, ...] = ()
+
+    def save(self, ingest_dir: Path) -> None:
+        """Write atomically: a crash leaves the previous record or this one, never half of one."""
+        state = {
+            "uri": self.uri,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "name": self.name,
+            "pin": self.pin,
+            "owner": self.owner,
+            "part_size": self.part_size,
+            "files": [f.to_json() for f in self.files],
+        }
+        tmp = ingest_dir / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, ingest_dir / STATE_FILE)
+
+    @classmethod
+    def load(cls, ingest_dir: Path) -> IngestState | None:
+        try:
+            d = json.loads((ingest_dir / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(d, dict) or not isinstance(d.get("uri"), str):
+            return None
+        name, pin, owner, part_size = d.get("name"), d.get("pin"), d.get("owner"), d.get("part_size")
+        files = [IngestFile.from_json(f) for f in d.get("files") or []] if isinstance(d.get("files"), list) else []
+        return cls(
+            uri=d["uri"],
+            include=_strings(d.get("include")),
+            exclude=_strings(d.get("exclude")),
+            name=name if isinstance(name, str) else "",
+            pin=pin if isinstance(pin, bool) else None,
+            # A record without a known owner is treated as a client's: it may create its
+            # name, never re-point one.
+            owner=owner if owner in OWNERS else "client",
+            part_size=part_size if isinstance(part_size, int) else 0,
+            files=tuple(f for f in files if f is not None),
+        )
+
+
+def _strings(v: object) -> tuple[str, ...]:
+    return tuple(str(p) for p in v) if isinstance(v, list) else ()
