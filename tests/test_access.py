@@ -51,6 +51,7 @@ def test_descriptors_are_read_only(daemon: Daemon, s3_model: str, report) -> Non
         for f in files:
             try:
                 assert fcntl.fcntl(f.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+                assert fcntl.fcntl(f.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC  # never inherited across exec
                 with pytest.raises(OSError) as e1:
                     os.pwrite(f.fd, b"x", 0)
                 assert e1.value.errno == errno.EBADF

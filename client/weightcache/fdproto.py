@@ -20,6 +20,12 @@ def pack(payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 
 
+# Received descriptors are close-on-exec from the moment they exist: a program the client execs
+# must not inherit leases it never asked for (forked children still share them, and anything
+# that needs a path uses /proc/<opener>/fd, which does not depend on inheritance).
+_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+
+
 def recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
     """Blocking receive of one frame and the descriptors that came with it.
 
@@ -29,7 +35,7 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
     fds: list[int] = []
     header = b""
     while len(header) < 4:
-        data, anc, flags, _ = sock.recvmsg(4 - len(header), socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4))
+        data, anc, flags, _ = sock.recvmsg(4 - len(header), socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4), _RECV_FLAGS)
         fds.extend(_fds(anc))
         _check_truncated(flags, fds)
         if not data:
@@ -42,7 +48,7 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
         raise ConnectionError(f"fd.sock frame of {n} bytes exceeds {MAX_FRAME}")
     body = bytearray()
     while len(body) < n:
-        data, anc, flags, _ = sock.recvmsg(n - len(body), socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4))
+        data, anc, flags, _ = sock.recvmsg(n - len(body), socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4), _RECV_FLAGS)
         fds.extend(_fds(anc))
         _check_truncated(flags, fds)
         if not data:

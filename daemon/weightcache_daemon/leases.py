@@ -1,4 +1,4 @@
-"""Leases (DESIGN decision 4): a snapshot acquired over fd.sock is in use until that
+"""Leases (docs/architecture.md, decision 4): a snapshot acquired over fd.sock is in use until that
 connection closes. Kept in memory: a daemon restart closes every connection anyway.
 
 The table is shared by the event loop (fd.sock grants and releases) and the download worker

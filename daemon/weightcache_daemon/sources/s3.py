@@ -97,7 +97,8 @@ class S3Source:
         return out
 
     def stat(self, relpath: str) -> RemoteObject:
-        key = self.prefix + relpath
+        # every key is checked here too, not only at listing: a relpath never leaves the prefix
+        key = self.prefix + check_relpath(relpath, self.uri)
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:  # noqa: BLE001
@@ -108,7 +109,7 @@ class S3Source:
         length = len(buf)
         if length == 0:
             return
-        key = self.prefix + obj.relpath
+        key = self.prefix + check_relpath(obj.relpath, self.uri)
         what = f"source {obj.uri} bytes {offset}-{offset + length - 1}"
         try:
             resp = self._client.get_object(
