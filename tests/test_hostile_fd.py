@@ -30,7 +30,8 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import Daemon, make_model, start_daemon, write_config
+from harness import Daemon, make_model, start_daemon, wait_for, write_config
+from tests_helpers import write_u8_model
 
 from weightcache import paths
 from weightcache._fd import FdConnection
@@ -46,14 +47,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a second 
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _wait(pred: Any, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _fds(pid: int) -> int:
@@ -165,7 +158,7 @@ def _baseline(d: Daemon, sid: str) -> tuple[int, int]:
 
 
 def _comes_back(d: Daemon, fds0: int, rss0: int) -> tuple[int, int]:
-    _wait(lambda: _fds(d.proc.pid) <= fds0 + 2, f"daemon descriptors back to {fds0}")
+    wait_for(lambda: _fds(d.proc.pid) <= fds0 + 2, 60, f"daemon descriptors back to {fds0}")
     rss = _rss_kib(d.proc.pid)
     # nothing a client sends is buffered beyond MAX_REQUEST_FRAME: allocator noise only
     assert rss - rss0 < 32 * 1024, (rss0, rss)
@@ -234,7 +227,7 @@ def test_frames_timeouts_and_connection_caps(fd_daemon: Daemon, report: Any) -> 
     code, msg = out["ninth"]
     assert code == "RESOURCE_EXHAUSTED" and f"uid {ATTACKER} already has 8 connections" in msg, out["ninth"]
     fds1, rss1 = _comes_back(d, fds0, rss0)
-    _wait(lambda: int(d.ctl_json("stats")["leases"]) == 0, "the attacker's leases released")
+    wait_for(lambda: int(d.ctl_json("stats")["leases"]) == 0, 60, "the attacker's leases released")
     assert _store_state(d) == state0 and d.ctl("verify").returncode == 0
     log = d.log_text()
     assert "fd_client_refused" in log and "Traceback" not in log
@@ -274,7 +267,7 @@ def test_unread_descriptors_cost_only_the_client_that_does_not_read(fd_daemon: D
     assert p.stdout is not None and p.stdin is not None
     assert p.stdout.readline().strip() == "sent", p.stderr.read() if p.stderr else ""
     refused = lambda: d.log_text().count('"request while descriptors unread"') >= 6  # noqa: E731
-    _wait(refused, "six connections refused")
+    wait_for(refused, 60, "six connections refused")
     latency = max(_legit_acquire(d, sid) for _ in range(5))
     p.stdin.write("\n")
     p.stdin.flush()
@@ -320,10 +313,10 @@ def test_accept_survives_emfile_and_health_tells_the_truth(s3: Any, tmp_path: Pa
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(str(d.socket_dir / "fd.sock"))
                 waiting.append(s)
-            _wait(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, "NOT_SERVING while EMFILE")
+            wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 60, "NOT_SERVING while EMFILE")
         finally:
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
-        _wait(lambda: status() == health_pb2.HealthCheckResponse.SERVING, "SERVING again")
+        wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 60, "SERVING again")
         for s in waiting:  # the clients that waited in the backlog are served
             s.settimeout(30)
             s.sendall(pack(pb.FdRequest(acquire=pb.AcquireRequest(snapshot_id=sid)).SerializeToString()))
@@ -396,7 +389,7 @@ def test_model_with_more_files_than_the_open_file_limit(s3: Any, tmp_path: Path,
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
         noted = [ln for ln in d.log_text().splitlines() if '"warning"' in ln or '"error"' in ln]
         assert not failures and served[0] == 45, (failures, noted[-10:])
-        _wait(lambda: _fds(pid) <= fds0 + 2, "daemon descriptors back")
+        wait_for(lambda: _fds(pid) <= fds0 + 2, 60, "daemon descriptors back")
         assert "Traceback" not in d.log_text()
     finally:
         d.stop()
@@ -413,18 +406,9 @@ def test_model_with_more_files_than_the_open_file_limit(s3: Any, tmp_path: Path,
 # ---------------------------------------------------------------- leases and disk
 
 
-def _u8_model(directory: Path, size: int, seed: int) -> Path:
-    from tests_helpers import write_u8_safetensors
-
-    directory.mkdir(parents=True, exist_ok=True)
-    write_u8_safetensors(directory / "model.safetensors", size, seed)
-    (directory / "config.json").write_text(json.dumps({"seed": seed}))
-    return directory
-
-
 def test_leases_cannot_hold_the_disk_hostage(s3: Any, tmp_path: Path, report: Any) -> None:
     size = 2 << 20
-    models = {n: _u8_model(tmp_path / "m" / n, size, i) for i, n in enumerate("abcde")}
+    models = {n: write_u8_model(tmp_path / "m" / n, size, i) for i, n in enumerate("abcde")}
     model_bytes = sum(p.stat().st_size for p in models["a"].iterdir())
     capacity = int(model_bytes * 3.5)
     d, base = _start(tmp_path, s3, max_size=capacity, lease_quota=int(model_bytes * 1.5))
@@ -461,7 +445,7 @@ def test_leases_cannot_hold_the_disk_hostage(s3: Any, tmp_path: Path, report: An
         p.stdin.write("\n")
         p.stdin.flush()
         p.wait(timeout=60)
-        _wait(lambda: int(d.ctl_json("stats")["leases"]) == 0, "leases released")
+        wait_for(lambda: int(d.ctl_json("stats")["leases"]) == 0, 60, "leases released")
         st = d.ctl_json("stats")
         assert int(st["stored_bytes"]) <= capacity and int(st["held_bytes"]) == 0
     finally:
@@ -495,7 +479,7 @@ CHURN = textwrap.dedent("""
 def test_downloads_and_lease_churn_under_a_small_capacity(s3: Any, tmp_path: Path, report: Any) -> None:
     size = 1 << 20
     names = [f"m{i}" for i in range(10)]
-    models = {n: _u8_model(tmp_path / "m" / n, size, 100 + i) for i, n in enumerate(names)}
+    models = {n: write_u8_model(tmp_path / "m" / n, size, 100 + i) for i, n in enumerate(names)}
     model_bytes = sum(p.stat().st_size for p in models["m0"].iterdir())
     capacity = int(model_bytes * 4.5)
     d, base = _start(tmp_path, s3, max_size=capacity, lease_quota="100%")
@@ -532,7 +516,7 @@ def test_downloads_and_lease_churn_under_a_small_capacity(s3: Any, tmp_path: Pat
             )
         assert all(p.returncode == 0 for p in churn), opened
         assert sum(rc == 0 for rc, _ in results) >= 1
-        _wait(lambda: int(d.ctl_json("stats")["leases"]) == 0, "leases released")
+        wait_for(lambda: int(d.ctl_json("stats")["leases"]) == 0, 60, "leases released")
         st = d.ctl_json("stats")
         on_disk = sum(p.stat().st_size for p in (d.cache_dir / "blobs" / "sha256").rglob("*") if p.is_file())
         assert int(st["held_bytes"]) == 0 and int(st["stored_bytes"]) == on_disk <= capacity, (st, on_disk)
@@ -805,7 +789,7 @@ def test_unread_descriptors_never_reach_the_kernel_limit(s3: Any, tmp_path: Path
         p = _as(ATTACKER, [GID], attack, background=True)
         assert p.stdout is not None and p.stdin is not None
         assert p.stdout.readline().strip() == "sent", p.stderr.read() if p.stderr else ""
-        _wait(lambda: d.log_text().count('"fd_client_refused"') >= 8, "all eight connections refused")
+        wait_for(lambda: d.log_text().count('"fd_client_refused"') >= 8, 60, "all eight connections refused")
         # without the bound, 8 x 50 x n_files descriptors would be in flight: far past the limit,
         # and every sendmsg with descriptors (this one's too) would fail with ETOOMANYREFS
         latency = max(_legit_acquire(d, sid) for _ in range(10))

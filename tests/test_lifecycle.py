@@ -12,33 +12,14 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from harness import Daemon, make_model, no_partial_files, sha256_file, start_daemon, upload_dir, write_config
-
-
-def _blob_model(directory: Path, size: int, seed: int) -> Path:
-    """A small model of distinct content: one safetensors file of `size` bytes plus a config."""
-    from tests_helpers import write_u8_safetensors
-
-    directory.mkdir(parents=True, exist_ok=True)
-    write_u8_safetensors(directory / "model.safetensors", size, seed)
-    (directory / "config.json").write_text(json.dumps({"seed": seed}))
-    return directory
+from harness import Daemon, make_model, no_partial_files, sha256_file, start_daemon, upload_dir, wait_for, write_config
+from tests_helpers import write_u8_model
 
 
 def _names(d: Daemon) -> list[str]:
     return sorted(m["name"] for m in d.ctl_json("ls"))
-
-
-def _wait(pred: Any, timeout: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 HOLD = textwrap.dedent("""
@@ -63,7 +44,7 @@ def test_lru_eviction_with_pins_and_leases(daemon_factory, tmp_path: Path) -> No
     import weightcache
 
     size = 4 << 20
-    models = {n: _blob_model(tmp_path / "models" / n, size, i) for i, n in enumerate("abcdef")}
+    models = {n: write_u8_model(tmp_path / "models" / n, size, i) for i, n in enumerate("abcdef")}
     model_bytes = sum(p.stat().st_size for p in models["a"].iterdir())
     # room for three models under the high watermark; a fourth evicts exactly one
     d = daemon_factory(max_size=int(model_bytes * 3.5), high_watermark=0.95, low_watermark=0.9)
@@ -87,7 +68,7 @@ def test_lru_eviction_with_pins_and_leases(daemon_factory, tmp_path: Path) -> No
 
 
 def test_oversized_model_is_refused_before_a_byte(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    big = _blob_model(tmp_path / "big", 8 << 20, 1)
+    big = write_u8_model(tmp_path / "big", 8 << 20, 1)
     d = daemon_factory(max_size=4 << 20)
     r = d.ctl("prefetch", f"file://{big}/", "--name", "big", check=False)
     assert r.returncode == 1 and "ExhaustedError" in r.stderr and "more than the cache capacity" in r.stderr
@@ -96,7 +77,7 @@ def test_oversized_model_is_refused_before_a_byte(daemon_factory, tmp_path: Path
 
 
 def test_pinned_and_leased_models_are_not_evicted_to_make_room(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    a, b = _blob_model(tmp_path / "a", 4 << 20, 1), _blob_model(tmp_path / "b", 4 << 20, 2)
+    a, b = write_u8_model(tmp_path / "a", 4 << 20, 1), write_u8_model(tmp_path / "b", 4 << 20, 2)
     d = daemon_factory(max_size=6 << 20)
     d.ctl("prefetch", f"file://{a}/", "--name", "a", "--pin")
     r = d.ctl("prefetch", f"file://{b}/", "--name", "b", check=False)
@@ -109,7 +90,7 @@ def test_pinned_and_leased_models_are_not_evicted_to_make_room(daemon_factory, t
 
 
 def test_evicted_model_stays_readable_by_a_process_that_has_it_open(daemon: Daemon, tmp_path: Path) -> None:
-    m = _blob_model(tmp_path / "m", 2 << 20, 3)
+    m = write_u8_model(tmp_path / "m", 2 << 20, 3)
     daemon.ctl("prefetch", f"file://{m}/", "--name", "m")
     blob = next(Path(p).resolve() for p in Path(daemon.ctl_json("show", "m")["manifest"]["path"]).iterdir()
                 if p.name == "model.safetensors")  # fmt: skip
@@ -128,7 +109,7 @@ def test_evicted_model_stays_readable_by_a_process_that_has_it_open(daemon: Daem
     holder.stdin.flush()  # type: ignore[union-attr]
     assert holder.stdout.readline().strip() == before  # the unlinked file reads the same bytes
     holder.communicate("\n", timeout=30)
-    _wait(lambda: int(daemon.ctl_json("stats")["held_bytes"]) == 0, 60, "held bytes released")
+    wait_for(lambda: int(daemon.ctl_json("stats")["held_bytes"]) == 0, 60, "held bytes released")
 
 
 @pytest.fixture
@@ -145,8 +126,8 @@ def tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_enospc_on_a_small_tmpfs(tmpfs: Path, tmp_path: Path, s3, report) -> None:  # type: ignore[no-untyped-def]
     import weightcache
 
-    a = _blob_model(tmp_path / "a", 8 << 20, 1)
-    b = _blob_model(tmp_path / "b", 8 << 20, 2)
+    a = write_u8_model(tmp_path / "a", 8 << 20, 1)
+    b = write_u8_model(tmp_path / "b", 8 << 20, 2)
     root = tmp_path / "d"
     root.mkdir()
     cfg = write_config(root / "w.toml", None, client_sources=["*"])
@@ -172,7 +153,7 @@ def test_enospc_on_a_small_tmpfs(tmpfs: Path, tmp_path: Path, s3, report) -> Non
             assert m.get_tensor("w").numel() == 8 << 20
         # and a model larger than the free space is refused at admission, before a byte
         subprocess.run(["mount", "-o", "remount,nr_inodes=10000", str(tmpfs)], check=True)
-        huge = _blob_model(tmp_path / "huge", 60 << 20, 3)
+        huge = write_u8_model(tmp_path / "huge", 60 << 20, 3)
         r = d2.ctl("prefetch", f"file://{huge}/", "--name", "huge", check=False)
         assert r.returncode == 1 and "ExhaustedError" in r.stderr
         assert d2.ctl("verify").returncode == 0
@@ -198,17 +179,17 @@ def test_models_d_add_change_remove_and_invalid(tmp_path: Path, s3, s3_model: st
     cfg = write_config(root / "w.toml", s3, models_dir=str(models_d))
     d = start_daemon(root, s3, config=cfg)
     try:
-        _wait(lambda: _names(d) == ["tiny"], 60, "models.d start-up prefetch")
+        wait_for(lambda: _names(d) == ["tiny"], 60, "models.d start-up prefetch")
         assert d.ctl_json("ls")[0]["pinned"] is True
         assert "models_d_invalid" in d.log_text() and "unknown key(s) size" in d.log_text()
         (models_d / "weights.toml").write_text(f'uri = "{s3_model}"\nname = "weights"\ninclude = ["*.safetensors"]\n'
                                                "pin = false\n")  # fmt: skip
-        _wait(lambda: "weights" in _names(d), 60, "models.d new file")
+        wait_for(lambda: "weights" in _names(d), 60, "models.d new file")
         assert d.ctl_json("show", "weights")["model"]["file_count"] == 2
         (models_d / "weights.toml").write_text(f'uri = "{s3_model}"\nname = "weights"\ninclude = ["*.json"]\n')
-        _wait(lambda: d.ctl_json("show", "weights")["model"]["file_count"] == 3, 60, "models.d changed file")
+        wait_for(lambda: d.ctl_json("show", "weights")["model"]["file_count"] == 3, 60, "models.d changed file")
         (models_d / "tiny.toml").unlink()
-        _wait(lambda: d.ctl_json("show", "tiny")["model"]["pinned"] is False, 30, "models.d removed file unpins")
+        wait_for(lambda: d.ctl_json("show", "tiny")["model"]["pinned"] is False, 30, "models.d removed file unpins")
         assert "tiny" in _names(d)  # unpinned, not deleted
     finally:
         d.stop()
@@ -223,7 +204,7 @@ def _prefetch_accepted(d: Daemon, uri: str, name: str) -> subprocess.Popen[str]:
     take longer than any fixed delay on a busy machine."""
     p = subprocess.Popen(["cachectl", "prefetch", uri, "--name", name], env=d.env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)  # fmt: skip
-    _wait(lambda: ACCEPTED in d.log_text() or p.poll() is not None, 120, "the daemon to accept the prefetch")
+    wait_for(lambda: ACCEPTED in d.log_text() or p.poll() is not None, 120, "the daemon to accept the prefetch")
     assert ACCEPTED in d.log_text(), (p.returncode, p.stderr.read() if p.stderr else "", d.log_text()[-3000:])
     return p
 
@@ -266,7 +247,7 @@ def _kill_and_resume(d_root: Path, s3, uri: str, expected: dict[str, str], when:
     recorded = _recorded_bytes(d)
     d2 = start_daemon(d_root, s3, config=cfg)  # resumes by itself
     try:
-        _wait(lambda: "big" in _names(d2), 120, "the resumed prefetch")
+        wait_for(lambda: "big" in _names(d2), 120, "the resumed prefetch")
         after = int(d2.ctl_json("stats")["bytes_downloaded"])
         view = Path(d2.ctl_json("show", "big")["manifest"]["path"])
         assert {p.name: sha256_file(p) for p in view.iterdir()} == expected  # complete and byte-identical
@@ -319,7 +300,7 @@ def test_kill_9_at_random_points_20_times(tmp_path: Path, s3, bucket: str, repor
 def test_kill_before_the_daemon_accepts_a_prefetch(tmp_path: Path, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
     """The kill lands before the request reaches the daemon: the client says which daemon it could
     not reach, nothing is half-written, and the next start has nothing to resume."""
-    upload_dir(s3, bucket, "m/", _blob_model(tmp_path / "m", 2 << 20, 5))
+    upload_dir(s3, bucket, "m/", write_u8_model(tmp_path / "m", 2 << 20, 5))
     d = start_daemon(tmp_path / "d", s3)
     _kill(d)  # its socket files stay behind and refuse connections
     r = subprocess.run(["cachectl", "prefetch", f"s3://{bucket}/m/", "--name", "m"], env=d.env, capture_output=True,
@@ -341,7 +322,7 @@ def test_accepted_prefetch_is_resumed_even_before_its_first_byte(tmp_path: Path,
     it, so a daemon killed before a single byte arrived still completes the model after a restart."""
     import socket
 
-    model = _blob_model(tmp_path / "m", 2 << 20, 6)
+    model = write_u8_model(tmp_path / "m", 2 << 20, 6)
     upload_dir(s3, bucket, "m/", model)
     total = sum(p.stat().st_size for p in model.iterdir())
     root = tmp_path / "d"
@@ -366,7 +347,7 @@ def test_accepted_prefetch_is_resumed_even_before_its_first_byte(tmp_path: Path,
     d2 = start_daemon(root, s3, config=cfg)  # the real endpoint now
     try:
         assert '"resumable_ingests": 1' in d2.log_text()
-        _wait(lambda: "m" in _names(d2), 120, "the resumed prefetch")
+        wait_for(lambda: "m" in _names(d2), 120, "the resumed prefetch")
         view = Path(d2.ctl_json("show", "m")["manifest"]["path"])
         assert {p.name: sha256_file(p) for p in view.iterdir()} == {p.name: sha256_file(p) for p in model.iterdir()}
         assert int(d2.ctl_json("stats")["bytes_downloaded"]) == total
@@ -435,9 +416,9 @@ def test_damaged_model_is_fetched_again_on_next_use(daemon: Daemon, s3_model: st
 
 
 def test_gc_removes_orphans_and_unnamed_snapshots(daemon: Daemon, tmp_path: Path) -> None:
-    a = _blob_model(tmp_path / "a", 1 << 20, 1)
+    a = write_u8_model(tmp_path / "a", 1 << 20, 1)
     daemon.ctl("prefetch", f"file://{a}/", "--name", "a")
-    _blob_model(tmp_path / "a", 1 << 20, 2)  # new content under the same name and path
+    write_u8_model(tmp_path / "a", 1 << 20, 2)  # new content under the same name and path
     daemon.ctl("prefetch", f"file://{a}/", "--name", "a")  # the old snapshot has no name now
     stray = daemon.cache_dir / "ingest" / "leftover"
     stray.mkdir()
@@ -453,8 +434,8 @@ def test_gc_removes_orphans_and_unnamed_snapshots(daemon: Daemon, tmp_path: Path
 
 
 def test_start_up_reconciles_index_and_blobs(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    a = _blob_model(tmp_path / "models" / "a", 1 << 20, 1)
-    b = _blob_model(tmp_path / "models" / "b", 1 << 20, 2)
+    a = write_u8_model(tmp_path / "models" / "a", 1 << 20, 1)
+    b = write_u8_model(tmp_path / "models" / "b", 1 << 20, 2)
     d = daemon_factory()
     d.ctl("prefetch", f"file://{a}/", "--name", "a")
     d.ctl("prefetch", f"file://{b}/", "--name", "b")

@@ -16,3 +16,11 @@ def write_u8_safetensors(path: Path, size: int, seed: int) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
         f.write(np.random.default_rng(seed).bytes(size))
+
+
+def write_u8_model(directory: Path, size: int, seed: int) -> Path:
+    """A small model of distinct content: one safetensors file of `size` bytes plus a config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_u8_safetensors(directory / "model.safetensors", size, seed)
+    (directory / "config.json").write_text(json.dumps({"seed": seed}))
+    return directory

@@ -103,7 +103,7 @@ class Config:
     socket_dir_mode: int = 0o750
     socket_mode: int = 0o660
     admin_group: str | None = None  # when set, the admin socket is 0660 with this group
-    max_clients: int = 4096  # open fd.sock connections (leases); more are refused as UNAVAILABLE
+    max_clients: int = 4096  # open fd.sock connections (leases); more are refused as RESOURCE_EXHAUSTED
     # fd.sock bounds (docs/security.md, "fd.sock bounds"): connections per peer uid, seconds a
     # connection may sit inside a frame, seconds one without leases may sit idle.
     max_clients_per_uid: int = 64
