@@ -10,13 +10,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon, no_partial_files, sha256_file, start_daemon, upload_dir
+from harness import Daemon, no_partial_files, sha256_file, start_daemon, upload_dir, wait_for
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -372,10 +371,7 @@ def test_links_dangle_when_the_lease_holder_exits(wc: Daemon, hf_root: Path) -> 
         import hashlib
 
         assert hashlib.sha256(held.read()).hexdigest() == sha256_file(directory / "model.safetensors")
-    deadline = time.monotonic() + 60
-    while opener.pid in _lease_pids(wc):
-        assert time.monotonic() < deadline, "the dead opener's lease was never released"
-        time.sleep(0.05)
+    wait_for(lambda: opener.pid not in _lease_pids(wc), 60, "the dead opener's lease to be released")
     import shutil
 
     shutil.rmtree(path)

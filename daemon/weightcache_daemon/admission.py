@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from weightcache.errors import ExhaustedError
+from weightcache.progress import human
 
 from .config import Config, capacity_bytes
 from .eviction import Evictor
@@ -27,7 +28,6 @@ from .index import Index
 from .jobs import Fetcher
 from .leases import Leases
 from .metrics import Metrics
-from .progress import human
 from .store import LocalBlobStore
 
 __all__ = ["Admission", "Stats"]

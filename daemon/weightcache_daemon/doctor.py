@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from weightcache.errors import WeightcacheError
+from weightcache.progress import human
 
 from .config import SourceConfig
 from .core import Core
-from .progress import human
 from .sources import parse_uri
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"

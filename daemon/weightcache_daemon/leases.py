@@ -21,8 +21,7 @@ import time
 from dataclasses import dataclass
 
 from weightcache.errors import ExhaustedError
-
-from .progress import human
+from weightcache.progress import human
 
 __all__ = ["Lease", "Leases"]
 
