@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import Daemon, make_model, sha256_file
+from harness import Daemon, make_model, sha256_file, wait_for
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -185,6 +186,34 @@ def test_two_processes_share_pages(daemon: Daemon, tmp_path: Path) -> None:
     finally:
         for p in procs:
             p.communicate("\n", timeout=30)
+
+
+def _resident(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    return int(out.strip() or 0)
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux) to see the page cache")
+def test_open_starts_reading_the_first_layer_group(daemon: Daemon, tmp_path: Path) -> None:
+    model = make_model(tmp_path / "m", tiny=False, size=48 << 20)
+    daemon.ctl("prefetch", f"file://{model}/", "--name", "cold")
+    with weightcache.connect(daemon.socket_dir) as c:
+        with c.open("cold") as m:
+            first = [m.meta(n) for n in m.layers()[0].tensors]
+            blob = (Path(m.store_path) / first[0].file).resolve()
+        want = sum(t.length for t in first if t.file == first[0].file)
+        fd = os.open(blob, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)  # dirty pages are not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        if _resident(blob) > want // 4:
+            pytest.skip(f"{blob}'s filesystem keeps its pages (tmpfs?): nothing to observe")
+        with c.open("cold"):
+            # Nothing touches a tensor: the first group's pages arrive because open() asked for them.
+            wait_for(lambda: _resident(blob) >= want, 60, f"the first layer group's {want} bytes in the page cache")
 
 
 def test_stream_order_and_prefetch_bound(daemon: Daemon, tiny_model: Path) -> None:
@@ -458,6 +487,12 @@ def _gated_backing(inner: weightcache.Backing):  # type: ignore[no-untyped-def]
 
         def wait_ready(self, file: str, offset: int, length: int, timeout: float | None = None) -> bool:
             self.waiting.set()
+            return self.gate.wait(timeout)
+
+        def complete(self) -> bool:
+            return self.gate.is_set()
+
+        def wait_complete(self, timeout: float | None = None) -> bool:
             return self.gate.wait(timeout)
 
         def read_into(self, file: str, offset: int, dest: memoryview) -> None:

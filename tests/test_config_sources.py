@@ -47,6 +47,7 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
         ("bogus = 1", "unknown key(s) bogus"),
         ("max_size = 'lots'", "is not a size"),
         ("[download]\nspeed = 1", "[download] unknown key(s) speed"),
+        ("[download]\norder = 'random'", 'download.order \'random\': must be "layer" or "file"'),
         ("[[sources]]\nendpoint_url = 'x'", "needs a prefix"),
         ("client_sources = 's3://x'", "client_sources must be a list"),
         ("cache_dir = ", "w.toml"),

@@ -31,12 +31,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import Daemon, make_model, start_daemon, wait_for, write_config
-from tests_helpers import write_u8_model
+from tests_helpers import as_uid_argv, dir_for_others, write_u8_model
 
 from weightcache import paths
 from weightcache._fd import FdConnection
+from weightcache.contract.fdproto import MAX_REQUEST_FRAME, pack, recv_frame
 from weightcache.errors import InvalidInputError, PermissionDeniedError
-from weightcache.fdproto import MAX_REQUEST_FRAME, pack, recv_frame
 from weightcache.v1 import weightcache_pb2 as pb
 
 GID = 4243
@@ -65,7 +65,7 @@ ATTACK_PRELUDE = textwrap.dedent("""
     import grpc, weightcache
     import grpc._channel, grpc._utilities
     import weightcache_daemon.server  # imported while still root (it lives under root's home)
-    from weightcache.fdproto import pack, recv_frame
+    from weightcache.contract.fdproto import pack, recv_frame
     from weightcache.v1 import weightcache_pb2 as pb
     def acquire(sid):
         return pack(pb.FdRequest(acquire=pb.AcquireRequest(snapshot_id=sid)).SerializeToString())
@@ -91,25 +91,12 @@ ATTACK_PRELUDE = textwrap.dedent("""
 
 
 def _as(uid: int, groups: list[int], code: str, background: bool = False) -> Any:
-    """Run `code` as a real other uid. The interpreter and its libraries live under root's home
-    here: the child imports them first, then drops to the uid before it touches any socket."""
-    drop = textwrap.dedent(f"""
-        os.setgroups({groups!r})
-        os.setgid({uid})
-        os.setuid({uid})
-        assert os.getuid() == {uid}
-    """)
-    argv = [sys.executable, "-c", ATTACK_PRELUDE + drop + textwrap.dedent(code)]
+    """Run `code` as a real other uid, with ATTACK_PRELUDE's imports and helpers."""
+    argv = as_uid_argv(uid, groups, code, preload=ATTACK_PRELUDE)
     if background:
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd="/tmp")  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd="/tmp")
-
-
-def _tree_for_others() -> Path:
-    d = Path(tempfile.mkdtemp(prefix="wc-fd-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    return d
 
 
 def _store_state(d: Daemon) -> tuple[list[Any], list[str]]:
@@ -131,7 +118,7 @@ def _legit_acquire(d: Daemon, sid: str) -> float:
 
 
 def _start(tmp_path: Path, s3: Any, **cfg: Any) -> tuple[Daemon, Path]:
-    base = _tree_for_others()
+    base = dir_for_others("wc-fd-")
     cfg.setdefault("client_sources", ["s3://allowed-only/*"])
     conf = write_config(tmp_path / "w.toml", s3, socket_group=str(GID), socket_dir_mode="0750",
                         socket_mode="0660", **cfg)  # fmt: skip
@@ -584,7 +571,7 @@ def test_daemon_refuses_directories_others_control(s3: Any, tmp_path: Path) -> N
 def test_tmp_runtime_dir_of_someone_else_is_refused(tmp_path: Path) -> None:
     base = Path(f"/tmp/weightcache-{ATTACKER}")
     shutil.rmtree(base, ignore_errors=True)
-    home = _tree_for_others() / "home"
+    home = dir_for_others("wc-fd-") / "home"
     home.mkdir()
     os.chown(home, ATTACKER, ATTACKER)
     probe = f"""
@@ -740,7 +727,7 @@ def _capless_daemon(tmp_path: Path, s3: Any, **cfg: Any) -> tuple[Daemon, Path]:
     unprivileged one, the kernel holds it to RLIMIT_NOFILE for descriptors in flight."""
     from harness import daemon_argv
 
-    base = _tree_for_others()
+    base = dir_for_others("wc-fd-")
     cfg.setdefault("client_sources", ["s3://allowed-only/*"])
     conf = write_config(tmp_path / "w.toml", s3, socket_group=str(GID), socket_dir_mode="0750",
                         socket_mode="0660", **cfg)  # fmt: skip

@@ -16,7 +16,6 @@ import shutil
 import sqlite3
 import struct
 import subprocess
-import sys
 import tempfile
 import textwrap
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 import grpc
 import pytest
 from harness import Daemon, make_model, wait_for, write_config
+from tests_helpers import as_uid_argv
 
 from weightcache.errors import InvalidInputError
 from weightcache.v1 import weightcache_pb2 as pb
@@ -165,27 +165,23 @@ def test_a_version_1_index_is_migrated_and_its_names_become_the_admins(tmp_path:
 
 # ---------------------------------------------------------------- a daemon as its own uid
 
-LAUNCH = textwrap.dedent("""
-    import os, sys
-    import weightcache_daemon.main as main
-    import weightcache_daemon.server, weightcache_daemon.doctor, weightcache_daemon.sources.local
-    import watchdog.observers
-    os.setgroups([{gid}])
-    os.setgid({uid})
-    os.setuid({uid})
-    main.main(sys.argv[1:])
-""")
+LAUNCH_PRELOAD = """
+import sys
+import weightcache_daemon.main as main
+import weightcache_daemon.server, weightcache_daemon.doctor, weightcache_daemon.sources.local
+import watchdog.observers
+"""
 
+ATTACK_PRELOAD = """
+import json, os, sys, time
+import grpc
+import grpc._channel, grpc._utilities  # lazily imported by grpc: load them while still root
+from weightcache.v1 import weightcache_pb2 as pb
+from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
+"""
+
+# run as the attacker, before its own code: ensure() through the daemon's client socket
 ATTACK = textwrap.dedent("""
-    import json, os, sys, time
-    import grpc
-    import grpc._channel, grpc._utilities  # lazily imported by grpc: load them while still root
-    from weightcache.v1 import weightcache_pb2 as pb
-    from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
-    os.setgroups([{gid}])
-    os.setgid({uid})
-    os.setuid({uid})
-    assert os.getuid() == {uid}
     stub = pb_grpc.CacheStub(grpc.insecure_channel("unix://{sock}",
                                                    options=[("grpc.max_receive_message_length", 64 << 20)]))
     def ensure(model, name="", include=(), exclude=()):
@@ -201,6 +197,12 @@ ATTACK = textwrap.dedent("""
         except grpc.RpcError as e:
             return {{"code": e.code().name, "details": e.details(), "seconds": time.monotonic() - t}}
 """)
+
+
+def _as_attacker(d: Daemon, code: str) -> list[str]:
+    """The command line that runs `code` as ATTACKER in the client group, ensure() defined."""
+    body = ATTACK.format(sock=d.socket_dir / "weightcache.sock") + textwrap.dedent(code)
+    return as_uid_argv(ATTACKER, [GID], body, preload=ATTACK_PRELOAD)
 
 
 def _models_tree(base: Path) -> Path:
@@ -242,9 +244,9 @@ class Node:
         self.conf = conf
         cache, sock, admin = run / "store", run / "sock", run / "admin" / "admin.sock"
         log = run / "daemon.log"
-        argv = [sys.executable, "-c", LAUNCH.format(gid=GID, uid=DAEMON_UID), "--config", str(conf),
-                "--cache-dir", str(cache), "--socket-dir", str(sock), "--admin-socket", str(admin),
-                "--log-format", "json"]  # fmt: skip
+        argv = [*as_uid_argv(DAEMON_UID, [GID], "main.main(sys.argv[1:])", preload=LAUNCH_PRELOAD),
+                "--config", str(conf), "--cache-dir", str(cache), "--socket-dir", str(sock),
+                "--admin-socket", str(admin), "--log-format", "json"]  # fmt: skip
         with open(log, "ab") as lf:
             proc = subprocess.Popen(argv, stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd="/tmp")
         self.d = Daemon(run, cache, sock, admin, proc, log)
@@ -253,9 +255,8 @@ class Node:
 
     def attack(self, code: str, timeout: float = 300) -> Any:
         """Run `code` as the attacker (ensure() is defined); it prints one JSON value."""
-        prelude = ATTACK.format(gid=GID, uid=ATTACKER, sock=self.d.socket_dir / "weightcache.sock")
-        r = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                           timeout=timeout, cwd="/tmp")  # fmt: skip
+        r = subprocess.run(_as_attacker(self.d, code), capture_output=True, text=True, timeout=timeout,
+                           cwd="/tmp")  # fmt: skip
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -608,10 +609,9 @@ def test_reads_are_served_while_downloads_fill_every_job_slot(node: Node, report
         (m / f"slow{i}").mkdir()
         _safetensors(m / f"slow{i}" / "model.safetensors", {"w": os.urandom(4 << 20)})
         slow.append(f"file://{m}/slow{i}/")
-    prelude = ATTACK.format(gid=GID, uid=ATTACKER, sock=d.socket_dir / "weightcache.sock")
     code = f"import threading\nfor u in {slow!r}:\n    threading.Thread(target=ensure, args=(u,)).start()\n"
-    attacker = subprocess.Popen([sys.executable, "-c", prelude + code], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, cwd="/tmp")  # fmt: skip
+    attacker = subprocess.Popen(_as_attacker(d, code), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                cwd="/tmp")  # fmt: skip
     try:
         wait_for(lambda: int(d.ctl_json("stats").get("active_downloads", 0)) >= 8, 120, "8 downloads running")
         legit = node.legit_client()

@@ -9,7 +9,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import textwrap
 import tomllib
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 from harness import Daemon, accepting, daemon_argv, start_daemon, wait_for, write_config
+from tests_helpers import as_uid_argv, dir_for_others
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
@@ -74,36 +74,18 @@ def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
     assert cfg.socket_group == "weightcache" and cfg.client_sources == () and cfg.max_size_percent == 90
 
 
-def _tree_for_others() -> Path:
-    """A socket directory another uid can reach (pytest's tmp dirs are 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="wc-svc-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    return d
-
-
 GID = 4242
 OTHER_UID = 54321
 
 
 def _as_other(code: str, groups: list[int], setup: str = "") -> subprocess.CompletedProcess[str]:
-    """Run `code` as a real second uid. The interpreter and the libraries live under root's home
-    here, so the child imports them first and then drops to the other uid and groups before it
-    touches any socket: every connection it makes is checked against the new credentials."""
-    prelude = (
-        textwrap.dedent("""
+    """Run `code` as OTHER_UID in `groups`, after `setup` (run as root)."""
+    preload = textwrap.dedent("""
         import os, socket, sys
         import grpc, weightcache
         import grpc._channel, grpc._utilities  # grpc imports these lazily: load them while still root
-    """)
-        + textwrap.dedent(setup)
-        + textwrap.dedent(f"""
-        os.setgroups({groups!r})
-        os.setgid({OTHER_UID})
-        os.setuid({OTHER_UID})
-        assert os.getuid() == {OTHER_UID}
-    """)
-    )
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+    """) + textwrap.dedent(setup)
+    return subprocess.run(as_uid_argv(OTHER_UID, groups, code, preload=preload), capture_output=True, text=True,
                           timeout=180, cwd="/tmp")  # fmt: skip
 
 
@@ -111,7 +93,7 @@ def _as_other(code: str, groups: list[int], setup: str = "") -> subprocess.Compl
 def shared_daemon(s3, tmp_path: Path):  # type: ignore[no-untyped-def]
     if os.geteuid() != 0:
         pytest.skip("needs root to create a second uid and set socket groups")
-    base = _tree_for_others()
+    base = dir_for_others("wc-svc-")
     cfg = write_config(tmp_path / "w.toml", s3, client_sources=["s3://allowed-only/*"], socket_group=str(GID),
                        socket_dir_mode="0750", socket_mode="0660")  # fmt: skip
     d = start_daemon(base, s3, config=cfg)
@@ -298,7 +280,7 @@ def _yaml_docs(path: Path) -> list[Any]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-def test_kubernetes_manifests_match_the_daemon() -> None:
+def test_kubernetes_manifests_match_the_daemon(tmp_path: Path) -> None:
     docs = _yaml_docs(ROOT / "deploy/kubernetes/daemonset.yaml")
     kinds = {d["kind"]: d for d in docs}
     assert set(kinds) >= {"Namespace", "ConfigMap", "DaemonSet"}
@@ -311,10 +293,16 @@ def test_kubernetes_manifests_match_the_daemon() -> None:
     assert volumes["store"]["hostPath"]["path"] == cfg["cache_dir"] == mounts["store"]
     assert cfg["socket_dir"].startswith(mounts["run"]) and cfg["admin_socket"].startswith(mounts["run"])
     assert mounts["models"] == cfg["models_dir"] and volumes["models"]["configMap"]["name"] == "weightcache-models"
-    for model in cms["weightcache-models"]["data"].values():
-        from weightcache_daemon.declarative import Declared  # noqa: F401 - the same format the daemon parses
+    from weightcache_daemon import declarative
 
-        assert "uri" in tomllib.loads(model)
+    models = cms["weightcache-models"]["data"]
+    assert models, "the example models ConfigMap declares no model"
+    for filename, text in models.items():  # each file as the daemon reads it from models.d/
+        (tmp_path / filename).write_text(text)
+        declared = declarative.parse(tmp_path / filename)  # refuses unknown keys, bad URIs and names
+        raw = tomllib.loads(text)
+        assert declared.uri == raw["uri"] and declared.name == raw.get("name", declared.name), declared
+        assert declared.pin is raw.get("pin", True)
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["exec"]["command"][:2] == ["cachectl", "health"]
         assert cfg["socket_dir"] in container[probe]["exec"]["command"]

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import sys
+import tempfile
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,3 +29,29 @@ def write_u8_model(directory: Path, size: int, seed: int) -> Path:
     write_u8_safetensors(directory / "model.safetensors", size, seed)
     (directory / "config.json").write_text(json.dumps({"seed": seed}))
     return directory
+
+
+def as_uid_argv(uid: int, groups: Sequence[int], code: str, *, preload: str = "") -> list[str]:
+    """The command line of a Python child that runs ``code`` as a real other uid (gid = uid,
+    supplementary ``groups``): the one way tests act as a second user.
+
+    The interpreter and its libraries live under root's home on the test machines, where the
+    other uid cannot read: ``preload`` (imports, helper functions) runs first, still as root,
+    then the child drops to the new credentials before ``code`` touches a socket or a file, so
+    every check the daemon makes sees the other uid. Extra arguments after the returned argv
+    reach ``code`` as ``sys.argv[1:]``."""
+    drop = f"""
+import os
+os.setgroups({list(groups)!r})
+os.setgid({uid})
+os.setuid({uid})
+assert (os.getuid(), os.getgid(), os.geteuid()) == ({uid}, {uid}, {uid}), "the child still runs as root"
+"""
+    return [sys.executable, "-c", "\n".join([textwrap.dedent(preload), drop, textwrap.dedent(code)])]
+
+
+def dir_for_others(prefix: str) -> Path:
+    """A fresh directory under /tmp another uid can enter (pytest's tmp dirs are 0700)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(d, 0o755)
+    return d

@@ -1,19 +1,33 @@
-"""Benchmark: loading a cached ~3 GiB two-shard Llama-shaped model on CPU, against the peers.
+"""Benchmark: loading a cached two-shard Llama-shaped model on CPU, against the peers.
 
-One run, every variant in its own fresh process (imports done before the clock starts; a
-3 s settle before each timed load so freed memory is handed back alike), rounds
-interleaved, medians reported:
+One run, every variant in its own fresh process, rounds interleaved (the order rotates each
+round), min/median/max reported. Fair to every variant alike: torch, weightcache and the
+variant's own library are imported before the clock; one cyclic-GC pass, then the same memory
+preparation before every timed load:
 
-  warm-zero-copy   open() to a full state_dict of zero-copy tensors (weightcache: daemon
-                   round trip + descriptor passing + mmap) vs safetensors load_file / safe_open
-                   (both mmap-backed in safetensors >= 0.4)
-  warm-copy        every byte copied into fresh CPU memory: weightcache stream("cpu") vs the
-                   peers that copy: Run:ai Model Streamer, tensorizer, fastsafetensors (nogds)
-  cold             files evicted (posix_fadvise DONTNEED), every byte read: the same variants,
-                   mmap-backed ones touching every page, plus dd bs=64M of the same files
-  first-layer      cold, time until the first layer group's bytes are in memory
+  settled    sleep 3 s: memory freed by the previous process goes back to the host first, so
+             every load first-touches really fresh memory (the case of a new serving process)
+  recycled   the same load once (settled, untimed), everything it loaded freed, then the timed
+             load at once: a second load in the same process, which gets memory the allocator
+             and the guest still hold (what a benchmark running every variant in one process sees)
 
-    python tools/bench_load.py --size 3GiB --rounds 2 [--out bench-out/load.json]
+Scenarios:
+  warm-open           open() to a full state_dict of zero-copy tensors, page cache warm
+  warm-open-touched   the same, then one byte read per page of every tensor
+  warm-copy           every byte copied into fresh CPU memory (settled): weightcache stream("cpu")
+                      vs the peers that copy: Run:ai Model Streamer, tensorizer, fastsafetensors
+  warm-copy-recycled  the same into recycled memory
+  cold                blobs evicted (posix_fadvise DONTNEED, checked with fincore), every byte read
+  first-layer-zero-copy / first-layer-copy
+                      cold, until the first layer group's bytes are in memory (each tensor
+                      touched once per page), zero-copy variants and copying variants apart
+  limits              the machine: cold `dd bs=64M`, warm copy (pread from the page cache into
+                      touched memory), first touch of fresh memory (settled and recycled)
+
+    python tools/bench_load.py --size 2GiB --rounds 3 [--out bench-out/load.json] [--readme README.md]
+    python tools/bench_load.py --from-json bench-out/load.json --readme README.md
+
+--readme rewrites the table between the bench-load markers in that file.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -34,8 +49,50 @@ from typing import Any
 HERE = Path(__file__).resolve()
 SETTLE = 3.0
 
-ZERO = ["weightcache_open", "safetensors_load_file", "safetensors_safe_open"]
-COPY = ["weightcache_stream", "weightcache_stream_reuse", "runai_streamer", "tensorizer", "fastsafetensors"]
+# The module each variant needs, imported before the clock (tensorizer's import alone takes
+# ~0.2 s here; timing it would charge a once-per-process cost to the load).
+IMPORTS = {
+    "safetensors_load_file": "safetensors.torch",
+    "safetensors_safe_open": "safetensors",
+    "runai_streamer": "runai_model_streamer",
+    "tensorizer": "tensorizer",
+    "fastsafetensors": "fastsafetensors",
+}
+
+# scenario -> (variants, the weightcache variant the ratios are taken against)
+SCENARIOS: dict[str, tuple[list[str], str]] = {
+    "warm-open": (["weightcache_open", "safetensors_load_file", "safetensors_safe_open"], "weightcache_open"),
+    "warm-open-touched": (["weightcache_open", "safetensors_load_file", "safetensors_safe_open"], "weightcache_open"),
+    "warm-copy": (
+        ["weightcache_stream", "weightcache_stream_reuse", "runai_streamer", "tensorizer", "fastsafetensors"],
+        "weightcache_stream",
+    ),
+    "warm-copy-recycled": (
+        ["weightcache_stream", "runai_streamer", "tensorizer", "fastsafetensors"],
+        "weightcache_stream",
+    ),
+    "cold": (
+        [
+            "weightcache_stream",
+            "weightcache_stream_reuse",
+            "weightcache_open",
+            "runai_streamer",
+            "tensorizer",
+            "fastsafetensors",
+            "safetensors_safe_open",
+        ],
+        "weightcache_stream",
+    ),
+    "first-layer-zero-copy": (
+        ["weightcache_open", "weightcache_stream_views", "safetensors_safe_open"],
+        "weightcache_open",
+    ),
+    "first-layer-copy": (
+        ["weightcache_stream", "weightcache_stream_reuse", "tensorizer", "runai_streamer", "fastsafetensors"],
+        "weightcache_stream",
+    ),
+    "limits": (["dd_cold", "copy_warm", "touch_fresh", "touch_recycled"], ""),
+}
 
 
 # ---------------------------------------------------------------- child side
@@ -51,63 +108,86 @@ def _touch(t: Any) -> int:
     return int(flat[::4096].sum()) + int(flat[-1])
 
 
-def child(variant: str, files: list[str], socket_dir: str, tzfile: str, first_only: bool) -> dict[str, Any]:
-    import torch  # noqa: F401 - imported before the clock, for every variant
+def child(variant: str, files: list[str], socket_dir: str, tzfile: str, mode: str, recycled: bool) -> dict[str, Any]:
+    """One timed load. mode: "full" (every tensor, untouched unless mapped and cold), "touch"
+    (every tensor, every page touched), "first" (stop once the first layer group is in).
+    recycled: the same load once untimed, its tensors freed, then the timed one at once."""
+    if recycled:
+        child(variant, files, socket_dir, tzfile, mode, False)  # returns having dropped what it loaded
+    import importlib
+
+    import torch
 
     import weightcache
 
-    first_layer_names = json.loads(os.environ["WC_FIRST_LAYER"])
+    if variant in IMPORTS:
+        importlib.import_module(IMPORTS[variant])
+    first_layer_names = set(json.loads(os.environ["WC_FIRST_LAYER"]))
+    total = sum(os.path.getsize(f) for f in files)
+    first_only = mode == "first"
+    touch_all = mode == "touch"
     # Importing torch leaves a full cyclic-GC pass pending (~80 ms here) that lands on whatever
     # allocates next; a server imports torch long before it loads weights, so run it now, for
     # every variant alike, instead of charging it to the first load.
     gc.collect()
-    time.sleep(SETTLE)
+    copy_buf = (
+        torch.empty(max(os.path.getsize(f) for f in files), dtype=torch.uint8) if variant == "copy_warm" else None
+    )
+    if copy_buf is not None:
+        copy_buf.fill_(1)  # touched before the clock: this limit is the copy alone
+    if not recycled:
+        time.sleep(SETTLE)  # memory freed before goes back to the host: the load touches fresh memory
     nbytes = 0
     first: float | None = None
+    opened: float | None = None
     t0 = time.perf_counter()
 
     def got(name: str, t: Any) -> None:
         nonlocal nbytes, first
         nbytes += t.numel() * t.element_size()
         if first is None and name in first_layer_names:
-            first_layer_names.remove(name)
+            first_layer_names.discard(name)
             _touch(t)
             if not first_layer_names:
                 first = time.perf_counter() - t0
+
+    def done() -> bool:
+        return first_only and first is not None
 
     if variant == "weightcache_open":
         c = weightcache.connect(socket_dir)
         m = c.open("bench")
         sd = m.state_dict()
-        elapsed_open = time.perf_counter() - t0
+        opened = time.perf_counter() - t0
         for k, v in sd.items():
             got(k, v)
-        if os.environ.get("WC_TOUCH") == "1":
-            for v in sd.values():
+            if touch_all:
                 _touch(v)
-        elapsed = time.perf_counter() - t0
-        return {"seconds": elapsed if os.environ.get("WC_TOUCH") == "1" else elapsed_open, "bytes": nbytes,
-                "first": first}  # fmt: skip
-    if variant.startswith("weightcache_stream"):
+            if done():
+                break
+    elif variant.startswith("weightcache_stream"):
         c = weightcache.connect(socket_dir)
         m = c.open("bench")
+        opened = time.perf_counter() - t0
         views = variant.endswith("_views")
         for _, group in m.stream("cpu", prefetch=2, reuse=variant.endswith("_reuse"), copy=not views):
             for k, v in group.items():
                 got(k, v)
-                if views:
+                if views or touch_all:
                     _touch(v)
-            if first_only and first is not None:
+            if done():
                 break
-        m.close()
+        elapsed = time.perf_counter() - t0
+        m.close()  # not timed: stopping the read-ahead of the groups not asked for
         c.close()
+        return {"seconds": elapsed, "bytes": nbytes, "first": first, "open": opened}
     elif variant == "safetensors_load_file":
         from safetensors.torch import load_file
 
         for f in files:
             for k, v in load_file(f).items():
                 got(k, v)
-                if os.environ.get("WC_TOUCH") == "1":
+                if touch_all:
                     _touch(v)
     elif variant == "safetensors_safe_open":
         from safetensors import safe_open
@@ -117,11 +197,11 @@ def child(variant: str, files: list[str], socket_dir: str, tzfile: str, first_on
                 for k in h.keys():
                     v = h.get_tensor(k)
                     got(k, v)
-                    if os.environ.get("WC_TOUCH") == "1":
+                    if touch_all:
                         _touch(v)
-                    if first_only and first is not None:
+                    if done():
                         break
-            if first_only and first is not None:
+            if done():
                 break
     elif variant == "runai_streamer":
         from runai_model_streamer import SafetensorsStreamer
@@ -130,7 +210,7 @@ def child(variant: str, files: list[str], socket_dir: str, tzfile: str, first_on
             s.stream_files(files)
             for k, v in s.get_tensors():
                 got(k, v)
-                if first_only and first is not None:
+                if done():
                     break
     elif variant == "tensorizer":
         from tensorizer import TensorDeserializer
@@ -138,7 +218,7 @@ def child(variant: str, files: list[str], socket_dir: str, tzfile: str, first_on
         d = TensorDeserializer(tzfile, device="cpu", lazy_load=first_only)
         for k in d.keys():
             got(k, d[k])
-            if first_only and first is not None:
+            if done():
                 break
     elif variant == "fastsafetensors":
         from fastsafetensors import fastsafe_open
@@ -146,60 +226,121 @@ def child(variant: str, files: list[str], socket_dir: str, tzfile: str, first_on
         with fastsafe_open(filenames=files, nogds=True, device="cpu") as f:
             for k in f.keys():
                 got(k, f.get_tensor(k))
-                if first_only and first is not None:
+                if done():
                     break
-    elif variant == "dd":
+    elif variant == "dd_cold":
         for f in files:
             subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=64M"], check=True, capture_output=True)
             nbytes += os.path.getsize(f)
+    elif variant == "copy_warm":
+        assert copy_buf is not None
+        view = memoryview(copy_buf.numpy())
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            size = os.path.getsize(f)
+            done_bytes = 0
+            while done_bytes < size:
+                done_bytes += os.preadv(fd, [view[done_bytes:size]], done_bytes)
+            os.close(fd)
+            nbytes += size
+    elif variant.startswith("touch_"):
+        b = torch.empty(total, dtype=torch.uint8)
+        b.fill_(1)
+        nbytes = total
     else:
         raise SystemExit(f"unknown variant {variant}")
-    return {"seconds": time.perf_counter() - t0, "bytes": nbytes, "first": first}
+    return {"seconds": time.perf_counter() - t0, "bytes": nbytes, "first": first, "open": opened}
 
 
 # ---------------------------------------------------------------- orchestrator
 
 
-def drop(paths: list[str]) -> None:
+def drop(paths: list[str]) -> int:
+    """Evict the files' pages; returns how many bytes fincore still finds resident."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
+    return resident(paths)
+
+
+def resident(paths: list[str]) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *paths],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    return sum(int(x) for x in out.split())
 
 
 def warm(paths: list[str]) -> None:
-    for p in paths:
-        subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
+    if resident(paths) < sum(os.path.getsize(p) for p in paths):
+        for p in paths:
+            subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
 
 
-def run(variant: str, ctx: dict[str, Any], *, touch: bool = False, first_only: bool = False) -> dict[str, Any]:
-    env = dict(os.environ, WC_FIRST_LAYER=json.dumps(ctx["first_layer"]), WC_TOUCH="1" if touch else "0")
+def run(variant: str, ctx: dict[str, Any], mode: str, recycled: bool = False) -> dict[str, Any]:
+    env = dict(os.environ, WC_FIRST_LAYER=json.dumps(ctx["first_layer"]))
+    load = os.getloadavg()[0]
     r = subprocess.run(
         [sys.executable, str(HERE), "--child", variant, "--socket-dir", ctx["socket_dir"], "--tzfile", ctx["tzfile"],
-         *(["--first-only"] if first_only else []), *ctx["files"]],
+         "--mode", mode, *(["--recycled"] if recycled else []), *ctx["files"]],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     if r.returncode != 0:
-        return {"error": (r.stderr or r.stdout).strip().splitlines()[-1][:300]}
-    return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+        lines = (r.stderr or r.stdout).strip().splitlines() or ["(no output)"]
+        return {"error": lines[-1][:300], "load": load}
+    return {**json.loads(r.stdout.strip().splitlines()[-1]), "load": load}
+
+
+def one(scen: str, variant: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    """One timed load of a variant in a scenario, the page cache prepared for it."""
+    allfiles = [*ctx["files"], ctx["tzfile"]]
+    cold = scen in ("cold", "first-layer-zero-copy", "first-layer-copy") or variant == "dd_cold"
+    left = 0
+    if cold:
+        left = drop(allfiles)
+    else:
+        warm(allfiles)
+    if scen == "limits":
+        r = run(variant, ctx, "full", recycled=variant == "touch_recycled")
+    elif scen.startswith("first-layer"):
+        r = run(variant, ctx, "first")
+    else:
+        touch = scen in ("warm-open-touched", "cold")
+        r = run(variant, ctx, "touch" if touch else "full", recycled=scen == "warm-copy-recycled")
+    if cold:
+        r["resident_before"] = left
+    return r
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="3GiB")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--size", default="2GiB")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset to run")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--readme", type=Path, help="rewrite the table between the bench-load markers in this file")
+    ap.add_argument("--from-json", type=Path, help="no run: print (and --readme) the table of a saved --out report")
     ap.add_argument("--child")
     ap.add_argument("--socket-dir", default="")
     ap.add_argument("--tzfile", default="")
-    ap.add_argument("--first-only", action="store_true")
+    ap.add_argument("--mode", default="full")
+    ap.add_argument("--recycled", action="store_true")
     ap.add_argument("files", nargs="*")
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.files, a.socket_dir, a.tzfile, a.first_only)))
+        print(json.dumps(child(a.child, a.files, a.socket_dir, a.tzfile, a.mode, a.recycled)))
         return
+    if a.from_json:
+        table = _table(json.loads(a.from_json.read_text()))
+        print(table)
+        if a.readme:
+            _write_readme(a.readme, table)
+        return
+    scenarios = [x for x in a.scenarios.split(",") if x]
+    unknown = [x for x in scenarios if x not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"--scenarios: unknown {unknown}; known: {', '.join(SCENARIOS)}")
     import make_model  # tools/ is on sys.path when this runs as `python tools/bench_load.py`
     from harness import start_daemon
 
@@ -235,73 +376,91 @@ def main() -> None:
         import weightcache
 
         with weightcache.connect(daemon.socket_dir) as c, c.open("bench") as m:
-            first_layer = list(m.layers()[0].tensors)
+            first = m.layers()[0]
+            first_layer = list(first.tensors)
         total = sum(os.path.getsize(f) for f in files)
         ctx = {"socket_dir": str(daemon.socket_dir), "files": files, "tzfile": tzfile, "first_layer": first_layer}
-        allfiles = [*files, tzfile]
-        res: dict[str, dict[str, list[dict[str, Any]]]] = {
-            s: {} for s in ("warm-zero-copy", "warm-zero-copy-touched", "warm-copy", "cold", "first-layer")
-        }
+        res: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in scenarios}
         for rnd in range(a.rounds):
-            warm(allfiles)
-            for v in ZERO:
-                res["warm-zero-copy"].setdefault(v, []).append(run(v, ctx))
-                res["warm-zero-copy-touched"].setdefault(v, []).append(run(v, ctx, touch=True))
-            for v in COPY:
-                warm(allfiles)
-                res["warm-copy"].setdefault(v, []).append(run(v, ctx))
-            for v in [*COPY, "weightcache_stream_views", "safetensors_safe_open", "dd"]:
-                drop(allfiles)
-                res["cold"].setdefault(v, []).append(run(v, ctx, touch=True))
-            for v in [
-                "weightcache_stream",
-                "weightcache_stream_reuse",
-                "weightcache_stream_views",
-                "runai_streamer",
-                "tensorizer",
-                "fastsafetensors",
-                "safetensors_safe_open",
-            ]:
-                drop(allfiles)
-                res["first-layer"].setdefault(v, []).append(run(v, ctx, first_only=True))
+            for scen in scenarios:
+                variants = SCENARIOS[scen][0]
+                k = rnd % len(variants)
+                for v in variants[k:] + variants[:k]:  # rotated: no variant always runs first
+                    res[scen].setdefault(v, []).append(one(scen, v, ctx))
             print(f"round {rnd + 1} done", flush=True)
-        report: dict[str, Any] = {"bytes": total, "scenarios": {}}
+        report: dict[str, Any] = {
+            "bytes": total,
+            "first_layer": {"name": first.name, "bytes": first.nbytes, "tensors": len(first_layer)},
+            "rounds": a.rounds,
+            "cpus": os.cpu_count(),
+            "scenarios": {},
+        }
         for scen, by_variant in res.items():
             rows = {}
             for v, runs in by_variant.items():
-                ok = [r for r in runs if "error" not in r]
-                key = "first" if scen == "first-layer" else "seconds"
-                vals = [r[key] for r in ok if r.get(key) is not None]
-                rows[v] = {"median_s": statistics.median(vals) if vals else None, "runs": runs}
+                key = "first" if scen.startswith("first-layer") else "seconds"
+                vals = sorted(r[key] for r in runs if "error" not in r and r.get(key) is not None)
+                rows[v] = {
+                    "min_s": vals[0] if vals else None,
+                    "median_s": statistics.median(vals) if vals else None,
+                    "max_s": vals[-1] if vals else None,
+                    "runs": runs,
+                }
             report["scenarios"][scen] = rows
-        print(json.dumps(report, indent=1)[:4000])
-        print(_table(report, total))
+        table = _table(report)
+        print(table)
         if a.out:
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(report, indent=1))
-            a.out.with_suffix(".md").write_text(_table(report, total))
+            a.out.with_suffix(".md").write_text(table)
+        if a.readme:
+            _write_readme(a.readme, table)
     finally:
         daemon.stop()
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _table(report: dict[str, Any], total: int) -> str:
-    out = [f"model: {total / 2**30:.2f} GiB, 2 shards\n", "| scenario | variant | median | GB/s | variant time ÷ weightcache time |",
-           "|---|---|---|---|---|"]  # fmt: skip
-    ours = {"warm-zero-copy": "weightcache_open", "warm-zero-copy-touched": "weightcache_open",
-            "warm-copy": "weightcache_stream", "cold": "weightcache_stream", "first-layer": "weightcache_stream"}  # fmt: skip
+START, END = "<!-- bench-load:start -->", "<!-- bench-load:end -->"
+
+
+def _write_readme(path: Path, table: str) -> None:
+    text = path.read_text()
+    pat = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    if not pat.search(text):
+        raise SystemExit(f"{path}: no {START} ... {END} markers to write the table between")
+    path.write_text(pat.sub(lambda _: f"{START}\n{table}{END}", text, count=1))
+
+
+def _ms(x: float | None) -> str:
+    return f"{x * 1000:.0f}" if x is not None else "-"
+
+
+def _table(report: dict[str, Any]) -> str:
+    total = report["bytes"]
+    fl = report["first_layer"]
+    loads = [r["load"] for rows in report["scenarios"].values() for v in rows.values() for r in v["runs"]]
+    out = [
+        f"model: {total / 2**30:.2f} GiB, 2 shards; first layer group `{fl['name']}`: {fl['bytes'] / 2**20:.0f} MiB, "
+        f"{fl['tensors']} tensors; {report['rounds']} rounds on {report['cpus']} CPUs, 1-minute load average "
+        f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} during the runs\n",
+        "| scenario | variant | min ms | median ms | max ms | GB/s (median) | variant median ÷ weightcache median |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for scen, rows in report["scenarios"].items():
-        base = rows.get(ours[scen], {}).get("median_s")
+        ours = SCENARIOS[scen][1]
+        base = rows.get(ours, {}).get("median_s")
         for v, r in rows.items():
             m = r["median_s"]
             if m is None:
                 err = next((x.get("error") for x in r["runs"] if "error" in x), "n/a")
-                out.append(f"| {scen} | {v} | failed: {err} | | |")
+                out.append(f"| {scen} | {v} | failed: {str(err).replace('|', '/')} | | | | |")
                 continue
-            gbs = f"{total / m / 1e9:.2f}" if scen not in ("first-layer", "warm-zero-copy") else ""
-            ratio = f"{m / base:.2f}x" if base else ""
-            out.append(f"| {scen} | {v} | {m * 1000:.0f} ms | {gbs} | {ratio} |")
+            size = fl["bytes"] if scen.startswith("first-layer") else total
+            gbs = f"{size / m / 1e9:.2f}" if scen != "warm-open" else ""
+            ratio = f"{m / base:.2f}x" if base and ours else ""
+            name = f"**{v}**" if v == ours else v
+            out.append(f"| {scen} | {name} | {_ms(r['min_s'])} | {_ms(m)} | {_ms(r['max_s'])} | {gbs} | {ratio} |")
     return "\n".join(out) + "\n"
 
 

@@ -52,9 +52,12 @@ def _random_bytes(rng: np.random.Generator, n: int, dtype: str) -> bytes:
 
 
 def write_safetensors(path: Path, tensors: list[tuple[str, str, list[int]]], rng: np.random.Generator) -> None:
+    """Tensors are laid out by name, as safetensors' own writer does (so `layers.10` comes
+    before `layers.2`, and `lm_head` first): a loader or downloader that follows layer order
+    meets the same byte layout as with real checkpoints."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     off = 0
-    for name, dtype, shape in tensors:
+    for name, dtype, shape in sorted(tensors):
         n = math.prod(shape) * DTYPE_SIZE[dtype]
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}
         off += n

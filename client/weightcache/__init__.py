@@ -11,7 +11,7 @@ from ._backing import Backing
 from ._client import Client, connect
 from ._model import Model
 from ._records import FileInfo, Layer, Lease, Manifest, ModelInfo, Progress, TensorMeta
-from .errors import (
+from .contract.errors import (
     AlreadyExistsError,
     BusyError,
     CorruptedError,

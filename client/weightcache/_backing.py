@@ -8,21 +8,26 @@ them knows whether the bytes are a shared mapping, private memory, or something 
 - ``FetchedFiles``: whole files read over the gRPC ``ReadRange`` stream into private memory,
   each on first use (for a client that cannot receive descriptors).
 
-The protocol also carries readiness (``ready``/``wait_ready``) so that a backing whose bytes
-arrive range by range — a file still being written — fits without changing its users:
-``read_into`` and ``view`` return only once their range is ready. For the two backings here
-every byte is ready as soon as the backing exists.
+The protocol also carries readiness (``ready``/``wait_ready``) and completion
+(``complete``/``wait_complete``) for a backing whose bytes arrive range by range while the
+daemon downloads them (``_streaming``): ``read_into`` and ``view`` return only once their range
+is on disk; ``complete`` says every file is verified and committed. A ready byte may still
+fail verification, so a user that hands out a whole-model result (``state_dict``, a path, the
+final layer group of a stream) calls ``wait_complete()`` first. Once such a download failed,
+every method raises that failure. For the two backings here every byte is ready and verified
+as soon as the backing exists.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from .errors import CorruptedError, NotFoundError
+from .contract.errors import CorruptedError, NotFoundError
 
 if TYPE_CHECKING:
     from ._fd import FdConnection
@@ -58,6 +63,14 @@ class Backing(Protocol):
         """Block until that range is ready; False if ``timeout`` passed first."""
         ...
 
+    def complete(self) -> bool:
+        """Whether every byte is on disk and verified (the snapshot is committed)."""
+        ...
+
+    def wait_complete(self, timeout: float | None = None) -> bool:
+        """Block until ``complete()``; False if ``timeout`` passed first."""
+        ...
+
     def advise(self, file: str, offset: int, length: int) -> None:
         """A hint that the range is wanted soon (asynchronous readahead); may do nothing."""
         ...
@@ -76,6 +89,43 @@ def _check_range(file: str, size: int, offset: int, length: int) -> None:
         raise CorruptedError(f"bytes {offset}..{offset + length} of {file} are outside the file ({size} bytes)")
 
 
+# Linux serves one POSIX_FADV_WILLNEED with at most one readahead window of reads
+# (force_page_cache_ra()), so a larger range is asked for window by window: the device's
+# read_ahead_kb where sysfs tells it, else the kernel's default 128 KiB.
+DEFAULT_WINDOW = 128 << 10
+PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_windows: dict[int, int] = {}
+
+
+def _readahead_window(fd: int) -> int:
+    dev = os.fstat(fd).st_dev
+    window = _windows.get(dev)
+    if window is None:
+        window = DEFAULT_WINDOW
+        base = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+        for q in (f"{base}/queue/read_ahead_kb", f"{base}/../queue/read_ahead_kb"):  # a disk, a partition
+            try:
+                with open(q) as f:
+                    window = max(int(f.read()) << 10, PAGE)
+                break
+            except (OSError, ValueError):
+                continue
+        _windows[dev] = window
+    return window
+
+
+def _resident(addr: int, length: int) -> bool:
+    """Whether every page of the mapped range [addr, addr + length) is in the page cache
+    (mincore(2); False when that cannot be told)."""
+    start = addr - addr % PAGE
+    n = (addr + length - start + PAGE - 1) // PAGE
+    vec = ctypes.create_string_buffer(n)
+    if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * PAGE), vec) != 0:
+        return False
+    return vec.raw[:n].count(0) == 0
+
+
 class MappedFiles:
     """Descriptors from fd.sock, each file mapped ``MAP_PRIVATE``; ``close()`` ends the lease."""
 
@@ -87,6 +137,7 @@ class MappedFiles:
         self._fds: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
         self._views: dict[str, memoryview] = {}
+        self._addrs: dict[str, int] = {}  # where each mapping starts, for advise()'s mincore
         granted = conn.acquire(snapshot_id)
         try:
             for g in granted:
@@ -101,6 +152,7 @@ class MappedFiles:
                     # The mapping is never closed explicitly: tensors viewing it keep it alive,
                     # and it goes when the last of them does.
                     self._views[g.path] = memoryview(mm)
+                    self._addrs[g.path] = ctypes.addressof(ctypes.c_char.from_buffer(mm))
                 else:
                     self._views[g.path] = memoryview(bytearray())
         except BaseException:
@@ -141,10 +193,23 @@ class MappedFiles:
     def wait_ready(self, file: str, offset: int, length: int, timeout: float | None = None) -> bool:
         return True
 
+    def complete(self) -> bool:
+        return True  # a committed snapshot
+
+    def wait_complete(self, timeout: float | None = None) -> bool:
+        return True
+
     def advise(self, file: str, offset: int, length: int) -> None:
         fd = self._fds.get(file, -1)
-        if fd >= 0:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        addr = self._addrs.get(file)
+        if fd < 0 or addr is None or length <= 0:
+            return
+        if _resident(addr + offset, length):
+            return  # warm: one mincore instead of a call per window
+        end, step = offset + length, _readahead_window(fd)
+        for o in range(offset, end, step):
+            # Each call only queues its reads (it blocks only while the device queue is full).
+            os.posix_fadvise(fd, o, min(step, end - o), os.POSIX_FADV_WILLNEED)
 
     def descriptors(self) -> Mapping[str, int] | None:
         return dict(self._fds)
@@ -152,6 +217,7 @@ class MappedFiles:
     def close(self) -> None:
         self._conn.close()
         self._views = {}  # views handed out keep their mappings alive
+        self._addrs = {}
         for path, fd in self._fds.items():
             if fd >= 0:
                 os.close(fd)
@@ -204,6 +270,12 @@ class FetchedFiles:
         return True  # fetched on demand: reading never waits for bytes still to arrive
 
     def wait_ready(self, file: str, offset: int, length: int, timeout: float | None = None) -> bool:
+        return True
+
+    def complete(self) -> bool:
+        return True  # a committed snapshot
+
+    def wait_complete(self, timeout: float | None = None) -> bool:
         return True
 
     def advise(self, file: str, offset: int, length: int) -> None:

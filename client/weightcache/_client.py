@@ -9,12 +9,13 @@ from typing import Any
 
 import grpc
 
-from . import paths
 from ._backing import Backing, FetchedFiles, MappedFiles
 from ._fd import FdConnection
 from ._model import Model, gc_paused
 from ._records import Manifest, ModelInfo, Progress
-from .errors import DaemonUnavailableError, WeightcacheError, from_rpc_error
+from ._streaming import Download, FetchedRanges, StreamingFiles
+from .contract import paths
+from .contract.errors import DaemonUnavailableError, WeightcacheError, from_rpc_error
 from .progress import Bar
 from .v1 import weightcache_pb2 as pb
 from .v1 import weightcache_pb2_grpc as pb_grpc
@@ -39,6 +40,38 @@ class Client:
         self._channel = grpc.insecure_channel(f"unix://{sock}", options=[("grpc.max_receive_message_length", 64 << 20)])
         self._stub = pb_grpc.CacheStub(self._channel)
 
+    def _request(
+        self, model: str, name: str, include: list[str] | None, exclude: list[str] | None, early: bool
+    ) -> pb.EnsureRequest:
+        return pb.EnsureRequest(model=model, name=name, include=include or [], exclude=exclude or [], early=early)
+
+    def _first_manifest(self, req: pb.EnsureRequest, callback: ProgressFn | None) -> tuple[pb.Manifest, Any]:
+        """Start Ensure and read it up to its first manifest: (that manifest, the call). The
+        call is still open: an early answer's download events follow on it."""
+        call = self._stub.Ensure(req, timeout=self.timeout)
+        try:
+            for ev in call:
+                if ev.HasField("progress"):
+                    if callback is not None:
+                        callback(Progress.from_pb(ev.progress))
+                elif ev.HasField("manifest"):
+                    return ev.manifest, call
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        except BaseException:
+            call.cancel()  # e.g. an exception in the progress callback: nobody reads the rest
+            raise
+        raise WeightcacheError(f"the daemon ended Ensure({req.model!r}) without a manifest")
+
+    @staticmethod
+    def _drain(call: Any) -> None:
+        """Read a finished call to its end (a committed manifest is its last event)."""
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
     def ensure(
         self,
         model: str,
@@ -47,29 +80,29 @@ class Client:
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         progress: ProgressFn | bool | None = None,
+        verified: bool = True,
     ) -> Manifest:
         """Make a model present (downloading it if the daemon allows) and return its manifest.
 
+        verified=True (the default): wait until the snapshot is downloaded, verified and in the
+        store. verified=False: answer as soon as the daemon knows every file's header; for a
+        model still downloading that is a streaming manifest (``Manifest.streaming``: a
+        provisional snapshot id, valid only while the download runs), and the download goes on
+        in the daemon after this returns. ``open()`` is what uses such an answer; ensure keeps
+        waiting by default because a Manifest outlives its call, and a provisional id does not.
+
         ``progress``: True draws a bar on stderr; a callable receives ``Progress`` records."""
-        bar = Bar() if progress is True else None
-        callback: ProgressFn | None = bar if bar is not None else (progress if callable(progress) else None)
-        req = pb.EnsureRequest(model=model, name=name, include=include or [], exclude=exclude or [])
-        manifest: pb.Manifest | None = None
+        bar, callback = _progress_sink(progress)
         try:
-            for ev in self._stub.Ensure(req, timeout=self.timeout):
-                if ev.HasField("progress"):
-                    if callback is not None:
-                        callback(Progress.from_pb(ev.progress))
-                else:
-                    manifest = ev.manifest
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            first, call = self._first_manifest(self._request(model, name, include, exclude, not verified), callback)
+            if first.streaming:
+                call.cancel()  # stop listening; a client leaving never cancels the download itself
+            else:
+                self._drain(call)
         finally:
             if bar is not None:
                 bar.close()
-        if manifest is None:
-            raise WeightcacheError(f"the daemon ended Ensure({model!r}) without a manifest")
-        return Manifest.from_pb(manifest)
+        return Manifest.from_pb(first)
 
     def open(
         self,
@@ -80,14 +113,25 @@ class Client:
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         fallback: bool | None = None,
+        verified: bool = False,
     ) -> Model:
         """Open a model by name, snapshot id or source URI.
 
+        verified=False (the default): a model the daemon is still downloading (for this call or
+        for anyone else) opens as soon as the daemon knows every file's header. Each read then
+        waits for exactly its bytes; ``state_dict()``, ``path`` and the final group of
+        ``stream()`` wait for the verified, committed snapshot; if verification fails, every
+        call on the handle raises CorruptedError (see ``Model``). The client must stay open
+        until the model is complete or closed: the rest of the download's events come over it.
+        verified=True: open only once the snapshot is downloaded, verified and in the store.
+
         fallback=None: map descriptors from fd.sock when it exists, else read over gRPC.
         fallback=True: always read over gRPC (private memory). False: descriptors or fail.
+        ``progress``: True draws a bar on stderr; a callable receives ``Progress`` records (for
+        a streaming open, until the download ends, from a background thread).
         """
         with gc_paused():
-            return self._open(model, progress, name, include, exclude, fallback)
+            return self._open(model, progress, name, include, exclude, fallback, verified)
 
     def _open(
         self,
@@ -97,11 +141,43 @@ class Client:
         include: list[str] | None,
         exclude: list[str] | None,
         fallback: bool | None,
+        verified: bool,
     ) -> Model:
-        manifest = self.ensure(model, name=name, include=include, exclude=exclude, progress=progress)
+        bar, callback = _progress_sink(progress)
+        try:
+            first, call = self._first_manifest(self._request(model, name, include, exclude, not verified), callback)
+            if not first.streaming:
+                self._drain(call)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        manifest = Manifest.from_pb(first)
         fd_path = self.socket_dir / paths.FD_SOCKET_NAME
+        use_grpc = fallback or (fallback is None and not fd_path.exists())
         backing: Backing
-        if fallback or (fallback is None and not fd_path.exists()):
+        if manifest.streaming:
+            download = Download(
+                manifest,
+                manifest.name or model,
+                call,
+                call.cancel,
+                on_progress=callback,
+                on_end=bar.close if bar is not None else None,
+            )
+            download.start()  # before the backing: an Acquire racing the commit waits for it
+            try:
+                if use_grpc:
+                    backing = FetchedRanges(download, self.read_range_into)
+                else:
+                    backing = StreamingFiles(lambda: FdConnection(fd_path), download)
+            except BaseException:
+                download.close()
+                raise
+            return Model(manifest, backing)
+        if bar is not None:
+            bar.close()
+        if use_grpc:
             snapshot_id = manifest.snapshot_id
 
             def fetch(path: str, buf: bytearray) -> None:
@@ -159,6 +235,30 @@ class Client:
         if got != len(buf):
             raise WeightcacheError(f"ReadRange of {path} in snapshot {snapshot_id}: got {got} of {len(buf)} bytes")
 
+    def read_range_into(self, snapshot_id: str, path: str, offset: int, dest: memoryview) -> None:
+        """Fill ``dest`` with the bytes of one file of a snapshot from ``offset``, over gRPC
+        (of a snapshot still downloading: once they are on disk)."""
+        if not len(dest):
+            return
+        req = pb.ReadRangeRequest(
+            snapshot_id=snapshot_id, file=pb.FileRange(path=path, offset=offset, length=len(dest)), chunk_size=4 << 20
+        )
+        got = 0
+        for chunk in self._chunks(req):
+            n = len(chunk.data)
+            at = chunk.file_offset - offset
+            if at < 0 or at + n > len(dest):
+                raise WeightcacheError(
+                    f"ReadRange of {path} in snapshot {snapshot_id}: bytes {chunk.file_offset}..{chunk.file_offset + n} "
+                    f"outside the {len(dest)} asked from {offset}"
+                )
+            dest[at : at + n] = chunk.data
+            got += n
+        if got != len(dest):
+            raise WeightcacheError(
+                f"ReadRange of {path} in snapshot {snapshot_id}: got {got} of {len(dest)} bytes from {offset}"
+            )
+
     def close(self) -> None:
         self._channel.close()
 
@@ -167,6 +267,12 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _progress_sink(progress: ProgressFn | bool | None) -> tuple[Bar | None, ProgressFn | None]:
+    """``progress=``: True draws a bar, a callable receives the records, anything else nothing."""
+    bar = Bar() if progress is True else None
+    return bar, bar if bar is not None else (progress if callable(progress) else None)
 
 
 def connect(socket_dir: str | os.PathLike[str] | None = None, *, timeout: float | None = None) -> Client:

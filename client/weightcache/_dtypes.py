@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import InvalidInputError
+from .contract.errors import InvalidInputError
 
 _TORCH_NAMES = {
     "BOOL": "bool",

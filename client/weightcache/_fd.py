@@ -8,8 +8,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DaemonUnavailableError, WeightcacheError, from_code
-from .fdproto import pack, recv_frame
+from .contract.errors import DaemonUnavailableError, WeightcacheError, from_code
+from .contract.fdproto import pack, recv_frame
 from .v1 import weightcache_pb2 as pb
 
 

@@ -15,7 +15,8 @@ from ._backing import Backing
 from ._dtypes import torch_dtype, torch_module
 from ._pathdir import DescriptorDirectory
 from ._records import FileInfo, Layer, Manifest, TensorMeta
-from .errors import InvalidInputError, NotFoundError
+from ._streaming import FollowingBacking
+from .contract.errors import InvalidInputError, NotFoundError, WeightcacheError
 
 if TYPE_CHECKING:
     from ._stream import LayerStream
@@ -48,16 +49,25 @@ class Model:
     entries are links to this process's descriptors (see ``_pathdir``). It lives until
     ``close()``; ``store_path`` is the daemon's snapshot view, which exists only where the
     store is visible (and is empty for a snapshot that no name points to).
+
+    Opened while the daemon is still downloading (``manifest.streaming``), the handle is usable
+    at once and each read waits for exactly its bytes: ``get_tensor``/``get_bytes``/``get_slice``
+    for the tensor's range only, so their bytes may not be verified yet; ``stream()`` group by
+    group, delivering the final group only once the snapshot is verified and committed;
+    ``state_dict()`` and ``path`` for the whole verified snapshot. Once committed,
+    ``snapshot_id``, ``manifest``, ``files`` and ``store_path`` are the committed ones. If
+    verification fails, every later call raises CorruptedError (nothing was published); if the
+    daemon goes away mid-download, DaemonUnavailableError. ``complete()`` and
+    ``wait_complete()`` ask directly. A committed model is complete from the start.
     """
 
     def __init__(self, manifest: Manifest, backing: Backing) -> None:
         """A handle over ``manifest``'s tensors whose bytes come from ``backing``; the handle
         owns the backing (``close()`` closes it). ``Client.open`` builds both."""
-        self.manifest = manifest
-        self.snapshot_id: str = manifest.snapshot_id
+        self._manifest = manifest
+        # A backing that follows a download carries the committed manifest once there is one.
+        self._following = backing if isinstance(backing, FollowingBacking) else None
         self.name: str = manifest.name
-        self.store_path: str = manifest.path
-        self.files: list[FileInfo] = list(manifest.files)
         self._tensors: dict[str, TensorMeta] = {t.name: t for t in manifest.tensors}
         self._order = [t.name for t in manifest.tensors]
         self._backing = backing
@@ -65,6 +75,56 @@ class Model:
         self._pathdir: DescriptorDirectory | None = None
         self._pathdir_lock = threading.Lock()
         self._closed = False
+        if backing.zero_copy:
+            self._hint_first_group()
+
+    def _hint_first_group(self) -> None:
+        """Queue the disk reads of the first layer group now, in the background: whatever reads
+        first (a stream, a forward pass over the mapped tensors) starts there. From a cold page
+        cache, touching mapped pages otherwise reads one readahead window per fault (128 KiB by
+        default) and waits for it before the next.
+        Only the first group: it is read next, while hinting the whole model could evict what
+        was cached for a model larger than memory. WILLNEED only queues the reads, but queuing
+        ~100 MiB takes tens of milliseconds, so open() does not wait for it."""
+        if not self._order:
+            return
+        layer = self._tensors[self._order[0]].layer  # the group layers() and stream() give first
+        ranges = _file_ranges([t for t in self._tensors.values() if t.layer == layer])
+
+        def hint() -> None:
+            for path, (start, end) in ranges.items():
+                try:
+                    self._backing.advise(path, start, end - start)
+                except (OSError, WeightcacheError):
+                    return  # closed or failed meanwhile: a hint, the next real read reports it
+
+        threading.Thread(target=hint, name="wc-hint", daemon=True).start()
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest it was opened with; the committed one once a streaming open completed."""
+        return self._following.manifest if self._following is not None else self._manifest
+
+    @property
+    def snapshot_id(self) -> str:
+        """The snapshot's content id (a provisional id while the download is still running)."""
+        return self.manifest.snapshot_id
+
+    @property
+    def store_path(self) -> str:
+        return self.manifest.path
+
+    @property
+    def files(self) -> list[FileInfo]:
+        return list(self.manifest.files)
+
+    def complete(self) -> bool:
+        """Whether every byte is downloaded, verified and committed (raises a failed download's error)."""
+        return self._backing.complete()
+
+    def wait_complete(self, timeout: float | None = None) -> bool:
+        """Block until ``complete()``; False if ``timeout`` passed first (raises a failed download's error)."""
+        return self._backing.wait_complete(timeout)
 
     @property
     def backing(self) -> Backing:
@@ -80,7 +140,10 @@ class Model:
 
     @property
     def path(self) -> str:
-        """A directory with every file of the snapshot, for path-based loaders (built once)."""
+        """A directory with every file of the snapshot, for path-based loaders (built once).
+        Path-based loaders read everything, so a streaming open waits for the committed snapshot."""
+        if not self._closed:
+            self._backing.wait_complete()  # not under the lock: close() must be able to end the wait
         with self._pathdir_lock:
             if self._closed:
                 raise InvalidInputError(
@@ -139,7 +202,10 @@ class Model:
         return self._backing.view(t.file, t.offset, t.length)
 
     def get_tensor(self, name: str) -> Any:
-        """A torch tensor viewing the shared pages (copy-on-write: writes stay in this process)."""
+        """A torch tensor viewing the shared pages (copy-on-write: writes stay in this process).
+
+        While a streaming open downloads, this waits for the tensor's bytes only: they are on
+        disk but may not be verified yet (``wait_complete()`` first if that matters)."""
         t = self.meta(name)
         torch = torch_module()
         dtype = torch_dtype(t.dtype)
@@ -155,7 +221,9 @@ class Model:
         return _Slice(self, self.meta(name))
 
     def state_dict(self) -> dict[str, Any]:
-        """Every tensor, zero-copy, in layer order."""
+        """Every tensor, zero-copy, in layer order (of the verified snapshot: a streaming open
+        waits for the download to be committed first)."""
+        self._backing.wait_complete()
         with gc_paused():
             return {n: self.get_tensor(n) for n in self._order}
 
@@ -218,6 +286,15 @@ class Model:
     def __repr__(self) -> str:
         mode = "zero-copy" if self.zero_copy else "streamed"
         return f"<weightcache.Model {self.name or '?'} snapshot={self.snapshot_id} tensors={len(self)} {mode}>"
+
+
+def _file_ranges(metas: list[TensorMeta]) -> dict[str, tuple[int, int]]:
+    """Per file, the [start, end) byte span covering these tensors."""
+    out: dict[str, tuple[int, int]] = {}
+    for t in metas:
+        start, end = out.get(t.file, (t.offset, t.offset + t.length))
+        out[t.file] = (min(start, t.offset), max(end, t.offset + t.length))
+    return out
 
 
 class _Slice:

@@ -28,7 +28,7 @@ import tempfile
 import weakref
 from collections.abc import Mapping
 
-from .errors import InternalError, InvalidInputError
+from .contract.errors import InternalError, InvalidInputError
 
 __all__ = ["DescriptorDirectory"]
 

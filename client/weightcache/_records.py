@@ -64,6 +64,10 @@ class Manifest:
     ``name`` is the name it was asked for by (empty for a snapshot id or an unnamed URI);
     ``path`` is the daemon's snapshot view on the host (visible only where the store is);
     ``tensors`` are in layer order, ``layers`` the group names in that order.
+
+    ``streaming`` is True for an early answer (``open()``, ``ensure(verified=False)``) while the
+    daemon is still downloading: ``snapshot_id`` is then a provisional id, valid only until the
+    download ends, and files still downloading carry no sha256 yet.
     """
 
     snapshot_id: str
@@ -73,6 +77,7 @@ class Manifest:
     files: tuple[FileInfo, ...]
     tensors: tuple[TensorMeta, ...]
     layers: tuple[str, ...]
+    streaming: bool = False
 
     @classmethod
     def from_pb(cls, m: pb.Manifest) -> Manifest:
@@ -84,6 +89,7 @@ class Manifest:
             files=tuple(FileInfo.from_pb(f) for f in m.files),
             tensors=tuple(TensorMeta.from_pb(t) for t in m.tensors),
             layers=tuple(m.layers),
+            streaming=m.streaming,
         )
 
 

@@ -9,6 +9,12 @@ The reader fills a slot (waiting first for that slot's previous H2D copy to fini
 issues ``non_blocking`` copies on a side stream and records one event per group. The
 consumer's current stream waits on that event only, so layer i+1 is copied while layer i
 computes; tensors are marked with ``record_stream`` for the caching allocator.
+
+A model still downloading (a streaming open): the reader waits for exactly each group's byte
+ranges (``Backing.wait_ready``), and ``__next__`` delivers the final group only after
+``backing.wait_complete()``, i.e. once every file is verified and committed; a failed download
+raises at the next ``__next__`` and the final group is never delivered, so no forward pass that
+uses every group can finish on bytes that fail verification.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from ._dtypes import torch_dtype, torch_module
-from .errors import InvalidInputError
+from .contract.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from ._model import Model, TensorMeta
@@ -62,6 +68,7 @@ class LayerStream:
         self.groups_read = 0
         self.groups_yielded = 0
         self.max_ahead = 0
+        self._finished = False
         self._slots = threading.Semaphore(prefetch)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="wc-read")
@@ -107,13 +114,24 @@ class LayerStream:
         for path, (start, end) in ranges.items():
             self.model.backing.advise(path, start, end - start)
 
+    def _wait_on_disk(self, metas: list[TensorMeta]) -> bool:
+        """Until every byte of the group is on disk (immediate unless the model is still being
+        downloaded); False if the stream was closed meanwhile. Waiting here in short steps,
+        rather than inside ``read_into``, lets ``close()`` stop a reader that waits for bytes."""
+        backing = self.model.backing
+        for t in metas:
+            while not backing.wait_ready(t.file, t.offset, t.length, timeout=0.1):
+                if self._stop.is_set():
+                    return False
+        return True
+
     def _reader(self) -> None:
         try:
             for i, (name, metas) in enumerate(self.groups):
                 while not self._slots.acquire(timeout=0.1):
                     if self._stop.is_set():
                         return
-                if self._stop.is_set():
+                if self._stop.is_set() or not self._wait_on_disk(metas):
                     return
                 if self._cuda:
                     item = self._read_cuda(i, metas)
@@ -121,12 +139,16 @@ class LayerStream:
                     item = self._read_ring(i, metas)
                 else:
                     item = self._read_cpu(metas)
-                if i + 1 < len(self.groups):
-                    # After this group is in, not before: the hint must not compete with it.
-                    self._advise(self.groups[i + 1][1])
                 self.groups_read += 1
                 self.max_ahead = max(self.max_ahead, self.groups_read - self.groups_yielded)
                 self._queue.put((name, *item))
+                if i + 1 < len(self.groups) and (self.copy or self._cuda):
+                    # After this group is in and handed over, not before: the hint must not
+                    # compete with it, and queuing a cold group's reads can block for a while.
+                    # Views (copy=False) are handed out before their bytes are read, so a hint
+                    # here would compete with the consumer's first touches of this group: the
+                    # first layer from a cold cache took 3-4x longer (bench_load.py).
+                    self._advise(self.groups[i + 1][1])
             self._queue.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             self._queue.put(exc)
@@ -188,13 +210,28 @@ class LayerStream:
         return self
 
     def __next__(self) -> tuple[str, dict[str, Any]]:
-        item = self._queue.get()
-        if item is _DONE:
+        backing = self.model.backing
+        try:
+            # A failed download raises here at every call, even with groups already read ahead.
+            backing.wait_complete(timeout=0)
+            if self._finished:
+                raise StopIteration  # like a generator: once ended (or raised), it stays ended
+            item = self._queue.get()
+            if item is _DONE:
+                self._finished = True
+                self.close()
+                raise StopIteration
+            if isinstance(item, BaseException):
+                raise item
+            if self.groups_yielded + 1 == len(self.groups):
+                # The final group: only on a verified, committed snapshot (raises if it failed).
+                backing.wait_complete()
+        except StopIteration:
+            raise
+        except BaseException:
+            self._finished = True  # the failure is raised once here; the backing raises it again
             self.close()
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
+            raise
         name, tensors, event = item
         if event is not None:
             torch = torch_module()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._dtypes import torch_module
-from .errors import InvalidInputError
+from .contract.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from ._model import Model
@@ -128,9 +128,15 @@ def load_into(module: Any, model: Model, *, strict: bool = True, device: Any = N
 
     Returns (missing keys, unexpected keys) like ``load_state_dict``; with strict=True any of
     them, or any shape mismatch, is an InvalidInputError that names the tensors.
+
+    A model still downloading (a streaming open) is loaded only once it is verified and
+    committed: eagerly, the whole snapshot is waited for first; with ``device``, group by
+    group, the final group after verification (``model.stream``'s rule).
     """
     torch = torch_module()
     plan = _plan(module, model, strict, "load_into")
+    if device is None:
+        model.backing.wait_complete()  # the module is usable as soon as this returns
 
     def put(src: str, value: Any) -> None:
         names = plan.sources[src]
@@ -181,6 +187,11 @@ class JustInTime:
     (rotary ``inv_freq``, position ids) keep their values and are moved to ``device`` now, so
     the forward pass finds everything on one device. ``missing``/``unexpected`` say what
     strict=False let through.
+
+    A model still downloading (a streaming open): each hook waits for exactly its group's
+    bytes, and the hook that materialises the last group waits for ``wait_complete()`` first
+    (so does the stream), so a forward pass that uses every group cannot finish on bytes that
+    fail verification; a failed download raises from the next hook that needs a group.
     """
 
     def __init__(
@@ -229,6 +240,8 @@ class JustInTime:
 
     def wait_for(self, gname: str) -> None:
         while gname not in self._arrived:
+            if len(self._arrived) == len(self._groups) - 1:
+                self.model.backing.wait_complete()  # the last group materialises on verified bytes only
             try:
                 name, tensors = next(self._stream)
             except StopIteration:

@@ -26,7 +26,7 @@ from typing import Any
 from ._client import Client, connect
 from ._dtypes import torch_module
 from ._model import Model
-from .errors import InvalidInputError
+from .contract.errors import InvalidInputError
 from .nn import JustInTime, load_into, materialize_just_in_time
 
 __all__ = ["Pretrained", "from_pretrained"]

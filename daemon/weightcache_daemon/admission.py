@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from weightcache.errors import ExhaustedError
+from weightcache.contract.errors import ExhaustedError
 from weightcache.progress import human
 
 from .config import Config, capacity_bytes

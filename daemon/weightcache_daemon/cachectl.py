@@ -20,7 +20,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from weightcache import Progress, paths
-from weightcache.errors import DaemonUnavailableError, InvalidInputError, WeightcacheError, from_rpc_error
+from weightcache.contract.errors import DaemonUnavailableError, InvalidInputError, WeightcacheError, from_rpc_error
 from weightcache.progress import Bar, human
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
@@ -102,10 +102,21 @@ def _leases(m: Any) -> str:
     return ",".join(f"{le.pid}/{le.uid}" for le in m.leases) or "-"
 
 
+def _percent(p: Any) -> str:
+    return f"{100 * p.bytes_done / p.bytes_total:.0f}%" if p.bytes_total else "(listing)"
+
+
+def _download_dict(d: Any) -> dict[str, Any]:
+    out = _dict(d)
+    out["downloading"] = out.pop("progress")
+    return out
+
+
 def cmd_ls(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     resp = _call(stub.List, pb.ListRequest())
     if a.json:
-        _out([_dict(m) for m in resp.models])
+        # A JSON listing keeps one shape (what is in the cache); downloads in flight are asked for.
+        _out([_download_dict(d) for d in resp.downloads] if a.downloads else [_dict(m) for m in resp.models])
         return 0
     rows = [
         [
@@ -119,6 +130,18 @@ def cmd_ls(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
             m.source,
         ]
         for m in resp.models
+    ] + [
+        [
+            d.name,
+            d.snapshot_id[:12] or "-",
+            human(d.progress.bytes_total),
+            str(d.progress.files_total),
+            "",
+            f"downloading {_percent(d.progress)}",
+            f"{d.readers} reader(s)",
+            d.source,
+        ]
+        for d in resp.downloads
     ]
     _table(rows, ["NAME", "SNAPSHOT", "SIZE", "FILES", "PINNED", "LAST USED", "LEASES(pid/uid)", "SOURCE"])
     return 0
@@ -130,10 +153,19 @@ def cmd_show(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
         _out(_dict(resp))
         return 0
     m, man = resp.model, resp.manifest
-    print(f"name:      {m.name or '(unnamed snapshot)'}")
-    print(f"snapshot:  {man.snapshot_id}")
-    print(f"source:    {man.source}")
-    print(f"path:      {man.path}")
+    if resp.HasField("download"):
+        d = resp.download
+        print(f"name:      {d.name} (downloading {_percent(d.progress)}: {human(d.progress.bytes_done)} of "
+              f"{human(d.progress.bytes_total)}, {human(int(d.progress.bytes_per_second))}/s)")  # fmt: skip
+        print(f"snapshot:  {man.snapshot_id} (provisional until the download is verified)")
+        print(f"source:    {man.source}")
+        print(f"readers:   {d.readers} process(es) reading it while it downloads")
+    else:
+        print(f"name:      {m.name or '(unnamed snapshot)'}")
+    if not resp.HasField("download"):
+        print(f"snapshot:  {man.snapshot_id}")
+        print(f"source:    {man.source}")
+        print(f"path:      {man.path}")
     if m.name:
         print(
             f"size:      {human(m.size)} in {m.file_count} files; pinned: {'yes' if m.pinned else 'no'}; "
@@ -329,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin", action="store_true", help="never evict it automatically")
     p.add_argument("--include", action="append", metavar="GLOB", help="only files matching (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip files matching (repeatable)")
-    add("ls", "list cached models")
+    p = add("ls", "list cached models, and downloads in flight with their streaming readers")
+    p.add_argument("--downloads", action="store_true", help="with --json: list the downloads in flight instead")
     p = add("show", "show one model (name, source URI or snapshot id)")
     p.add_argument("model")
     p.add_argument("--tensors", action="store_true", help="also list every tensor")

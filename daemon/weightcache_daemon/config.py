@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weightcache import paths
-from weightcache.errors import InvalidInputError
+from weightcache.contract import paths
+from weightcache.contract.errors import InvalidInputError
 
 from . import uris
 
@@ -87,6 +87,9 @@ class DownloadConfig:
     part_size: int = 8 * 1024 * 1024  # a multiple of 1 MiB (O_DIRECT alignment)
     rate_limit: int = 0  # bytes/second for the whole daemon; 0 = unlimited
     max_restarts: int = 3  # per file, when the object changes under us (If-Match fails)
+    # "layer": parts in layer-group order across all files, so clients can compute while the
+    # rest arrives (docs/streaming.md); "file": file by file, in file order.
+    order: str = "layer"
 
 
 @dataclass(frozen=True)
@@ -277,7 +280,10 @@ def load(
         part_size=parse_size(dl_raw.get("part_size", DownloadConfig.part_size), "download.part_size"),
         rate_limit=parse_size(dl_raw.get("rate_limit", 0), "download.rate_limit"),
         max_restarts=int(dl_raw.get("max_restarts", DownloadConfig.max_restarts)),
+        order=str(dl_raw.get("order", DownloadConfig.order)),
     )
+    if download.order not in ("layer", "file"):
+        raise InvalidInputError(f'download.order {download.order!r}: must be "layer" or "file"')
     if not 1 <= download.concurrency <= 256:
         raise InvalidInputError(f"download.concurrency {download.concurrency}: must be 1..256")
     if download.part_size < 1 << 20 or download.part_size % (1 << 20) or download.part_size > 1 << 30:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from weightcache.v1 import weightcache_pb2 as pb
 
 from .admission import Stats
+from .core import Download
 from .eviction import EvictPlan, GCPlan
 from .jobs import ProgressState
 from .leases import Lease
+from .live import Readiness
 from .manifests import Manifest, ModelView
 
 
@@ -44,6 +46,27 @@ def manifest(m: Manifest) -> pb.Manifest:
         ],
         layers=m.layers,
         path=m.path,
+        streaming=m.streaming,
+    )
+
+
+def readiness(r: Readiness) -> pb.Readiness:
+    return pb.Readiness(
+        snapshot_id=r.snapshot_id,
+        files=[pb.FileReady(path=path, ranges=list(ranges)) for path, ranges in r.files],
+        bytes_ready=r.bytes_ready,
+        bytes_total=r.bytes_total,
+    )
+
+
+def download(d: Download) -> pb.Download:
+    return pb.Download(
+        name=d.name,
+        source=d.source,
+        snapshot_id=d.snapshot_id,
+        progress=progress(d.progress),
+        readers=d.readers,
+        started_at=d.started_at,
     )
 
 

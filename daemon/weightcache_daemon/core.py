@@ -17,10 +17,11 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
-from weightcache.errors import InvalidInputError, NotFoundError, PermissionDeniedError, WeightcacheError
+from weightcache.contract.errors import InvalidInputError, NotFoundError, PermissionDeniedError, WeightcacheError
 
 from . import uris
 from .admission import Admission, Stats
@@ -28,15 +29,28 @@ from .config import Config
 from .eviction import Evictor, EvictPlan, GCPlan
 from .index import FileRow, Index, ModelRow
 from .ingest_state import IngestState
-from .jobs import Fetcher, Job, ProgressState
+from .jobs import TICK, Fetcher, Job, ProgressState
 from .leases import Lease, Leases
+from .live import LiveSnapshot, Readiness
 from .manifests import Catalog, Manifest, ModelView, Span, TensorEntry, layer_spans
 from .metrics import Metrics
 from .naming import Names, check_name, default_name
 from .store import LocalBlobStore
 from .verify import Verifier
 
-__all__ = ["Core", "EvictPlan", "GCPlan", "Grant", "Manifest", "ModelView", "Stats", "TensorEntry"]
+__all__ = [
+    "Core",
+    "Download",
+    "EvictPlan",
+    "GCPlan",
+    "Grant",
+    "Manifest",
+    "ModelView",
+    "ProgressState",
+    "Readiness",
+    "Stats",
+    "TensorEntry",
+]
 
 log = structlog.get_logger("weightcached.core")
 
@@ -52,6 +66,27 @@ class Grant:
     snapshot_id: str
     files: tuple[FileRow, ...]
     lease: Lease
+    # A snapshot still being downloaded: its files are the ingest files being written (or
+    # blobs already in the store), opened through it instead of by digest.
+    live: LiveSnapshot | None = None
+
+    def open(self, store: LocalBlobStore, f: FileRow) -> int:
+        """A read-only descriptor of one granted file."""
+        if self.live is not None:
+            return self.live.open(f.path)
+        return store.open(f.sha256)
+
+
+@dataclass(frozen=True)
+class Download:
+    """A download in flight, for listings."""
+
+    name: str
+    source: str
+    snapshot_id: str  # provisional, "" before the headers are known
+    progress: ProgressState
+    readers: int
+    started_at: float
 
 
 class Core:
@@ -74,6 +109,8 @@ class Core:
         # The job names its snapshot itself: an accepted prefetch ends named even when its
         # caller has gone away or the daemon crashed and resumed it.
         fetcher.on_commit = self._name_job
+        fetcher.on_snapshot_id = lambda provisional, real: self._lease_content_id(provisional, real)
+        fetcher.count_readers = lambda sid: len(leases.of(sid))
         # Client-serving work (manifests, listings, ReadRange; also the loop's default executor)
         # has its own threads: downloads run in the fetcher's pool and admin work (verify,
         # doctor) in another, so none waits on the others.
@@ -92,8 +129,13 @@ class Core:
         admin: bool,
         pin: bool | None = None,
         owner: str | None = None,
-    ) -> AsyncIterator[ProgressState | Manifest]:
+        early: bool = False,
+    ) -> AsyncIterator[ProgressState | Manifest | Readiness]:
         """Ensure (client) and Prefetch (admin): progress events, then the Manifest.
+
+        `early` (Ensure only): a model that must be downloaded is answered as soon as every
+        header is known, with a streaming Manifest; Readiness and progress events follow, and
+        the committed Manifest ends the stream (see _stream_job).
 
         `owner` is who names the model (index.OWNERS): "client" for Ensure, "admin" for
         Prefetch by default, "models.d" for declared models. See Index.set_model for what each
@@ -102,6 +144,11 @@ class Core:
         if "://" not in model:
             if name or include or exclude:
                 raise InvalidInputError(f"model {model[:200]!r}: name/include/exclude apply to source URIs only")
+            job = self._downloading(model) if early else None
+            if job is not None:  # a name whose first download is running: read it as it arrives
+                async for ev in self._stream_job(job, job.label, None):
+                    yield ev
+                return
             snapshot, row = self.names.resolve(model)
             if row is not None and self.verifier.damaged(snapshot):
                 # A blob failed verification or vanished: fetch the model again, then go on.
@@ -144,6 +191,10 @@ class Core:
         self.metrics.misses.labels("prefetch" if admin else "ensure").inc()
         with self.admission.fetching(name):
             job = self.fetcher.start(key, name, pin, owner)
+            if early:
+                async for ev in self._stream_job(job, name, (pin, owner)):
+                    yield ev
+                return
             async for p in job.watch():
                 if not job.result.done():
                     yield p
@@ -151,7 +202,68 @@ class Core:
             self.names.name_model(name, key, snapshot, pin, owner)
             yield await self.manifest_async(snapshot, name)
 
-    def _refetch(self, row: ModelRow) -> AsyncIterator[ProgressState | Manifest]:
+    def _downloading(self, name: str) -> Job | None:
+        """The running job that will record `name`, if its name is not in the index yet."""
+        if self.index.model(name) is not None:
+            return None
+        return next((j for j in list(self.fetcher.jobs.values()) if j.label == name), None)
+
+    async def _stream_job(
+        self, job: Job, name: str, naming: tuple[bool | None, str] | None
+    ) -> AsyncIterator[ProgressState | Manifest | Readiness]:
+        """Follow a job for an early Ensure: progress until its live snapshot is published, the
+        streaming manifest, then every change of readiness (coalesced: a slow reader gets the
+        merged state) and progress now and then, then the committed manifest or the job's error.
+        The job never depends on this caller: one that goes away leaves the download going.
+        `naming` (pin, owner): record `name` for the caller as fetch() does; None when `name`
+        is the job's own (the job names it)."""
+        loop = asyncio.get_running_loop()
+        seen: dict[str, int] = {}
+        announced: LiveSnapshot | None = None
+        last_progress = 0.0
+        while True:
+            live = job.live
+            pulse = live.pulse() if live is not None else None  # taken before the state is read
+            if live is not None and announced is None and not job.result.done():
+                announced = live
+                yield live.manifest
+            if announced is not None:
+                ready = announced.changes(seen)
+                if ready is not None:
+                    yield ready
+            if job.result.done():
+                break
+            if loop.time() - last_progress >= TICK:
+                last_progress = loop.time()
+                yield ProgressState(**vars(job.progress))
+            # Wake at the next readiness change, the live snapshot's publication, the job's end,
+            # or the next progress tick, whichever comes first.
+            waits: list[asyncio.Future[Any]] = []
+            if pulse is not None:
+                waits.append(asyncio.ensure_future(pulse.wait()))
+            if announced is None and not job.live_set.is_set():
+                waits.append(asyncio.ensure_future(job.live_set.wait()))
+            try:
+                await asyncio.wait([*waits, job.result], timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        snapshot = await asyncio.shield(job.result)  # raises the job's error (CorruptedError, ...)
+        if naming is not None:
+            self.names.name_model(name, job.key, snapshot, *naming)
+        yield await self.manifest_async(snapshot, name)
+
+    def downloads(self) -> list[Download]:
+        """Downloads in flight, with their streaming readers."""
+        out = []
+        for job in list(self.fetcher.jobs.values()):
+            live = job.live
+            sid = live.snapshot_id if live is not None else ""
+            out.append(Download(job.label, job.key.uri, sid, ProgressState(**vars(job.progress)),
+                                self.fetcher.readers(sid) if sid else 0, job.started))  # fmt: skip
+        return sorted(out, key=lambda d: d.name)
+
+    def _refetch(self, row: ModelRow) -> AsyncIterator[ProgressState | Manifest | Readiness]:
         """Fetch a named model again from its source, as the admin would (damaged or repaired)."""
         f = row.filters
         return self.fetch(row.source, row.name, f.include, f.exclude, admin=True, owner=row.owner)
@@ -210,12 +322,49 @@ class Core:
         self, snapshot_id: str, file: tuple[str, int, int] | None = None, layers: tuple[int, int] | None = None
     ) -> list[Span]:
         """What a ReadRange reads: a (path, offset, length) file range or a (first, last) layer range."""
-        sid = self.names.check_snapshot(snapshot_id)
-        if file is not None:
+        sid, live = self._live_or_committed(snapshot_id)
+        if live is not None:
+            if file is not None:
+                return [live.file_span(*file)]
+            if layers is not None:
+                return layer_spans(live.manifest, *layers)
+        elif file is not None:
             return [self.catalog.file_span(sid, *file)]
-        if layers is not None:
+        elif layers is not None:
             return layer_spans(await self.manifest_async(sid), *layers)
         raise InvalidInputError("ReadRange needs a file range or a layer range")
+
+    def open_span(self, snapshot_id: str, span: Span) -> int:
+        """A read-only descriptor of the file a span reads (a blob, or a file still downloading)."""
+        live = self.fetcher.live.get(snapshot_id)
+        if live is not None:
+            return live.open(span.path)
+        if not span.sha256:  # a live span whose download committed since: the blob has the bytes
+            sid, _ = self._live_or_committed(snapshot_id)
+            return self.store.open(next(f.sha256 for f in self.index.files(sid) if f.path == span.path))
+        return self.store.open(span.sha256)
+
+    async def wait_span(self, snapshot_id: str, path: str, offset: int, length: int) -> None:
+        """Return once bytes [offset, offset+length) of `path` are on disk (at once for a
+        committed snapshot); raises the download's error if it failed meanwhile."""
+        live = self.fetcher.live.get(snapshot_id)
+        if live is not None:
+            await live.wait_ready(path, offset, offset + length)
+        else:
+            self._live_or_committed(snapshot_id)  # ended in failure: raise it
+
+    def _live_or_committed(self, snapshot_id: str) -> tuple[str, LiveSnapshot | None]:
+        """A snapshot id as clients may hold it: a live (downloading) snapshot; a provisional id
+        whose download ended (its content id, or its error); or a committed snapshot."""
+        live = self.fetcher.live.get(snapshot_id)
+        if live is not None:
+            return snapshot_id, live
+        ended = self.fetcher.ended.get(snapshot_id)
+        if isinstance(ended, WeightcacheError):
+            raise ended
+        if isinstance(ended, str):
+            return ended, None
+        return self.names.check_snapshot(snapshot_id), None
 
     # ---------------------------------------------------------------- fd.sock
 
@@ -225,8 +374,13 @@ class Core:
         The lease comes first: from then on eviction sees the snapshot as in use (or, if it
         already planned it, counts its bytes as held), so what the caller opens stays
         accounted. `lease` is the connection's existing lease on this snapshot, kept as it
-        is; a new one is released again if the snapshot cannot be granted."""
-        sid = self.names.check_snapshot(snapshot_id)
+        is; a new one is released again if the snapshot cannot be granted.
+
+        A provisional id of a download in flight grants the files being written (live.py);
+        the lease moves to the content id when the download commits."""
+        sid, live = self._live_or_committed(snapshot_id)
+        if live is not None:
+            return self._grant_live(pid, uid, gid, live, lease)
         files = self.index.files(sid)
         new = lease is None
         if lease is None:
@@ -242,6 +396,24 @@ class Core:
             self.index.touch(row.name)
         self.metrics.grants.inc()  # counted when granted, before the client can act on it
         return Grant(sid, tuple(files), lease)
+
+    def _lease_content_id(self, provisional: str, real: str) -> None:
+        moved = self.leases.rename(provisional, real)
+        if moved:
+            log.info("streaming_leases_moved", provisional=provisional, snapshot=real, leases=moved)
+
+    def _grant_live(self, pid: int, uid: int, gid: int, live: LiveSnapshot, lease: Lease | None) -> Grant:
+        new = lease is None
+        if lease is None:
+            lease = self.leases.acquire(live.snapshot_id, pid, uid, gid, live.bytes_total)
+        if live.committed is not None:  # committed while we leased: the lease protects the content id
+            self.leases.rename(live.snapshot_id, live.committed)
+        if live.error is not None:
+            if new:
+                self.leases.release(lease.token)
+            raise live.error
+        self.metrics.grants.inc()
+        return Grant(live.snapshot_id, tuple(live.file_rows()), lease, live)
 
     # ---------------------------------------------------------------- the parts, for the edges
 
@@ -261,8 +433,14 @@ class Core:
     def list_models(self) -> list[ModelView]:
         return self.catalog.list_models()
 
-    def show(self, model: str) -> tuple[ModelView | None, Manifest]:
-        return self.catalog.show(model)
+    def show(self, model: str) -> tuple[ModelView | None, Manifest, Download | None]:
+        """A model's record and manifest; for a name whose first download is in flight, its
+        streaming manifest and where the download stands."""
+        job = self._downloading(model)
+        if job is not None and job.live is not None:
+            return None, job.live.manifest, next((d for d in self.downloads() if d.name == job.label), None)
+        view, manifest = self.catalog.show(model)
+        return view, manifest, None
 
     def set_pin(self, model: str, pinned: bool) -> ModelView:
         return self.catalog.set_pin(model, pinned)

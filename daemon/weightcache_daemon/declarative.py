@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from weightcache.errors import InvalidInputError, WeightcacheError
+from weightcache.contract.errors import InvalidInputError, WeightcacheError
 
 from . import uris
 from .core import Core

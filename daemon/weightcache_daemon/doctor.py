@@ -12,7 +12,7 @@ import stat
 import time
 from pathlib import Path
 
-from weightcache.errors import WeightcacheError
+from weightcache.contract.errors import WeightcacheError
 from weightcache.progress import human
 
 from .config import SourceConfig

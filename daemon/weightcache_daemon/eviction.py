@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from weightcache.errors import BusyError, InvalidInputError, NotFoundError
+from weightcache.contract.errors import BusyError, InvalidInputError, NotFoundError
 
 from .index import Index, ModelRow
 from .jobs import Fetcher

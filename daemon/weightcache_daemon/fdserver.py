@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from weightcache.errors import (
+from weightcache.contract.errors import (
     BusyError,
     DeadlineError,
     ExhaustedError,
@@ -51,10 +51,11 @@ from weightcache.errors import (
     WeightcacheError,
     code_for,
 )
-from weightcache.fdproto import MAX_FDS_PER_MSG, MAX_REQUEST_FRAME, pack
+from weightcache.contract.fdproto import MAX_FDS_PER_MSG, MAX_REQUEST_FRAME, pack
 from weightcache.v1 import weightcache_pb2 as pb
 
-from .core import Core
+from .core import Core, Grant
+from .index import FileRow
 from .leases import Lease
 
 log = structlog.get_logger("weightcached.fd")
@@ -366,16 +367,17 @@ class FdServer:
                 fds: list[int] = []
                 try:
                     for f in batch:
-                        fds.append(self._open(f.sha256, sid, f.path))
+                        fds.append(self._open(grant, f, sid))
                     await self._send(loop, c, msg, fds)
                 finally:
                     for fd in fds:
                         os.close(fd)
         log.info("descriptors_granted", snapshot=sid, files=len(files), **c.peer)
 
-    def _open(self, digest: str, sid: str, path: str) -> int:
+    def _open(self, grant: Grant, f: FileRow, sid: str) -> int:
+        path = f.path
         try:
-            return self.core.store.open(digest)
+            return grant.open(self.core.store, f)
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 self.core.metrics.fd_send_errors.labels("EMFILE").inc()

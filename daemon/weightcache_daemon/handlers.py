@@ -1,6 +1,6 @@
 """gRPC handlers: validate, call the core, convert, map errors. Nothing else.
 
-Errors are mapped through the one table in weightcache.errors; anything unexpected is
+Errors are mapped through the one table in weightcache.contract.errors; anything unexpected is
 logged with its traceback and answered INTERNAL with the handler's name, never UNKNOWN.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from weightcache.errors import (
+from weightcache.contract.errors import (
     CorruptedError,
     ExhaustedError,
     InvalidInputError,
@@ -28,7 +28,7 @@ from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
 from . import convert
-from .core import Core, Manifest
+from .core import Core, Manifest, ProgressState, Readiness
 
 log = structlog.get_logger("weightcached.rpc")
 
@@ -142,10 +142,13 @@ class CacheService(pb_grpc.CacheServicer):
             _strings(request.include, "include"),
             _strings(request.exclude, "exclude"),
             admin=False,
+            early=request.early,
         )
         async for ev in events:
             if isinstance(ev, Manifest):
                 yield pb.EnsureResponse(manifest=await _in(self.core.client_io, _manifest_message, ev))
+            elif isinstance(ev, Readiness):
+                yield pb.EnsureResponse(ready=convert.readiness(ev))
             else:
                 yield pb.EnsureResponse(progress=convert.progress(ev))
 
@@ -168,19 +171,21 @@ class CacheService(pb_grpc.CacheServicer):
             file=(rf.path, rf.offset, rf.length) if kind == "file" else None,
             layers=(rl.first, rl.last) if kind == "layers" else None,
         )
+        sid = request.snapshot_id
         for sp in spans:
-            path, digest, off, length, tensor = sp.path, sp.sha256, sp.offset, sp.length, sp.tensor
+            path, off, length, tensor = sp.path, sp.offset, sp.length, sp.tensor
             if length == 0:  # an empty tensor still announces itself
                 yield pb.ReadRangeChunk(file=path, file_offset=off, tensor=tensor)
                 continue
-            fd = self.core.store.open(digest)
+            fd = self.core.open_span(sid, sp)
             try:
                 done = 0
                 while done < length:
                     n = min(chunk, length - done)
+                    await self.core.wait_span(sid, path, off + done, n)  # a file still downloading
                     data = await _in(self.core.client_io, os.pread, fd, n, off + done)
                     if len(data) != n:
-                        raise CorruptedError(f"blob sha256:{digest} ({path}) is shorter than the index says")
+                        raise CorruptedError(f"file {path} of snapshot {sid} is shorter than its manifest says")
                     yield pb.ReadRangeChunk(
                         file=path, file_offset=off + done, tensor=tensor, tensor_offset=done, data=data
                     )
@@ -213,7 +218,7 @@ class AdminService(pb_grpc.AdminServicer):
         async for ev in events:
             if isinstance(ev, Manifest):
                 yield pb.PrefetchResponse(model=convert.model(self.core.view_of(ev.model)))
-            else:
+            elif isinstance(ev, ProgressState):
                 yield pb.PrefetchResponse(progress=convert.progress(ev))
 
     @unary
@@ -234,7 +239,10 @@ class AdminService(pb_grpc.AdminServicer):
     @unary
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
         def build() -> pb.ListResponse:
-            return pb.ListResponse(models=[convert.model(v) for v in self.core.list_models()])
+            return pb.ListResponse(
+                models=[convert.model(v) for v in self.core.list_models()],
+                downloads=[convert.download(d) for d in self.core.downloads()],
+            )
 
         return await _in(self.core.admin_io, build)
 
@@ -243,12 +251,14 @@ class AdminService(pb_grpc.AdminServicer):
         model = _str(request.model, "model")
 
         def build() -> pb.ShowResponse:
-            view, m = self.core.show(model)
+            view, m, download = self.core.show(model)
             out = pb.ShowResponse(manifest=_manifest_message(m))
             if not request.tensors:
                 del out.manifest.tensors[:]
             if view is not None:
                 out.model.CopyFrom(convert.model(view))
+            if download is not None:
+                out.download.CopyFrom(convert.download(download))
             return out
 
         return await _in(self.core.admin_io, build)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from weightcache.errors import CorruptedError, NotFoundError, PermissionDeniedError
+from weightcache.contract.errors import CorruptedError, NotFoundError, PermissionDeniedError
 
 from .safetensors_format import TensorInfo
 

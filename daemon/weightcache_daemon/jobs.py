@@ -18,7 +18,8 @@ import hashlib
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,23 +27,27 @@ from typing import Any
 
 import structlog
 
-from weightcache.errors import (
+from weightcache.contract.errors import (
     CorruptedError,
     ExhaustedError,
     InternalError,
     InvalidInputError,
     NotFoundError,
     PermissionDeniedError,
+    SourceError,
     WeightcacheError,
 )
 
 from .config import Config
-from .download import BufferPool, Downloaded, RateLimiter, download
-from .index import Filters, Index, NewFile
+from .download import PART_RETRIES, BufferPool, Downloaded, RateLimiter, download, ingest_name
+from .index import FileRow, Filters, Index, NewFile
 from .ingest_state import IngestFile, IngestState
+from .live import LiveFile, LiveSnapshot
+from .manifests import build_manifest
 from .metrics import Metrics, source_label
-from .safetensors_format import TensorInfo, validate_file
-from .sources import RemoteObject, open_source
+from .safetensors_format import TensorInfo, read_header_from, validate_file
+from .schedule import group_ranks, other_file_ranks, safetensors_ranks
+from .sources import Clients, ObjectChanged, RemoteObject, Source, open_source
 from .store import LocalBlobStore
 
 log = structlog.get_logger("weightcached.jobs")
@@ -97,6 +102,11 @@ class Job:
     result: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     cancelled: threading.Event = field(default_factory=threading.Event)
     bytes_fetched: int = 0
+    started: float = field(default_factory=time.time)
+    # Set (from the job's thread) once every header is known and the ingest files exist: from
+    # then on clients may open the snapshot while it downloads (live.py). `live_set` wakes them.
+    live: LiveSnapshot | None = None
+    live_set: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def watch(self) -> Any:
@@ -217,6 +227,16 @@ class Fetcher:
         # job's record goes, so a crash in between leaves a record whose resume names it.
         self.on_commit: Callable[[Job, str], None] = lambda job, snapshot: None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Snapshots being downloaded, by provisional id, and how recent ones ended (the real id,
+        # or the error): a client told a provisional id just before its job ended still gets an
+        # answer. Set by the core: moves a live snapshot's leases to its content id at commit.
+        self.live: dict[str, LiveSnapshot] = {}
+        self.ended: OrderedDict[str, str | WeightcacheError] = OrderedDict()
+        self.on_snapshot_id: Callable[[str, str], None] = lambda provisional, real: None
+        self.count_readers: Callable[[str], int] = lambda provisional: 0  # set by the core (leases)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.clients = Clients()  # S3 clients kept for the next download from the same source
+        self.clients_ready = self.clients.prewarm(cfg.sources, cfg.download.concurrency)
         self._admit_lock = threading.RLock()  # admission and reservation as one step
         # Blobs already in the store that a running job's snapshot will reference (dedupe), by
         # Job.id: eviction must keep them (Evictor.plan_evict), or the new model commits over holes.
@@ -232,6 +252,7 @@ class Fetcher:
         job = self.jobs.get(key)
         if job is not None:
             return job
+        self._loop = asyncio.get_running_loop()
         job = Job(key, label, pin, owner=owner)
         ingest = self.store.ingest / ingest_dir_name(key)
         try:
@@ -272,6 +293,7 @@ class Fetcher:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.job_pool.shutdown(wait=False, cancel_futures=True)
+        self.clients.close()
 
     async def _run(self, job: Job) -> None:
         ticker = asyncio.get_running_loop().create_task(self._tick(job))
@@ -295,6 +317,7 @@ class Fetcher:
             ticker.cancel()
             del self.jobs[job.key]
             self.in_use.pop(job.id, None)
+            self._end_live(job)
             async with job.changed:
                 job.version += 1
                 job.changed.notify_all()
@@ -312,6 +335,34 @@ class Fetcher:
             async with job.changed:
                 job.version += 1
                 job.changed.notify_all()
+
+    def _end_live(self, job: Job) -> None:
+        """A job's live snapshot ends with the job: committed (its readers now hold the content
+        snapshot) or failed (every reader gets the error, counted and logged)."""
+        live = job.live
+        if live is None:
+            return
+        self.live.pop(live.snapshot_id, None)
+        outcome: str | WeightcacheError
+        if job.result.cancelled() or job.result.exception() is not None:
+            exc = None if job.result.cancelled() else job.result.exception()
+            err = exc if isinstance(exc, WeightcacheError) else InternalError(f"download of {job.label} failed")
+            live.fail(err)
+            outcome = live.error or err
+            readers = self.readers(live.snapshot_id)
+            self.metrics.streaming_failures.labels(type(outcome).__name__).inc()
+            log.warning("streaming_readers_failed", model=job.label, snapshot=live.snapshot_id, readers=readers,
+                        error=str(outcome))  # fmt: skip
+        else:
+            outcome = job.result.result()
+            live.commit(outcome)
+        self.ended[live.snapshot_id] = outcome
+        while len(self.ended) > 1024:
+            self.ended.popitem(last=False)
+
+    def readers(self, provisional: str) -> int:
+        """Processes holding a live snapshot over fd.sock."""
+        return self.count_readers(provisional)
 
     # ---------------------------------------------------------------- in a worker thread
 
@@ -334,7 +385,7 @@ class Fetcher:
 
     def _fetch_into(self, job: Job, ingest: Path) -> str:
         key, p = job.key, job.progress
-        source = open_source(key.uri, self.cfg)
+        source = open_source(key.uri, self.cfg, self.clients)
         try:
             listed = source.list()
             objects = select(listed, key.include, key.exclude)
@@ -391,6 +442,11 @@ class Fetcher:
             self.admit(sum(o.size for o in todo), job.label, job.id)
             tensors: dict[str, tuple[TensorInfo, ...]] = {}
             try:
+                # Every header first (a small ranged read each): a malformed file fails the job
+                # before its bytes are fetched, the download runs in layer order, and clients may
+                # use the snapshot while it arrives.
+                live, priority, headers = self._prepare_live(job, source, objects, known, todo, ingest)
+
                 # ingest (made with the job's record in start()) is removed by _fetch
                 resume = load_resume(ingest, key, todo, self.cfg.download.part_size)
                 if resume:
@@ -431,8 +487,18 @@ class Fetcher:
                             )
                         if d.obj.relpath.endswith(".safetensors"):
                             infos, _ = validate_file(str(d.path), f"file {d.obj.relpath} of model {job.label}")
+                            if infos != headers.get(d.obj.relpath):
+                                # Readers were given the header read first: it must be the one downloaded.
+                                raise CorruptedError(
+                                    f"file {d.obj.relpath} of model {job.label}: the downloaded header differs from the "
+                                    "one read before the download (corrupted in transit, or changed at the source); "
+                                    "nothing published"
+                                )
                             tensors[d.obj.relpath] = tuple(infos)
                         p.files_done += 1
+
+                    def published() -> None:
+                        self._publish(job, live)
 
                     got = download(
                         source,
@@ -446,6 +512,10 @@ class Fetcher:
                         job.cancelled,
                         resume,
                         on_state,
+                        priority=priority if self.cfg.download.order == "layer" else None,
+                        on_written=lambda obj, start, end: live.mark(obj.relpath, start, end),
+                        on_restart=lambda obj: live.revoke(obj.relpath),
+                        on_started=published,
                     )
                 p.phase = "COMMITTING"
                 return self._commit(job, objects, known, got, tensors)
@@ -453,6 +523,76 @@ class Fetcher:
                 self.release(job.id)
         finally:
             source.close()
+
+    def _prepare_live(
+        self,
+        job: Job,
+        source: Source,
+        objects: list[RemoteObject],
+        known: dict[str, str],
+        todo: list[RemoteObject],
+        ingest: Path,
+    ) -> tuple[LiveSnapshot, dict[str, list[int]], dict[str, list[TensorInfo]]]:
+        """Read every header not already in the index, build the snapshot's manifest under a
+        provisional id, and rank each part to download by the first layer group that needs it."""
+        label = job.label
+        tensors: dict[str, Sequence[TensorInfo]] = {}
+        data_offset: dict[str, int] = {}
+        for rel, digest in known.items():
+            if rel.endswith(".safetensors"):
+                tensors[rel] = self.index.tensors(digest)
+        for o in todo:
+            if o.relpath.endswith(".safetensors"):
+                data_offset[o.relpath], tensors[o.relpath], _ = _remote_header(
+                    source, o, f"file {o.relpath} of model {label}"
+                )
+        files = sorted((FileRow(o.relpath, known.get(o.relpath, ""), o.size) for o in objects), key=lambda f: f.path)
+        manifest = build_manifest(label, LiveSnapshot.new_id(), job.key.uri, files, tensors, streaming=True)
+        live_files = [
+            LiveFile(
+                o.relpath,
+                o.size,
+                self.store.path(known[o.relpath]) if o.relpath in known else ingest / ingest_name(o.relpath),
+            )
+            for o in objects
+        ]
+        first_group = [
+            (t.file, t.info.offset, t.info.offset + t.info.length) for t in manifest.tensors if t.layer_index == 0
+        ]
+        assert self._loop is not None
+
+        def first() -> None:
+            self.metrics.time_to_first_group.observe(time.time() - job.started)
+
+        live = LiveSnapshot(manifest, live_files, first_group, self._loop, first)
+        for rel in known:
+            live.mark_whole(rel)
+        rank = group_ranks(manifest.layers)
+        layer_of: dict[str, list[tuple[int, int, int]]] = {}
+        for t in manifest.tensors:
+            layer_of.setdefault(t.file, []).append((t.info.offset, t.info.offset + t.info.length, rank[t.layer_index]))
+        last = max(rank, default=0) + 1  # bytes no tensor covers (none in a valid file)
+        part = self.cfg.download.part_size
+        priority: dict[str, list[int]] = {}
+        for o in todo:
+            if o.relpath in data_offset:
+                priority[o.relpath] = safetensors_ranks(
+                    o.size, part, data_offset[o.relpath], layer_of.get(o.relpath, []), last
+                )
+            else:  # configs, tokenizers: small, and a loader reads them first
+                priority[o.relpath] = other_file_ranks(o.size, part)
+        if not todo:
+            self._publish(job, live)
+        return live, priority, {rel: list(tensors[rel]) for rel in data_offset}
+
+    def _publish(self, job: Job, live: LiveSnapshot) -> None:
+        """Let clients in (from the job's thread): the ingest files exist at full size."""
+        self.live[live.snapshot_id] = live
+        job.live = live
+        log.info("fetch_live", model=job.label, snapshot=live.snapshot_id, files=len(live.files),
+                 tensors=len(live.manifest.tensors))  # fmt: skip
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(job.live_set.set)
 
     def _commit(
         self,
@@ -482,9 +622,15 @@ class Fetcher:
                 raise InvalidInputError(
                     f"file {o.relpath} of model {job.label}: expected {d.obj.size} bytes, got {size}"
                 )
+            if job.live is not None:
+                job.live.moved(o.relpath, self.store.path(d.sha256))
             self.store.commit(d.path, d.sha256)
             files.append(NewFile(o.relpath, d.sha256, d.obj.size, tensors.get(o.relpath, ())))
         snapshot = snapshot_id_of([(f.path, f.sha256) for f in files])
+        if job.live is not None:
+            # Before the snapshot exists: its streaming readers' leases must protect it from
+            # the moment eviction can see it.
+            self.on_snapshot_id(job.live.snapshot_id, snapshot)
         digests = {f.path: f.sha256 for f in files}
         objs = [(o.uri, o.version, o.size, digests[o.relpath]) for o in objects]
         self.index.add_snapshot(snapshot, job.key.uri, files, objs)
@@ -497,3 +643,36 @@ class Fetcher:
             files=len(files),
         )
         return snapshot
+
+
+def _remote_header(source: Source, obj: RemoteObject, label: str) -> tuple[int, list[TensorInfo], dict[str, str]]:
+    """The header of a safetensors object, by ranged reads of the source (retried once at the
+    object's new version if it changed; the download itself then fetches that version)."""
+
+    def read(offset: int, length: int) -> bytes:
+        # Retried from the byte where a transient error stopped it, as the engine's parts are.
+        buf = bytearray(length)
+        filled = 0
+
+        def landed(n: int) -> None:
+            nonlocal filled
+            filled += n
+
+        for attempt in range(PART_RETRIES + 1):
+            view = memoryview(buf)[filled:]
+            try:
+                source.read_into(obj, offset + filled, view, landed)
+                return bytes(buf)
+            except SourceError:
+                if attempt == PART_RETRIES:
+                    raise
+                time.sleep(min(0.2 * 2 ** (attempt + 1), 5.0))
+            finally:
+                view.release()
+        raise AssertionError("unreachable")
+
+    try:
+        return read_header_from(read, obj.size, label)
+    except ObjectChanged:
+        obj = source.stat(obj.relpath)
+        return read_header_from(read, obj.size, label)

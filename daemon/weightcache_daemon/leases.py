@@ -18,9 +18,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from weightcache.errors import ExhaustedError
+from weightcache.contract.errors import ExhaustedError
 from weightcache.progress import human
 
 __all__ = ["Lease", "Leases"]
@@ -65,6 +65,15 @@ class Leases:
             lease = self._by_token.pop(token, None)
             if lease is not None and not any(le.snapshot_id == lease.snapshot_id for le in self._by_token.values()):
                 self._held.pop(lease.snapshot_id, None)
+
+    def rename(self, old: str, new: str) -> int:
+        """Move every lease on snapshot `old` to `new` (a streaming snapshot got its content
+        id at commit: same files, same inodes). Returns how many moved."""
+        with self._lock:
+            moved = [le for le in self._by_token.values() if le.snapshot_id == old]
+            for le in moved:
+                self._by_token[le.token] = replace(le, snapshot_id=new)
+            return len(moved)
 
     def hold_if_leased(self, snapshot_id: str, nbytes: int) -> bool:
         """Count `nbytes` of a snapshot being evicted as held, if (and only if) it is still

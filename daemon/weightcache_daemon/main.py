@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from weightcache.errors import WeightcacheError
+from weightcache.contract.errors import WeightcacheError
 
 from . import __version__, config, logs
 

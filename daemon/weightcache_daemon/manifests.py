@@ -7,19 +7,23 @@ them into wire messages.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from weightcache.errors import InvalidInputError, NotFoundError
+from weightcache.contract.errors import InvalidInputError, NotFoundError
 from weightcache.layers import default_layer_of, order_layers
 
 from .index import FileRow, Index, ModelRow
 from .leases import Lease, Leases
-from .naming import Names
 from .safetensors_format import TensorInfo
 from .store import LocalBlobStore
 from .views import view_path
 
-__all__ = ["Catalog", "Manifest", "ModelView", "Span", "TensorEntry", "layer_spans"]
+if TYPE_CHECKING:  # naming imports the jobs, which build manifests with this module
+    from .naming import Names
+
+__all__ = ["Catalog", "Manifest", "ModelView", "Span", "TensorEntry", "build_manifest", "layer_spans"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,50 @@ class Manifest:
     tensors: list[TensorEntry]
     layers: list[str]
     path: str
+    streaming: bool = False  # files still being downloaded (live.py); snapshot_id is provisional
+
+
+def file_span(snapshot_id: str, files: Sequence[FileRow], path: str, offset: int, length: int) -> Span:
+    """Bytes [offset, offset+length) of one of a snapshot's files (length 0: to its end)."""
+    f = next((f for f in files if f.path == path), None)
+    if f is None:
+        raise NotFoundError(f"file {path[:200]!r} is not in snapshot {snapshot_id}")
+    length = length or max(f.size - offset, 0)
+    if offset > f.size or offset + length > f.size:
+        raise InvalidInputError(
+            f"range [{offset}, {offset + length}) is outside file {f.path} of snapshot {snapshot_id} ({f.size} bytes)"
+        )
+    return Span(f.path, f.sha256, offset, length)
+
+
+def build_manifest(
+    model: str,
+    snapshot_id: str,
+    source: str,
+    files: list[FileRow],
+    tensors: dict[str, Sequence[TensorInfo]],
+    path: str = "",
+    streaming: bool = False,
+) -> Manifest:
+    """A manifest from files and each safetensors file's tensors: tensors grouped into layers
+    (default_layer_of), in layer order, then file order, then offset."""
+    entries: list[tuple[TensorInfo, str, str]] = []
+    for f in files:
+        entries.extend((t, f.path, default_layer_of(t.name)) for t in tensors.get(f.path, ()))
+    layers = order_layers(e[2] for e in entries)
+    pos = {name: i for i, name in enumerate(layers)}
+    file_pos = {f.path: i for i, f in enumerate(files)}
+    entries.sort(key=lambda e: (pos[e[2]], file_pos[e[1]], e[0].offset))
+    return Manifest(
+        model=model,
+        snapshot_id=snapshot_id,
+        source=source,
+        files=files,
+        tensors=[TensorEntry(t, fp, layer, pos[layer]) for t, fp, layer in entries],
+        layers=layers,
+        path=path,
+        streaming=streaming,
+    )
 
 
 @dataclass(frozen=True)
@@ -84,39 +132,20 @@ class Catalog:
 
     def manifest(self, snapshot_id: str, model: str = "", with_tensors: bool = True) -> Manifest:
         files = self.index.files(snapshot_id)
-        entries: list[tuple[TensorInfo, str, str]] = []
+        tensors: dict[str, Sequence[TensorInfo]] = {}
         if with_tensors:
             for f in files:
                 if f.path.endswith(".safetensors"):
-                    entries.extend((t, f.path, default_layer_of(t.name)) for t in self.index.tensors(f.sha256))
-        layers = order_layers(e[2] for e in entries)
-        pos = {name: i for i, name in enumerate(layers)}
-        file_pos = {f.path: i for i, f in enumerate(files)}
-        entries.sort(key=lambda e: (pos[e[2]], file_pos[e[1]], e[0].offset))
+                    tensors[f.path] = self.index.tensors(f.sha256)
         names = self.index.models_of_snapshot(snapshot_id)
         view_model = model or (names[0].name if names else "")
         path = str(view_path(self.store, view_model, snapshot_id)) if view_model else ""
-        return Manifest(
-            model=model,
-            snapshot_id=snapshot_id,
-            source=self.index.snapshot_source(snapshot_id) or "",
-            files=files,
-            tensors=[TensorEntry(t, fp, layer, pos[layer]) for t, fp, layer in entries],
-            layers=layers,
-            path=path,
-        )
+        source = self.index.snapshot_source(snapshot_id) or ""
+        return build_manifest(model, snapshot_id, source, files, tensors, path)
 
     def file_span(self, snapshot_id: str, path: str, offset: int, length: int) -> Span:
         """Bytes [offset, offset+length) of one file of a snapshot (length 0: to its end)."""
-        f = next((f for f in self.index.files(snapshot_id) if f.path == path), None)
-        if f is None:
-            raise NotFoundError(f"file {path[:200]!r} is not in snapshot {snapshot_id}")
-        length = length or max(f.size - offset, 0)
-        if offset > f.size or offset + length > f.size:
-            raise InvalidInputError(
-                f"range [{offset}, {offset + length}) is outside file {f.path} of snapshot {snapshot_id} ({f.size} bytes)"
-            )
-        return Span(f.path, f.sha256, offset, length)
+        return file_span(snapshot_id, self.index.files(snapshot_id), path, offset, length)
 
     def view(self, row: ModelRow) -> ModelView:
         files = self.index.files(row.snapshot_id)

@@ -30,6 +30,8 @@ class _Sizes(Collector):
             "leases": "Snapshots held open over fd.sock",
             "models": "Named models in the cache",
             "active_downloads": "Download jobs running",
+            "streaming_snapshots": "Snapshots being downloaded that clients may already read",
+            "streaming_readers": "fd.sock leases on snapshots still being downloaded",
         }
         for key, value in self.read().items():
             yield GaugeMetricFamily(f"weightcache_{key}", help_.get(key, key), value=value)
@@ -64,6 +66,18 @@ class Metrics:
             "weightcache_fd_send_errors",
             "Descriptor grants the kernel or the open-file limit refused",
             ["errno"],
+            registry=r,
+        )
+        self.time_to_first_group = Histogram(
+            "weightcache_time_to_first_group_seconds",
+            "From the start of a download to the first layer group on disk (readable by streaming clients)",
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.streaming_failures = Counter(
+            "weightcache_streaming_failures",
+            "Downloads that failed while clients could read them (every reader got the error)",
+            ["reason"],
             registry=r,
         )
         self.rpc_seconds = Histogram(

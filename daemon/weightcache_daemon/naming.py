@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from weightcache.errors import ExhaustedError, InvalidInputError, NotFoundError, PermissionDeniedError
+from weightcache.contract.errors import ExhaustedError, InvalidInputError, NotFoundError, PermissionDeniedError
 
 from . import uris
 from .config import Config

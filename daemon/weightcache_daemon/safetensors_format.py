@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from weightcache.errors import InvalidInputError
+from weightcache.contract.errors import InvalidInputError
 
 __all__ = ["DTYPE_BITS", "MAX_HEADER", "MAX_TENSORS", "TensorInfo", "parse_header", "read_header"]
 
@@ -99,18 +100,27 @@ class _TooMany(Exception):
     pass
 
 
-def read_header(fd: int, file_size: int, label: str) -> tuple[int, bytes]:
-    """Read (header length, header bytes) from an open file, checking the length rules."""
-    if file_size < 8:
-        raise InvalidInputError(f"{label}: file is {file_size} bytes, shorter than the 8-byte header length")
-    raw = os.pread(fd, 8, 0)
-    n = int.from_bytes(raw, "little")
+def _header_length(first8: bytes, file_size: int, label: str) -> int:
+    """The header length a file's first 8 bytes give, checked against the length rules."""
+    n = int.from_bytes(first8[:8], "little")
     if n > MAX_HEADER:
         raise InvalidInputError(f"{label}: header length {n} exceeds the {MAX_HEADER}-byte limit")
     if n < 2:
         raise InvalidInputError(f"{label}: header length {n} is too small to hold a JSON object")
     if 8 + n > file_size:
         raise InvalidInputError(f"{label}: header length {n} runs past the end of the {file_size}-byte file")
+    return n
+
+
+def _check_size(file_size: int, label: str) -> None:
+    if file_size < 8:
+        raise InvalidInputError(f"{label}: file is {file_size} bytes, shorter than the 8-byte header length")
+
+
+def read_header(fd: int, file_size: int, label: str) -> tuple[int, bytes]:
+    """Read (header length, header bytes) from an open file, checking the length rules."""
+    _check_size(file_size, label)
+    n = _header_length(os.pread(fd, 8, 0), file_size, label)
     header = os.pread(fd, n, 8)
     if len(header) != n:
         raise InvalidInputError(f"{label}: file ended inside the {n}-byte header")
@@ -205,6 +215,25 @@ def parse_header(header: bytes, file_size: int, label: str) -> tuple[list[Tensor
             raise InvalidInputError(f"{label}: tensors need {cursor} data bytes but the file has {data_size}")
         raise InvalidInputError(f"{label}: {data_size - cursor} trailing bytes after the last tensor")
     return tensors, metadata
+
+
+FIRST_READ = 256 << 10  # one ranged read holds the header of nearly every checkpoint
+
+
+def read_header_from(
+    read: Callable[[int, int], bytes], file_size: int, label: str
+) -> tuple[int, list[TensorInfo], dict[str, str]]:
+    """(data offset, tensors, metadata) of a safetensors file that is not on disk yet, from
+    `read(offset, length)` (a ranged read of the source): usually one read of FIRST_READ
+    bytes, a second only for a larger header. The same rules as for a file on disk."""
+    _check_size(file_size, label)
+    head = read(0, min(file_size, FIRST_READ))
+    n = _header_length(head, file_size, label)
+    header = head[8 : 8 + n]
+    if len(header) < n:
+        header += read(len(head), 8 + n - len(head))
+    tensors, metadata = parse_header(header, file_size, label)
+    return 8 + n, tensors, metadata
 
 
 def validate_file(path: str, label: str | None = None) -> tuple[list[TensorInfo], dict[str, str]]:

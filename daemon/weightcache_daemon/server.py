@@ -19,8 +19,8 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from weightcache import paths
-from weightcache.errors import BusyError, CorruptedError, InvalidInputError, PermissionDeniedError
+from weightcache.contract import paths
+from weightcache.contract.errors import BusyError, CorruptedError, InvalidInputError, PermissionDeniedError
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
 from .config import Config, capacity_bytes
@@ -36,6 +36,7 @@ from .reconcile import reconcile
 from .store import LocalBlobStore, StoreLock
 
 log = structlog.get_logger("weightcached")
+CLIENT_WARMUP_SECONDS = 10.0  # at most this long for the S3 clients before reporting ready
 
 MAX_MESSAGE = 64 << 20
 ADMIN_SOCKET_MODE = 0o600
@@ -201,6 +202,9 @@ class Daemon:
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_concurrent_streams", 1024),
         ]
+        # The health service answers SERVING for "" from its creation; until start-up is done
+        # it must say otherwise, or a probe (or a test) would send work to a daemon not ready.
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.client_server = grpc.aio.server(options=opts)
         pb_grpc.add_CacheServicer_to_server(CacheService(self.core), self.client_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
@@ -241,6 +245,9 @@ class Daemon:
         if self.cfg.models_dir is not None:
             self.models_dir = ModelsDir(self.core, self.cfg.models_dir)
             self.models_dir.start()
+        # Ready means a cold open starts fetching at once: the S3 clients (boto3's import and
+        # client build, ~0.25 s of CPU) are built by now, not by the first request.
+        await asyncio.to_thread(self.fetcher.clients_ready.wait, CLIENT_WARMUP_SECONDS)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("weightcache.v1.Cache", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -268,6 +275,8 @@ class Daemon:
             "leases": s.leases,
             "models": s.models,
             "active_downloads": s.active_downloads,
+            "streaming_snapshots": len(self.core.fetcher.live),
+            "streaming_readers": sum(self.core.fetcher.readers(sid) for sid in list(self.core.fetcher.live)),
         }
 
     async def _flush_uses(self) -> None:

@@ -33,7 +33,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from weightcache.errors import BusyError, CorruptedError, InvalidInputError, NotFoundError, PermissionDeniedError
+from weightcache.contract.errors import (
+    BusyError,
+    CorruptedError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 
 __all__ = [
     "BlobStore",

@@ -29,7 +29,7 @@ import fnmatch
 import re
 from urllib.parse import unquote, urlsplit
 
-from weightcache.errors import InvalidInputError
+from weightcache.contract.errors import InvalidInputError
 
 __all__ = ["SCHEMES", "allowed", "check_pattern", "normalize"]
 

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
-from weightcache.errors import CorruptedError
+from weightcache.contract.errors import CorruptedError
 
 from .index import FileRow, Index, ModelRow
 from .naming import Names

@@ -38,7 +38,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., file: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., layer: _Optional[str] = ..., layer_index: _Optional[int] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("model", "snapshot_id", "source", "files", "tensors", "layers", "path")
+    __slots__ = ("model", "snapshot_id", "source", "files", "tensors", "layers", "path", "streaming")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class Manifest(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    STREAMING_FIELD_NUMBER: _ClassVar[int]
     model: str
     snapshot_id: str
     source: str
@@ -53,7 +54,28 @@ class Manifest(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     layers: _containers.RepeatedScalarFieldContainer[str]
     path: str
-    def __init__(self, model: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., source: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ...) -> None: ...
+    streaming: bool
+    def __init__(self, model: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., source: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ..., streaming: _Optional[bool] = ...) -> None: ...
+
+class Readiness(_message.Message):
+    __slots__ = ("snapshot_id", "files", "bytes_ready", "bytes_total")
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_READY_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    files: _containers.RepeatedCompositeFieldContainer[FileReady]
+    bytes_ready: int
+    bytes_total: int
+    def __init__(self, snapshot_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileReady, _Mapping]]] = ..., bytes_ready: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
+class FileReady(_message.Message):
+    __slots__ = ("path", "ranges")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    ranges: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, path: _Optional[str] = ..., ranges: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("phase", "bytes_done", "bytes_total", "files_done", "files_total", "bytes_per_second", "current_file")
@@ -126,34 +148,56 @@ class Lease(_message.Message):
     def __init__(self, snapshot_id: _Optional[str] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., since: _Optional[float] = ...) -> None: ...
 
 class EnsureRequest(_message.Message):
-    __slots__ = ("model", "name", "include", "exclude")
+    __slots__ = ("model", "name", "include", "exclude", "early")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    EARLY_FIELD_NUMBER: _ClassVar[int]
     model: str
     name: str
     include: _containers.RepeatedScalarFieldContainer[str]
     exclude: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., name: _Optional[str] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ...) -> None: ...
+    early: bool
+    def __init__(self, model: _Optional[str] = ..., name: _Optional[str] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., early: _Optional[bool] = ...) -> None: ...
 
 class EnsureResponse(_message.Message):
-    __slots__ = ("progress", "manifest")
+    __slots__ = ("progress", "manifest", "ready")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     progress: Progress
     manifest: Manifest
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+    ready: Readiness
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., ready: _Optional[_Union[Readiness, _Mapping]] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ListResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "downloads")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOADS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    downloads: _containers.RepeatedCompositeFieldContainer[Download]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., downloads: _Optional[_Iterable[_Union[Download, _Mapping]]] = ...) -> None: ...
+
+class Download(_message.Message):
+    __slots__ = ("name", "source", "snapshot_id", "progress", "readers", "started_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    READERS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source: str
+    snapshot_id: str
+    progress: Progress
+    readers: int
+    started_at: float
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., readers: _Optional[int] = ..., started_at: _Optional[float] = ...) -> None: ...
 
 class ReadRangeRequest(_message.Message):
     __slots__ = ("snapshot_id", "file", "layers", "chunk_size")
@@ -262,12 +306,14 @@ class ShowRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., tensors: _Optional[bool] = ...) -> None: ...
 
 class ShowResponse(_message.Message):
-    __slots__ = ("model", "manifest")
+    __slots__ = ("model", "manifest", "download")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     manifest: Manifest
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+    download: Download
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., download: _Optional[_Union[Download, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from weightcache.errors import InvalidInputError
+from weightcache.contract.errors import InvalidInputError
 
 from ..uris import normalize
 
@@ -34,8 +34,11 @@ class Source(Protocol):
     list() -> objects; stat(relpath) -> the current version of one object;
     read_into(obj, offset, buf, on_bytes) fills buf with bytes [offset, offset+len(buf)) of
     the object at version obj.version (calling on_bytes(n) as data lands, so a caller can
-    resume after an error), or raises ObjectChanged. Implementations are thread-safe: the
-    engine calls read_into() from many threads at once.
+    resume after an error), or raises ObjectChanged; a range outside obj.size is refused
+    (check_range). list() is sorted by relpath, so two listings of the same files compare
+    equal. Every relpath a source is given passes check_relpath first. Implementations are
+    thread-safe: the engine calls read_into() from many threads at once.
+    tests/test_source_conformance.py is the executable form of this contract.
     """
 
     uri: str
@@ -74,3 +77,12 @@ def check_relpath(relpath: str, uri: str) -> str:
     if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(relpath) != relpath:
         raise InvalidInputError(f"source {uri!r}: object name {relpath!r} has an empty, '.' or '..' component")
     return relpath
+
+
+def check_range(obj: RemoteObject, offset: int, length: int) -> None:
+    """Refuse a read outside the object as listed: a short read must never pass for success,
+    and an out-of-range request is the caller's mistake, not a changed object to restart."""
+    if offset < 0 or length < 0 or offset + length > obj.size:
+        raise InvalidInputError(
+            f"source {obj.uri}: bytes [{offset}, {offset + length}) are outside the object's {obj.size} bytes"
+        )

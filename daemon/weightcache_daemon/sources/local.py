@@ -22,7 +22,7 @@ import stat as statmod
 from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
 
-from weightcache.errors import (
+from weightcache.contract.errors import (
     ExhaustedError,
     InvalidInputError,
     NotFoundError,
@@ -31,7 +31,7 @@ from weightcache.errors import (
     WeightcacheError,
 )
 
-from .base import ObjectChanged, RemoteObject, check_relpath, parse_uri
+from .base import ObjectChanged, RemoteObject, check_range, check_relpath, parse_uri
 
 CHUNK = 4 << 20
 MAX_ENTRIES = 100_000  # directory entries one listing may visit (a model has tens to thousands)
@@ -187,6 +187,8 @@ class LocalSource:
         return self._object(relpath, st)
 
     def read_into(self, obj: RemoteObject, offset: int, buf: memoryview, on_bytes: Callable[[int], None]) -> None:
+        check_relpath(obj.relpath, self.uri)
+        check_range(obj, offset, len(buf))
         try:
             fd, st = self._open(obj.relpath)
         except NotFoundError:

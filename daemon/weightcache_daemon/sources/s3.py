@@ -16,10 +16,16 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config as BotoConfig
 
-from weightcache.errors import DeadlineError, NotFoundError, PermissionDeniedError, SourceError, WeightcacheError
+from weightcache.contract.errors import (
+    DeadlineError,
+    NotFoundError,
+    PermissionDeniedError,
+    SourceError,
+    WeightcacheError,
+)
 
 from ..config import SourceConfig
-from .base import ObjectChanged, RemoteObject, check_relpath, parse_uri
+from .base import ObjectChanged, RemoteObject, check_range, check_relpath, parse_uri
 
 CHUNK = 1 << 20
 _DENIED = {
@@ -50,28 +56,37 @@ def _error(exc: Exception, what: str) -> WeightcacheError:
     return SourceError(f"{what}: {type(exc).__name__}: {exc}")
 
 
+def make_client(cfg: SourceConfig, concurrency: int) -> Any:
+    """A boto3 S3 client for one source configuration (thread-safe; ~80 ms of CPU to build)."""
+    session = boto3.session.Session(profile_name=cfg.profile) if cfg.profile else boto3.session.Session()
+    proxies = {"http": cfg.proxy, "https": cfg.proxy} if cfg.proxy else None
+    return session.client(
+        "s3",
+        endpoint_url=cfg.endpoint_url,
+        region_name=cfg.region,
+        aws_access_key_id=cfg.access_key_id,
+        aws_secret_access_key=cfg.secret_access_key,
+        config=BotoConfig(
+            retries={"mode": "standard", "max_attempts": cfg.max_attempts},
+            max_pool_connections=concurrency + 4,
+            proxies=proxies,
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            s3={"addressing_style": "path"} if cfg.endpoint_url else None,
+        ),
+    )
+
+
 class S3Source:
-    def __init__(self, uri: str, cfg: SourceConfig, concurrency: int) -> None:
+    """``client``: a client from make_client that the caller owns and keeps for later jobs
+    (close() then leaves it open); by default the source builds its own and closes it."""
+
+    def __init__(self, uri: str, cfg: SourceConfig, concurrency: int, client: Any = None) -> None:
         self.uri = uri
         _, self.bucket, prefix = parse_uri(uri)
         self.prefix = prefix if (not prefix or prefix.endswith("/")) else prefix + "/"
-        session = boto3.session.Session(profile_name=cfg.profile) if cfg.profile else boto3.session.Session()
-        proxies = {"http": cfg.proxy, "https": cfg.proxy} if cfg.proxy else None
-        self._client: Any = session.client(
-            "s3",
-            endpoint_url=cfg.endpoint_url,
-            region_name=cfg.region,
-            aws_access_key_id=cfg.access_key_id,
-            aws_secret_access_key=cfg.secret_access_key,
-            config=BotoConfig(
-                retries={"mode": "standard", "max_attempts": cfg.max_attempts},
-                max_pool_connections=concurrency + 4,
-                proxies=proxies,
-                connect_timeout=cfg.connect_timeout,
-                read_timeout=cfg.read_timeout,
-                s3={"addressing_style": "path"} if cfg.endpoint_url else None,
-            ),
-        )
+        self._owns_client = client is None
+        self._client: Any = make_client(cfg, concurrency) if client is None else client
         self._lock = threading.Lock()
 
     def _obj_uri(self, key: str) -> str:
@@ -94,6 +109,7 @@ class S3Source:
             raise
         except Exception as exc:  # noqa: BLE001 - every boto failure becomes a categorised error
             raise _error(exc, f"source {self.uri}: listing") from None
+        out.sort(key=lambda o: o.relpath)  # S3 lists in key order; a compatible store might not
         return out
 
     def stat(self, relpath: str) -> RemoteObject:
@@ -107,21 +123,26 @@ class S3Source:
 
     def read_into(self, obj: RemoteObject, offset: int, buf: memoryview, on_bytes: Callable[[int], None]) -> None:
         length = len(buf)
-        if length == 0:
-            return
         key = self.prefix + check_relpath(obj.relpath, self.uri)
+        check_range(obj, offset, length)
+        if length == 0:
+            return  # S3 has no empty range ("bytes=0--1" is invalid): nothing to fetch
         what = f"source {obj.uri} bytes {offset}-{offset + length - 1}"
+        failure: Exception | None = None
         try:
             resp = self._client.get_object(
                 Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}", IfMatch=obj.version
             )
         except botocore.exceptions.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("PreconditionFailed", "412"):
-                raise ObjectChanged(obj) from None
-            raise _error(exc, what) from None
+            failure = ObjectChanged(obj) if code in ("PreconditionFailed", "412") else _error(exc, what)
         except Exception as exc:  # noqa: BLE001
-            raise _error(exc, what) from None
+            failure = _error(exc, what)
+        if failure is not None:
+            # raised here, not in the handler: there the boto error would become its __context__,
+            # and that error's traceback holds the failed response, whose socket then stays open
+            # after close() for as long as the caller keeps the exception (the engine keeps it)
+            raise failure
         body = resp["Body"]
         if resp.get("ETag") not in (None, obj.version):
             body.close()
@@ -176,4 +197,5 @@ class S3Source:
             return {rel: sha for rel, sha in ex.map(one, objects) if sha and len(sha) == 64}
 
     def close(self) -> None:
-        self._client.close()
+        if self._owns_client:
+            self._client.close()

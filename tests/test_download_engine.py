@@ -1,0 +1,337 @@
+"""The download engine on its own (download.download with real sources): priority order across
+files, sha256 with out-of-order arrival and read-back, readiness reports only for bytes on
+disk, resume, restarts at a new version, and tiny pools that must still finish."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from weightcache.errors import DeadlineError
+from weightcache_daemon.config import Config, DownloadConfig, SourceConfig
+from weightcache_daemon.download import BufferPool, Downloaded, RateLimiter, download, ingest_name
+from weightcache_daemon.schedule import (
+    HEADER_RANK,
+    OTHER_FILE_RANK,
+    other_file_ranks,
+    part_count,
+    part_ranks,
+    safetensors_ranks,
+)
+from weightcache_daemon.sources import RemoteObject, Source, open_source
+
+PART = 1 << 20
+
+
+class Recorder:
+    """A real source whose reads, and the engine's reports, go into one ordered log."""
+
+    def __init__(self, inner: Source, before_read: Callable[[RemoteObject, int], None] | None = None) -> None:
+        self.inner = inner
+        self.uri = inner.uri
+        self.before_read = before_read
+        self.lock = threading.Lock()
+        self.log: list[tuple[str, str, int, int]] = []  # (event, relpath, start, end)
+
+    def note(self, event: str, relpath: str, start: int, end: int) -> None:
+        with self.lock:
+            self.log.append((event, relpath, start, end))
+
+    def reads(self) -> list[tuple[str, int]]:
+        """(relpath, part index) of each part's first read, in the order the reads began."""
+        seen: list[tuple[str, int]] = []
+        for event, rel, start, _ in self.log:
+            if event == "read" and (rel, start // PART) not in seen:
+                seen.append((rel, start // PART))
+        return seen
+
+    def list(self) -> list[RemoteObject]:
+        return self.inner.list()
+
+    def stat(self, relpath: str) -> RemoteObject:
+        return self.inner.stat(relpath)
+
+    def read_into(self, obj: RemoteObject, offset: int, buf: memoryview, on_bytes: Callable[[int], None]) -> None:
+        if self.before_read is not None:
+            self.before_read(obj, offset)
+        self.note("read", obj.relpath, offset, offset + len(buf))
+        self.inner.read_into(obj, offset, buf, on_bytes)
+
+    def expected_sha256(self, objects: Sequence[RemoteObject]) -> dict[str, str]:
+        return self.inner.expected_sha256(objects)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _config(tmp: Path, **download: Any) -> Config:
+    return Config(tmp / "cache", tmp / "sock", tmp / "admin.sock", download=DownloadConfig(part_size=PART, **download))
+
+
+def _model(directory: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    data = {name: rng.randbytes(size) for name, size in sizes.items()}
+    for name, body in data.items():
+        (directory / name).write_bytes(body)
+    return data
+
+
+def _local(tmp: Path, sizes: dict[str, int], seed: int = 0, **kw: Any) -> tuple[Recorder, dict[str, bytes]]:
+    data = _model(tmp / "src", sizes, seed)
+    return Recorder(open_source(f"file://{tmp / 'src'}/", _config(tmp)), **kw), data
+
+
+def _run(
+    source: Recorder,
+    ingest: Path,
+    *,
+    concurrency: int,
+    buffers: int,
+    priority: dict[str, list[int]] | None = None,
+    check: dict[str, bytes] | None = None,
+    then: Callable[[], None] | None = None,
+    **kw: Any,
+) -> list[Downloaded]:
+    """download() every object of source into ingest; with `check`, each on_written range is
+    read back from the ingest file in the callback and compared with those bytes; `then` runs
+    after each report."""
+    ingest.mkdir(exist_ok=True)
+    objects = source.list()
+
+    def on_written(obj: RemoteObject, start: int, end: int) -> None:
+        source.note("written", obj.relpath, start, end)
+        if check is not None:
+            fd = os.open(ingest / ingest_name(obj.relpath), os.O_RDONLY)
+            try:
+                got = os.pread(fd, end - start, start)
+            finally:
+                os.close(fd)
+            assert got == check[obj.relpath][start:end], (
+                f"{obj.relpath} [{start}, {end}) reported before it was written"
+            )
+        if then is not None:
+            then()
+
+    cfg = DownloadConfig(concurrency=concurrency, part_size=PART)
+    pool = kw.pop("pool", None) or BufferPool(buffers, PART)
+    return download(source, objects, ingest, cfg, pool, RateLimiter(0), lambda n: None, lambda d: None,
+                    kw.pop("cancelled", threading.Event()), priority=priority, on_written=on_written, **kw)  # fmt: skip
+
+
+def _expected_order(sizes: dict[str, int], priority: dict[str, list[int]]) -> list[tuple[str, int]]:
+    names = sorted(sizes)  # the local source lists in name order: that is the file position
+    keyed = [(priority[n][i], pos, i, n) for pos, n in enumerate(names) for i in range(part_count(sizes[n], PART))]
+    return [(n, i) for _, _, i, n in sorted(keyed)]
+
+
+def _covers_exactly(log: list[tuple[str, str, int, int]], relpath: str, size: int) -> None:
+    ranges = sorted((s, e) for ev, rel, s, e in log if ev == "written" and rel == relpath)
+    at = 0
+    for s, e in ranges:
+        assert s == at, f"{relpath}: reports {ranges} leave a gap or overlap at {at}"
+        at = e
+    assert at == size, f"{relpath}: reports {ranges} end at {at}, not {size}"
+
+
+def _check_hashes(got: list[Downloaded], data: dict[str, bytes]) -> None:
+    assert {d.obj.relpath: d.sha256 for d in got} == {n: hashlib.sha256(b).hexdigest() for n, b in data.items()}
+    for d in got:
+        assert d.path.read_bytes() == data[d.obj.relpath]
+
+
+# ---------------------------------------------------------------- schedule.py
+
+
+def test_part_ranks_take_the_lowest_rank_of_each_part() -> None:
+    spans = [(0, 100, -1), (100, 3 * PART + 10, 5), (PART + 7, PART + 9, 2), (3 * PART + 10, 4 * PART, 1)]
+    assert part_ranks(4 * PART + 1, PART, spans, 9) == [-1, 2, 5, 1, 9]
+    assert part_ranks(0, PART, [], 3) == [3]  # an empty file is one empty part, as the engine cuts it
+    assert part_ranks(2 * PART, PART, [(PART, PART, 0)], 4) == [4, 4]  # an empty tensor needs no part
+    with pytest.raises(ValueError, match="not inside"):
+        part_ranks(PART, PART, [(0, PART + 1, 0)], 0)
+
+
+def test_safetensors_header_and_other_files_go_first() -> None:
+    ranks = safetensors_ranks(3 * PART, PART, 4096, [(4096, 2 * PART, 7), (2 * PART, 3 * PART, 3)], 99)
+    assert ranks == [HEADER_RANK, 7, 3]
+    assert other_file_ranks(10, PART) == [OTHER_FILE_RANK] < [HEADER_RANK]
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def test_parts_are_fetched_in_priority_order_across_files(tmp_path: Path) -> None:
+    sizes = {"a.bin": 5 * PART + 3, "b.bin": 4 * PART, "c.json": 10}
+    rng = random.Random(1)
+    priority = {n: [rng.randrange(6) for _ in range(part_count(s, PART))] for n, s in sizes.items()}
+    expected = _expected_order(sizes, priority)
+    for concurrency in (1, 4):
+        source, data = _local(tmp_path / f"c{concurrency}", sizes)
+        got = _run(source, tmp_path / f"c{concurrency}" / "ingest", concurrency=concurrency, buffers=concurrency + 2,
+                   priority=priority)  # fmt: skip
+        _check_hashes(got, data)
+        reads = source.reads()
+        assert sorted(reads) == sorted(expected)
+        if concurrency == 1:
+            assert reads == expected
+        # A part is submitted only when fewer than `concurrency` are in flight, in priority order:
+        # its read can start at most concurrency - 1 places away from its rank's place.
+        for place, part in enumerate(reads):
+            assert abs(expected.index(part) - place) < concurrency, (part, place, reads)
+
+
+@pytest.mark.parametrize("order", ["reversed", "interleaved", "shuffled"])
+def test_sha256_with_out_of_order_arrival(tmp_path: Path, order: str) -> None:
+    sizes = {"a.safetensors": 6 * PART + 4097, "b.safetensors": 5 * PART, "empty": 0, "small.json": 300}
+    source, data = _local(tmp_path, sizes, seed=2)
+    counts = {n: part_count(s, PART) for n, s in sizes.items()}
+    if order == "reversed":
+        priority = {n: list(range(c, 0, -1)) for n, c in counts.items()}
+    elif order == "interleaved":  # a0 b0 a1 b1 ..., each file back to front
+        priority = {n: [2 * (c - i) + k for i in range(c)] for k, (n, c) in enumerate(sorted(counts.items()))}
+    else:
+        rng = random.Random(3)
+        priority = {n: rng.sample(range(100), c) for n, c in counts.items()}
+    # 2 parts in flight, 3 buffers: at most one landed part can wait for the cursor in memory,
+    # the rest is hashed by reading it back from the ingest file.
+    got = _run(source, tmp_path / "ingest", concurrency=2, buffers=3, priority=priority, check=data)
+    _check_hashes(got, data)
+    assert sum(d.read_back for d in got) > 0
+    for n, s in sizes.items():
+        _covers_exactly(source.log, n, s)
+
+
+def test_reports_only_bytes_on_disk_and_cover_each_file_once(tmp_path: Path) -> None:
+    sizes = {"a.bin": 7 * PART + 123, "b.bin": 3 * PART}
+    source, data = _local(tmp_path, sizes, seed=4)
+    priority = {"a.bin": [3, 0, 7, 1, 5, 2, 6, 4], "b.bin": [2, 6, 0]}
+    got = _run(source, tmp_path / "ingest", concurrency=3, buffers=5, priority=priority, check=data)
+    _check_hashes(got, data)
+    for n, s in sizes.items():
+        _covers_exactly(source.log, n, s)
+    # every report follows the read of its part
+    for k, (ev, rel, start, _) in enumerate(source.log):
+        if ev == "written":
+            assert ("read", rel, start) in [(e, r, s) for e, r, s, _ in source.log[:k]]
+
+
+def test_file_order_reads_nothing_back(tmp_path: Path) -> None:
+    sizes = {"a.bin": 4 * PART + 5, "b.bin": 3 * PART}
+    source, data = _local(tmp_path, sizes, seed=5)
+    # No priority: file order. Parts land out of order within the pipeline, but a buffer whose
+    # part is behind only parts in flight is waited for, never taken back and read back later.
+    got = _run(source, tmp_path / "ingest", concurrency=4, buffers=5)
+    _check_hashes(got, data)
+    file_order = {n: [k] * part_count(s, PART) for k, (n, s) in enumerate(sorted(sizes.items()))}
+    assert sorted(source.reads()) == _expected_order(sizes, file_order)
+    assert [d.read_back for d in got] == [0, 0]
+
+
+def test_resume_after_an_interrupted_run_from_s3(tmp_path: Path, s3: Any, bucket: str) -> None:
+    """A real S3 download cancelled half way, then resumed from its last on_state record: the
+    resumed parts are reported first and never fetched again, and the hash is right."""
+    sizes = {"a.safetensors": 6 * PART + 10, "b.safetensors": 6 * PART}
+    data = _model(tmp_path / "src", sizes, seed=6)
+    c = s3.client()
+    for name, body in data.items():
+        c.put_object(Bucket=bucket, Key=f"m/{name}", Body=body)
+    cfg = Config(tmp_path / "cache", tmp_path / "sock", tmp_path / "admin.sock",
+                 download=DownloadConfig(concurrency=2, part_size=PART),
+                 sources=(SourceConfig("s3://", endpoint_url=s3.endpoint, region=s3.region,
+                                       access_key_id=s3.admin_key[0], secret_access_key=s3.admin_key[1]),))  # fmt: skip
+    priority = {"a.safetensors": [0, 2, 4, 6, 8, 10, 12], "b.safetensors": [11, 9, 7, 5, 3, 1]}
+    ingest = tmp_path / "ingest"
+    first = Recorder(open_source(f"s3://{bucket}/m/", cfg))
+    cancelled = threading.Event()
+    states: list[list[tuple[RemoteObject, str, list[int]]]] = []
+
+    def stop_after_three() -> None:
+        if sum(ev == "written" for ev, *_ in first.log) >= 3:
+            cancelled.set()
+
+    with pytest.raises(DeadlineError):
+        _run(first, ingest, concurrency=2, buffers=3, priority=priority, cancelled=cancelled, on_state=states.append,
+             then=stop_after_three)  # fmt: skip
+    resume = {obj.relpath: set(parts) for obj, _, parts in states[-1] if parts}
+    resumed = sum(len(p) for p in resume.values())
+    total = sum(part_count(s, PART) for s in sizes.values())
+    assert 3 <= resumed < total, resume
+
+    second = Recorder(open_source(f"s3://{bucket}/m/", cfg))
+    got = _run(second, ingest, concurrency=2, buffers=3, priority=priority, resume=resume, check=data)
+    _check_hashes(got, data)
+    first_read = next(k for k, (ev, *_) in enumerate(second.log) if ev == "read")
+    reported_first = {(rel, s // PART) for ev, rel, s, e in second.log[:first_read] for s in range(s, e, PART)}
+    assert reported_first == {(rel, i) for rel, parts in resume.items() for i in parts}
+    assert not {(rel, i) for rel, i in second.reads() if i in resume.get(rel, set())}
+    assert sorted(second.reads()) == sorted(p for p in _expected_order(sizes, priority)
+                                            if p[1] not in resume.get(p[0], set()))  # fmt: skip
+    assert sum(d.read_back for d in got) >= resumed * PART
+    for n, s in sizes.items():
+        _covers_exactly(second.log, n, s)
+
+
+def test_tiny_pool_with_reversed_priority_completes(tmp_path: Path) -> None:
+    sizes = {"a.bin": 9 * PART + 1, "b.bin": 8 * PART, "c.bin": 1}
+    source, data = _local(tmp_path, sizes, seed=7)
+    priority = {n: list(range(part_count(s, PART), 0, -1)) for n, s in sizes.items()}
+    for buffers in (3, 2):  # 2 parts in flight; one spare buffer, then none
+        got = _run(source, tmp_path / f"ingest{buffers}", concurrency=2, buffers=buffers, priority=priority)
+        _check_hashes(got, data)
+
+
+def test_jobs_sharing_a_tiny_pool_both_complete(tmp_path: Path) -> None:
+    """Two jobs, one pool with fewer buffers than their parts in flight: buffers one job keeps
+    for its hash cursor are taken back for the other's fetches, and both finish."""
+    sizes = {"a.bin": 6 * PART + 9, "b.bin": 5 * PART}
+    priority = {n: list(range(part_count(s, PART), 0, -1)) for n, s in sizes.items()}
+    pool = BufferPool(3, PART)
+    jobs = [_local(tmp_path / f"job{k}", sizes, seed=10 + k) for k in range(2)]
+    with ThreadPoolExecutor(2) as ex:
+        running = [ex.submit(_run, source, tmp_path / f"job{k}" / "ingest", concurrency=2, buffers=0,
+                             priority=priority, pool=pool) for k, (source, _) in enumerate(jobs)]  # fmt: skip
+        for fut, (_, data) in zip(running, jobs, strict=True):
+            _check_hashes(fut.result(), data)
+    assert sum(pool.try_get() is not None for _ in range(4)) == 3  # every buffer came back
+
+
+def test_a_file_changed_at_the_source_restarts_in_priority_order(tmp_path: Path) -> None:
+    sizes = {"a.bin": 4 * PART, "b.bin": 2 * PART}
+    changed: list[bytes] = []
+
+    def change_once(obj: RemoteObject, offset: int) -> None:
+        # The third read of a.bin finds a new version: same size, new bytes, a new mtime.
+        if obj.relpath == "a.bin" and not changed and sum(r == "a.bin" for _, r, *_ in source.log) == 2:
+            path = tmp_path / "src" / "a.bin"
+            changed.append(random.Random(9).randbytes(sizes["a.bin"]))
+            path.write_bytes(changed[0])
+            st = path.stat()
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    source, data = _local(tmp_path, sizes, seed=8, before_read=change_once)
+    restarts: list[str] = []
+
+    def on_restart(obj: RemoteObject) -> None:
+        source.note("restart", obj.relpath, 0, 0)
+        restarts.append(obj.relpath)
+
+    priority = {"a.bin": [3, 1, 2, 0], "b.bin": [4, 1]}
+    got = _run(source, tmp_path / "ingest", concurrency=1, buffers=2, priority=priority, on_restart=on_restart)
+    data["a.bin"] = changed[0]
+    _check_hashes(got, data)
+    assert restarts == ["a.bin"] and [d.restarts for d in got] == [1, 0]
+    at = source.log.index(("restart", "a.bin", 0, 0))
+    after = source.log[at + 1 :]
+    # a.bin again from its first rank; nothing of its old version reported after the restart
+    reads_a = [s // PART for ev, rel, s, _ in after if ev == "read" and rel == "a.bin"]
+    assert reads_a == [3, 1, 2, 0]
+    _covers_exactly(after, "a.bin", sizes["a.bin"])
