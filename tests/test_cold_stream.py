@@ -341,3 +341,38 @@ def test_a_byte_flipped_in_transit_fails_every_reader_and_publishes_nothing(  # 
                f"{len(delivered)} of {len(groups)} groups delivered")  # fmt: skip
     finally:
         d.stop()
+
+
+def test_a_file_changed_at_the_source_mid_download_fails_its_streaming_readers(tmp_path: Path, model_dir: Path) -> None:
+    """The engine restarts a file whose source changed: what the readers were told of the old
+    version is void, so they get CorruptedError (never a final group), while the download goes on
+    and commits the new version."""
+    import shutil
+
+    import weightcache
+    from weightcache.errors import CorruptedError
+
+    src = tmp_path / "llama"
+    shutil.copytree(model_dir, src)
+    newer = make_model(tmp_path / "newer", tiny=False, size=24 * MiB, shards=2, seed=1)  # same shapes, other bytes
+    shard = "model-00001-of-00002.safetensors"
+    d = _slow_daemon(tmp_path / "d", rate="6MiB")
+    try:
+        with weightcache.connect(d.socket_dir) as c:
+            m = c.open(f"file://{src}/")
+            assert m.manifest.streaming
+            shutil.copy(newer / shard, src / (shard + ".new"))
+            os.replace(src / (shard + ".new"), src / shard)  # published as a new version
+            delivered = []
+            with pytest.raises(CorruptedError) as info:
+                for name, _ in m.stream(copy=False):
+                    delivered.append(name)
+            assert "changed at the source" in str(info.value) and "llama" in str(info.value)
+            assert len(delivered) < len(m.layers())
+            m.close()
+        wait_for(lambda: [x["name"] for x in d.ctl_json("ls")] == ["llama"], 300, "the new version to commit")
+        view = Path(d.ctl_json("show", "llama")["manifest"]["path"])
+        assert sha256_file(view / shard) == sha256_file(newer / shard)
+        no_partial_files(d)
+    finally:
+        d.stop()

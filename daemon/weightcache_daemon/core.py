@@ -224,7 +224,11 @@ class Core:
         while True:
             live = job.live
             pulse = live.pulse() if live is not None else None  # taken before the state is read
-            if live is not None and announced is None and not job.result.done():
+            if announced is not None and announced.error is not None:
+                # Revoked (a file changed at the source mid-download): what this reader was told
+                # is void even if the job goes on and commits the new version.
+                raise announced.error
+            if live is not None and announced is None and live.error is None and not job.result.done():
                 announced = live
                 yield live.manifest
             if announced is not None:
@@ -249,6 +253,8 @@ class Core:
                 for w in waits:
                     w.cancel()
         snapshot = await asyncio.shield(job.result)  # raises the job's error (CorruptedError, ...)
+        if announced is not None and announced.error is not None:
+            raise announced.error
         if naming is not None:
             self.names.name_model(name, job.key, snapshot, *naming)
         yield await self.manifest_async(snapshot, name)
@@ -341,7 +347,10 @@ class Core:
             return live.open(span.path)
         if not span.sha256:  # a live span whose download committed since: the blob has the bytes
             sid, _ = self._live_or_committed(snapshot_id)
-            return self.store.open(next(f.sha256 for f in self.index.files(sid) if f.path == span.path))
+            digest = next((f.sha256 for f in self.index.files(sid) if f.path == span.path), None)
+            if digest is None:
+                raise NotFoundError(f"file {span.path[:200]!r} of snapshot {sid} is no longer in the cache")
+            return self.store.open(digest)
         return self.store.open(span.sha256)
 
     async def wait_span(self, snapshot_id: str, path: str, offset: int, length: int) -> None:

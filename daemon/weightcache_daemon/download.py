@@ -204,7 +204,11 @@ class _File:
         self.hasher = hashlib.sha256()
         self.digest = None
         if not self.written:
-            os.ftruncate(self.fd, 0)
+            # To the object's size, never through 0: a streaming reader may have this file
+            # mapped, and a mapping touched past a shrunken end is SIGBUS, not an error. Stale
+            # bytes of an abandoned version are never reported ready (only this generation's
+            # writes are) and never hashed (the cursor reads only parts written since).
+            os.ftruncate(self.fd, obj.size)
         if obj.size:
             try:
                 os.posix_fallocate(self.fd, 0, obj.size)

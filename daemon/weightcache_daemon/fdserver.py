@@ -349,8 +349,17 @@ class FdServer:
             await asyncio.sleep(LINGER_POLL)
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop, c: _Conn, sid: str) -> None:
+        new = sid not in c.held
         grant = self.core.open_snapshot_for(c.pid, c.uid, c.gid, sid, c.held.get(sid))
         c.held[sid] = grant.lease
+        try:
+            await self._send_grant(loop, c, sid, grant)
+        except WeightcacheError:
+            if new:  # nothing was granted: an Acquire that failed holds no lease
+                self.core.leases.release(c.held.pop(sid).token)
+            raise
+
+    async def _send_grant(self, loop: asyncio.AbstractEventLoop, c: _Conn, sid: str, grant: Grant) -> None:
         files = grant.files
         entries = [pb.FileEntry(path=f.path, sha256=f.sha256, size=f.size) for f in files]
         first: pb.FdResponse | None = pb.FdResponse(acquire=pb.AcquireResponse(snapshot_id=sid, files=entries))

@@ -353,9 +353,16 @@ class Fetcher:
             self.metrics.streaming_failures.labels(type(outcome).__name__).inc()
             log.warning("streaming_readers_failed", model=job.label, snapshot=live.snapshot_id, readers=readers,
                         error=str(outcome))  # fmt: skip
+        elif live.error is not None:  # revoked: the job committed a newer version; its readers failed
+            outcome = live.error
+            log.warning("streaming_readers_failed", model=job.label, snapshot=live.snapshot_id,
+                        readers=self.readers(live.snapshot_id), error=str(outcome))  # fmt: skip
         else:
             outcome = job.result.result()
             live.commit(outcome)
+            # Leases taken between the commit's rename (job thread) and now (the loop) are still
+            # on the provisional id: move them too, or eviction would see the snapshot unleased.
+            self.on_snapshot_id(live.snapshot_id, outcome)
         self.ended[live.snapshot_id] = outcome
         while len(self.ended) > 1024:
             self.ended.popitem(last=False)

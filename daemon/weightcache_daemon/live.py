@@ -249,20 +249,24 @@ class LiveSnapshot:
         """A read-only descriptor of one file: the ingest file, or the blob it became (the job
         renames it at commit, possibly between our lookup and our open)."""
         f = self.files.get(path)
+        label = self.manifest.model or self.snapshot_id
         if f is None:
-            raise NotFoundError(f"file {path[:200]!r} is not in snapshot {self.snapshot_id}")
-        with self._lock:
-            candidates = [f.disk, self._blobs.get(path)]
-        for disk in candidates:
-            if disk is None:
-                continue
-            try:
-                return os.open(disk, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except FileNotFoundError:
-                continue
+            raise NotFoundError(f"file {path[:200]!r} is not in model {label} (snapshot {self.snapshot_id})")
+        for _ in range(2):  # the rename may fall between reading the blob path and opening
+            with self._lock:
+                candidates = [f.disk, self._blobs.get(path)]
+            for disk in candidates:
+                if disk is None:
+                    continue
+                try:
+                    return os.open(disk, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                except FileNotFoundError:
+                    continue
         if self.error is not None:
             raise self.error
-        raise NotFoundError(f"file {path} of snapshot {self.snapshot_id} is gone (its download ended); open it again")
+        raise NotFoundError(
+            f"file {path} of model {label} (snapshot {self.snapshot_id}) is gone: its download ended; open it again"
+        )
 
     def file_span(self, path: str, offset: int, length: int) -> Span:
         return file_span(self.snapshot_id, self.file_rows(), path, offset, length)
