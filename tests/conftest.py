@@ -28,10 +28,13 @@ def s3() -> Iterator[s3server.S3Server]:
 
 
 @pytest.fixture
-def bucket(s3: s3server.S3Server) -> str:
+def bucket(s3: s3server.S3Server) -> Iterator[str]:
     name = f"wc-{uuid.uuid4().hex[:12]}"
     s3.client().create_bucket(Bucket=name)
-    return name
+    yield name
+    # SeaweedFS gives every bucket volumes of its own, out of a fixed number per server: a
+    # suite that left each test's bucket behind runs out of writable volumes part-way through.
+    s3.remove_bucket(name)
 
 
 @pytest.fixture

@@ -92,7 +92,9 @@ def _file_kit(tmp_path: Path) -> Kit:
 
 def _s3_kit(tmp_path: Path, s3: s3server.S3Server) -> Kit:
     cfg = _config(tmp_path, s3)
-    bucket = f"conf-{uuid.uuid4().hex[:12]}"
+    # One bucket for the whole suite (each test publishes under its own prefix): SeaweedFS
+    # gives every bucket volumes of its own, out of a fixed number per server.
+    bucket = f"conf-{abs(hash(s3.endpoint)) % 10**12:012d}"
 
     def put(items: Mapping[str, bytes]) -> None:
         client = s3.client()
@@ -114,6 +116,10 @@ def _s3_kit(tmp_path: Path, s3: s3server.S3Server) -> Kit:
     client = s3.client()
     try:
         client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    except client.exceptions.BucketAlreadyExists:
+        pass
     finally:
         client.close()
     return Kit("s3", publish, replace, lambda uri: open_source(uri, cfg), vouches=True)

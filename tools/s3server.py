@@ -70,6 +70,21 @@ class S3Server:
     readonly_key: tuple[str, str] = READONLY_KEY
     region: str = REGION
 
+    def remove_bucket(self, bucket: str) -> None:
+        """Delete a bucket and everything in it (its volumes go back to the server). Best effort:
+        a test's cleanup must not fail the test."""
+        c = self.client()
+        try:
+            for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    c.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            c.delete_bucket(Bucket=bucket)
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            c.close()
+
     def client(self, readonly: bool = False):  # type: ignore[no-untyped-def]
         import boto3
         from botocore.config import Config

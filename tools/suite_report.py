@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- suite-report:start -->", "<!-- suite-report:end -->"
 TESTS = ["tests/test_lifecycle.py", "tests/test_faults.py", "tests/test_hostile.py", "tests/test_validation.py",
          "tests/test_access.py", "tests/test_service.py", "tests/test_load.py",
-         "tests/test_hostile_sources.py", "tests/test_hostile_fd.py"]  # fmt: skip
-ORDER = ["crash", "full disk", "disk", "corruption", "network", "hostile files", "hostile requests", "access", "load"]
+         "tests/test_hostile_sources.py", "tests/test_hostile_fd.py", "tests/test_cold_stream.py"]  # fmt: skip
+ORDER = ["crash", "full disk", "disk", "corruption", "network", "streaming", "hostile files", "hostile requests",
+         "access", "load"]  # fmt: skip
 
 
 def render(rows: list[dict[str, str]]) -> str:
