@@ -190,6 +190,12 @@ def _spawn(d: Daemon, uri: str, mode: str = "all") -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True)  # fmt: skip
 
 
+def _assert_cached_as(model_dir: Path, d: Daemon) -> None:
+    """Model "llama" is in the store, every file byte-identical to the source."""
+    view = Path(d.ctl_json("show", "llama")["manifest"]["path"])
+    assert {p.name: sha256_file(p) for p in view.iterdir()} == {p.name: sha256_file(p) for p in model_dir.iterdir()}
+
+
 def _expected_tensors(model_dir: Path) -> dict[str, str]:
     out = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
@@ -243,8 +249,7 @@ def test_a_client_killed_mid_stream_leaves_the_download_going(tmp_path: Path, mo
         k.kill()
         k.wait(timeout=60)
         wait_for(lambda: [m["name"] for m in d.ctl_json("ls")] == ["llama"], 300, "the download to commit")
-        view = Path(d.ctl_json("show", "llama")["manifest"]["path"])
-        assert {p.name: sha256_file(p) for p in view.iterdir()} == {p.name: sha256_file(p) for p in model_dir.iterdir()}
+        _assert_cached_as(model_dir, d)
         no_partial_files(d)
     finally:
         d.stop()
@@ -270,8 +275,7 @@ def test_daemon_killed_mid_stream_errors_every_client_then_resumes(tmp_path: Pat
     d2 = start_daemon(d.root, None, config=d.root / "weightcached.toml")  # resumes the download by itself
     try:
         wait_for(lambda: [m["name"] for m in d2.ctl_json("ls")] == ["llama"], 300, "the resumed download")
-        view = Path(d2.ctl_json("show", "llama")["manifest"]["path"])
-        assert {p.name: sha256_file(p) for p in view.iterdir()} == {p.name: sha256_file(p) for p in model_dir.iterdir()}
+        _assert_cached_as(model_dir, d2)
         no_partial_files(d2)
         report("streaming", "daemon SIGKILLed while 3 clients stream a cold model",
                "each client: DaemonUnavailableError naming the model, no hang; restart completes it byte-identical",

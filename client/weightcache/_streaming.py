@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import mmap
 import threading
-from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from itertools import pairwise
 from typing import TYPE_CHECKING
@@ -48,6 +47,7 @@ from .contract.errors import (
     WeightcacheError,
     from_rpc_error,
 )
+from .contract.ranges import Ranges, covered, merge
 
 if TYPE_CHECKING:
     from ._fd import FdConnection
@@ -55,19 +55,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Download", "FetchedRanges", "FollowingBacking", "StreamingFiles"]
 
-Ranges = list[tuple[int, int]]  # sorted, disjoint [start, end) pairs
 
 # How long a read waits for the committed manifest when the provisional id it used has just
 # ended (the download committed between the early answer and the read).
 _COMMIT_GRACE = 120.0
-
-
-def _covered(ranges: Ranges, start: int, end: int) -> bool:
-    """Whether [start, end) lies inside one of the sorted, merged ranges."""
-    if start >= end:
-        return True
-    i = bisect_right(ranges, (start, float("inf"))) - 1
-    return i >= 0 and ranges[i][0] <= start and end <= ranges[i][1]
 
 
 def _within(ranges: Ranges, start: int, end: int) -> Ranges:
@@ -85,19 +76,6 @@ def _gaps(ranges: Ranges, start: int, end: int) -> Ranges:
         pos = max(pos, e)
     if pos < end:
         out.append((pos, end))
-    return out
-
-
-def _merge(ranges: Ranges, start: int, end: int) -> Ranges:
-    """[start, end) added to sorted, disjoint ranges (touching ones are joined)."""
-    out: Ranges = []
-    for s, e in ranges:
-        if e < start or s > end:
-            out.append((s, e))
-        else:
-            start, end = min(s, start), max(e, end)
-    out.append((start, end))
-    out.sort()
     return out
 
 
@@ -184,7 +162,7 @@ class Download:
         with self._cond:
             self._raise_if_unusable()
             self._check_range_locked(file, offset, length)
-            return self._complete or _covered(self._ranges[file], offset, offset + length)
+            return self._complete or covered(self._ranges[file], offset, offset + length)
 
     def ready_parts(self, file: str, offset: int, length: int) -> Ranges:
         """The parts of that range that are on disk now."""
@@ -206,7 +184,7 @@ class Download:
                     self._failure is not None
                     or self._closed
                     or self._complete
-                    or _covered(ranges[file], offset, offset + length)
+                    or covered(ranges[file], offset, offset + length)
                 ),
                 timeout,
             )
@@ -305,7 +283,7 @@ class Download:
                 # Ranges replace the earlier ones and only ever grow: a range withdrawn means the
                 # bytes behind it changed (the file restarted at a new source version), and what
                 # a reader already took from it may be stale.
-                if not all(_covered(new, s, e) for s, e in self._ranges[f.path]):
+                if not all(covered(new, s, e) for s, e in self._ranges[f.path]):
                     raise CorruptedError(
                         f"file {f.path} of model {self.label}: bytes reported on disk were withdrawn (the file "
                         "changed at the source while it was being read); bytes already read may be stale"
@@ -440,7 +418,7 @@ class FetchedRanges(FollowingBacking):
 
     def ready(self, file: str, offset: int, length: int) -> bool:
         with self._lock:
-            have = _covered(self._have.get(file, []), offset, offset + length)
+            have = covered(self._have.get(file, []), offset, offset + length)
         return self.download.ready(file, offset, length) or have
 
     def _bytes(self, file: str, offset: int, length: int) -> memoryview:
@@ -456,7 +434,7 @@ class FetchedRanges(FollowingBacking):
         for s, e in missing:
             self._fetch_range(file, s, memoryview(buf)[s:e])
             with self._lock:
-                self._have[file] = _merge(self._have[file], s, e)
+                self._have[file] = merge(self._have[file], s, e)
         self.download.check()  # a download that failed meanwhile hands out nothing more
         return memoryview(buf)[offset:end]
 

@@ -511,6 +511,33 @@ def download(
             os.close(f.rfd)
 
 
+def read_retrying(
+    source: Source, obj: RemoteObject, offset: int, view: memoryview, on_bytes: Callable[[int], None]
+) -> None:
+    """Fill ``view`` with bytes [offset, offset + len(view)) of obj. A transient SourceError is
+    retried (PART_RETRIES times, backing off) from the byte where it stopped; anything else,
+    ObjectChanged included, is the caller's to handle."""
+    filled = 0
+    attempt = 0
+
+    def landed(n: int) -> None:
+        nonlocal filled
+        on_bytes(n)
+        filled += n
+
+    while filled < len(view):
+        rest = view[filled:]
+        try:
+            source.read_into(obj, offset + filled, rest, landed)
+        except SourceError:
+            attempt += 1
+            if attempt > PART_RETRIES:
+                raise
+            time.sleep(min(0.2 * 2**attempt, 5.0))
+        finally:
+            rest.release()
+
+
 def ingest_name(relpath: str) -> str:
     return hashlib.sha256(relpath.encode()).hexdigest()[:24] + ".part"
 
@@ -547,29 +574,19 @@ def _run(
 
     def fetch(f: _File, i: int, gen: int, buf: mmap.mmap) -> None:
         start, length = f.part_range(i)
-        filled = 0
-        attempt = 0
 
         def landed(n: int) -> None:
-            nonlocal filled
             if cancelled.is_set():
                 raise _Cancelled()
-            filled += n
             limiter.take(n)
             on_bytes(n)
 
         try:
-            while filled < length:
-                view = memoryview(buf)[filled:length]
-                try:
-                    source.read_into(f.obj, start + filled, view, landed)
-                except SourceError:
-                    attempt += 1
-                    if attempt > PART_RETRIES:
-                        raise
-                    time.sleep(min(0.2 * 2**attempt, 5.0))
-                finally:
-                    view.release()
+            view = memoryview(buf)[:length]
+            try:
+                read_retrying(source, f.obj, start, view, landed)
+            finally:
+                view.release()
             f.write(buf, start, length)
         except BaseException:
             pool.put(buf)

@@ -34,12 +34,11 @@ from weightcache.contract.errors import (
     InvalidInputError,
     NotFoundError,
     PermissionDeniedError,
-    SourceError,
     WeightcacheError,
 )
 
 from .config import Config
-from .download import PART_RETRIES, BufferPool, Downloaded, RateLimiter, download, ingest_name
+from .download import BufferPool, Downloaded, RateLimiter, download, ingest_name, read_retrying
 from .index import FileRow, Filters, Index, NewFile
 from .ingest_state import IngestFile, IngestState
 from .live import LiveFile, LiveSnapshot
@@ -657,26 +656,9 @@ def _remote_header(source: Source, obj: RemoteObject, label: str) -> tuple[int, 
     object's new version if it changed; the download itself then fetches that version)."""
 
     def read(offset: int, length: int) -> bytes:
-        # Retried from the byte where a transient error stopped it, as the engine's parts are.
         buf = bytearray(length)
-        filled = 0
-
-        def landed(n: int) -> None:
-            nonlocal filled
-            filled += n
-
-        for attempt in range(PART_RETRIES + 1):
-            view = memoryview(buf)[filled:]
-            try:
-                source.read_into(obj, offset + filled, view, landed)
-                return bytes(buf)
-            except SourceError:
-                if attempt == PART_RETRIES:
-                    raise
-                time.sleep(min(0.2 * 2 ** (attempt + 1), 5.0))
-            finally:
-                view.release()
-        raise AssertionError("unreachable")
+        read_retrying(source, obj, offset, memoryview(buf), lambda n: None)  # retried as the parts are
+        return bytes(buf)
 
     try:
         return read_header_from(read, obj.size, label)

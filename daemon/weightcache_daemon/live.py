@@ -26,17 +26,17 @@ import os
 import secrets
 import threading
 import time
-from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from weightcache.contract.errors import CorruptedError, NotFoundError, WeightcacheError
+from weightcache.contract.ranges import covered, merge
 
 from .index import FileRow
 from .manifests import Manifest, Span, file_span
 
-__all__ = ["LiveFile", "LiveSnapshot", "Readiness", "merge_range"]
+__all__ = ["LiveFile", "LiveSnapshot", "Readiness"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,36 +54,6 @@ class Readiness:
     files: tuple[tuple[str, tuple[int, ...]], ...]  # (path, flat [start, end) pairs)
     bytes_ready: int
     bytes_total: int
-
-
-def merge_range(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    """[start, end) added to sorted, disjoint, non-touching ranges; returns the new list."""
-    if start >= end:
-        return ranges
-    out: list[tuple[int, int]] = []
-    placed = False
-    for s, e in ranges:
-        if e < start:
-            out.append((s, e))
-        elif end < s:
-            if not placed:
-                out.append((start, end))
-                placed = True
-            out.append((s, e))
-        else:
-            start, end = min(s, start), max(e, end)
-    if not placed:
-        out.append((start, end))
-    out.sort()
-    return out
-
-
-def covered(ranges: Sequence[tuple[int, int]], start: int, end: int) -> bool:
-    """Whether [start, end) lies inside one of the sorted, merged ranges."""
-    if start >= end:
-        return True
-    i = bisect_right(ranges, (start, float("inf"))) - 1
-    return i >= 0 and ranges[i][0] <= start and end <= ranges[i][1]
 
 
 class LiveSnapshot:
@@ -132,7 +102,7 @@ class LiveSnapshot:
                 return
             end = min(end, f.size)
             before = sum(e - s for s, e in self._ranges[path])
-            self._ranges[path] = merge_range(self._ranges[path], start, end)
+            self._ranges[path] = merge(self._ranges[path], start, end)
             self._ready_bytes += sum(e - s for s, e in self._ranges[path]) - before
             self._versions[path] += 1
             first = self._first_group_ready_locked()
