@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import wait_for
 
 from weightcache.errors import DeadlineError
 from weightcache_daemon.config import Config, DownloadConfig, SourceConfig
@@ -278,6 +279,63 @@ def test_resume_after_an_interrupted_run_from_s3(tmp_path: Path, s3: Any, bucket
     assert sum(d.read_back for d in got) >= resumed * PART
     for n, s in sizes.items():
         _covers_exactly(second.log, n, s)
+
+
+def test_parts_to_read_back_are_asked_for_before_the_last_part_lands(tmp_path: Path, monkeypatch: Any) -> None:
+    """Back to front: every part but the first lands before the cursor can start, most of them
+    read back. Once the last part is requested, the engine asks the kernel for all of those at
+    once, so the hash reads them from the page cache instead of from the disk after the last
+    byte."""
+    import weightcache_daemon.download as engine
+
+    sizes = {"a.bin": 8 * PART}
+    source, data = _local(tmp_path, sizes, seed=9)
+    names = {ingest_name(n): n for n in sizes}
+    real = engine.willneed
+
+    def spy(fd: int, offset: int, length: int) -> None:
+        source.note("willneed", names[os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))], offset, offset + length)
+        real(fd, offset, length)
+
+    monkeypatch.setattr(engine, "willneed", spy)
+    priority = {"a.bin": list(range(8, 0, -1))}
+    got = _run(source, tmp_path / "ingest", concurrency=2, buffers=3, priority=priority, check=data)
+    _check_hashes(got, data)
+    assert got[0].read_back >= 4 * PART
+    last_landed = max(k for k, (ev, _, start, _) in enumerate(source.log) if ev == "written" and start == 0)
+    asked = [(s, e) for ev, _, s, e in source.log[:last_landed] if ev == "willneed"]
+    for k in range(1, 8):
+        if any(s <= k * PART and (k + 1) * PART <= e for s, e in asked):
+            continue
+        # not asked for early: then it was in a kept buffer, never read back
+        assert not any(ev == "willneed" and s <= k * PART < e for ev, _, s, e in source.log), f"part {k}"
+    assert sum(e - s for s, e in asked) >= got[0].read_back
+
+
+def test_the_rate_limit_serves_the_part_started_first() -> None:
+    """Two parts wait for the link: the one started first (lower ticket) goes first, even though
+    it asked second. The clock is the test's, so the order does not depend on timing."""
+    clock = [0.0]
+    limiter = RateLimiter(1000, clock=lambda: clock[0])
+    early, late = limiter.ticket(), limiter.ticket()
+    limiter.take(1000)  # the link is busy for the next second of the test's clock
+    served: list[str] = []
+
+    def take(ticket: int, who: str) -> None:
+        limiter.take(10, ticket)
+        served.append(who)
+
+    second = threading.Thread(target=take, args=(late, "late"), daemon=True)
+    second.start()
+    wait_for(lambda: len(limiter._waiting) == 1, 30, "the late part to wait")
+    first = threading.Thread(target=take, args=(early, "early"), daemon=True)
+    first.start()
+    wait_for(lambda: len(limiter._waiting) == 2, 30, "the early part to wait")
+    assert served == []
+    clock[0] = 10.0  # the waits end on their own (each waits at most one second of real time)
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert served == ["early", "late"]
 
 
 def test_tiny_pool_with_reversed_priority_completes(tmp_path: Path) -> None:

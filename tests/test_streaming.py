@@ -451,6 +451,77 @@ def test_withdrawn_bytes_are_corrupted(tmp_path: Path) -> None:
     m.close()
 
 
+def _land(fd: int, data: bytes, feed: _Feed, written: list[tuple[int, int]], start: int, end: int) -> None:
+    """Write [start, end) of the file and report it, as the daemon does (after the write)."""
+    os.pwrite(fd, data[start:end], start)
+    written[:] = _merged(written, start, end)
+    feed.put(_ready_pb(list(written), len(data)))
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["fresh", "ring"])
+def test_a_stream_reads_what_has_landed_while_it_waits_for_the_rest(tmp_path: Path, reuse: bool) -> None:
+    """Pieces of a group are read as their bytes land, and a later group that is wholly on disk
+    (the final norm and head come right after the first layer in a layer-order download) is read
+    while an earlier one is still arriving; groups are still handed over in order, and the final
+    one only on the committed snapshot."""
+    m, w, feed, source = _open(tmp_path, end=None)
+    data = source.read_bytes()
+    groups = m.groups()
+    reads: list[tuple[int, int]] = []
+    real_read = m.backing.read_into
+
+    def spy(file: str, offset: int, dest: memoryview) -> None:
+        reads.append((offset, offset + len(dest)))
+        real_read(file, offset, dest)
+
+    m.backing.read_into = spy  # type: ignore[method-assign]
+    written: list[tuple[int, int]] = []
+    fd = os.open(w.dest, os.O_WRONLY)
+    try:
+        _land(fd, data, feed, written, 0, min(t.offset for t in m.manifest.tensors))
+        for t in groups[0][1] + groups[-1][1]:
+            _land(fd, data, feed, written, t.offset, t.offset + t.length)
+        stream = m.stream("cpu", prefetch=len(groups), reuse=reuse)
+        name, first = next(stream)
+        assert name == groups[0][0]
+        for t in groups[0][1]:
+            assert _raw(first[t.name]) == _expected(source, t)
+        final = groups[-1][1]
+        wait_for(lambda: stream.groups_read == 2, 60, "the final group to be read while group 1 downloads")
+        assert all((t.offset, t.offset + t.length) in reads for t in final)
+        # group 1: its first tensor lands alone, and is read before the rest of its group
+        one = groups[1][1]
+        assert len(one) > 1
+        _land(fd, data, feed, written, one[0].offset, one[0].offset + one[0].length)
+        wait_for(lambda: (one[0].offset, one[0].offset + one[0].length) in reads, 60, "its first tensor's read")
+        assert not any(s >= one[1].offset and s < one[-1].offset + one[-1].length for s, _ in reads)
+        assert stream.groups_read == 2
+        for t in [t for _, ts in groups[1:-1] for t in ts]:
+            _land(fd, data, feed, written, t.offset, t.offset + t.length)
+        got = [name]
+        for name, tensors in stream:
+            got.append(name)
+            for t in m.manifest.tensors:
+                if t.name in tensors:
+                    assert _raw(tensors[t.name]) == _expected(source, t)
+            if len(got) == len(groups) - 1:
+                break
+        assert got == [g for g, _ in groups[:-1]] and not m.complete()
+        box: dict[str, Any] = {}
+        last = threading.Thread(target=lambda: box.setdefault("g", next(stream)), daemon=True)
+        last.start()
+        last.join(timeout=0.2)
+        assert last.is_alive(), "the final group came before the snapshot was committed"
+        feed.put(_committed_pb(m.manifest))
+        last.join(timeout=60)
+        assert box["g"][0] == groups[-1][0]
+        for t in final:
+            assert _raw(box["g"][1][t.name]) == _expected(source, t)
+    finally:
+        os.close(fd)
+    m.close()
+
+
 def test_just_in_time_on_a_downloading_model_equals_eager(tmp_path: Path) -> None:
     from llama import TinyLlama
 

@@ -430,7 +430,9 @@ def run_child(strategy: str, ctx_path: Path) -> dict[str, Any]:
     return dict(json.loads(r.stdout.strip().splitlines()[-1]))
 
 
-def run_strategy(strategy: str, rate: int, ctx: dict[str, Any], srv: Any, work: Path) -> dict[str, Any]:
+def run_strategy(
+    strategy: str, rate: int, ctx: dict[str, Any], srv: Any, work: Path, logs: Path | None = None
+) -> dict[str, Any]:
     from harness import start_daemon, write_config
 
     from weightcache_daemon.config import DownloadConfig
@@ -461,6 +463,9 @@ def run_strategy(strategy: str, rate: int, ctx: dict[str, Any], srv: Any, work: 
     finally:
         res_samples = poller.stop()
         d.stop()
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(d.log, logs / f"{rate_label(rate).replace(' ', '').replace('/', '')}-{strategy}.log")
         drop_cache(root)
         shutil.rmtree(root, ignore_errors=True)
     res["samples"] = res_samples
@@ -699,6 +704,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     ap.add_argument("--out", type=Path, help="write the raw measurements and analysis as JSON")
+    ap.add_argument("--logs", type=Path, help="keep each strategy's daemon log in this directory")
     ap.add_argument("--svg", type=Path, help="write the timeline picture here (e.g. docs/coldstart.svg)")
     ap.add_argument("--readme", action="store_true", help="rewrite README.md's table between the coldstart markers")
     ap.add_argument("--replot", type=Path, help="redraw --svg/--readme from a --out JSON without measuring")
@@ -762,7 +768,7 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
         for rate in rates:
             runs: dict[str, dict[str, Any]] = {}
             for s in ("pure", *STRATEGIES):
-                runs[s] = run_strategy(s, rate, ctx, srv, work)
+                runs[s] = run_strategy(s, rate, ctx, srv, work, a.logs)
                 r = runs[s]
                 msg = (
                     r.get("skipped")

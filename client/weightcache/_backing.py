@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .contract.errors import CorruptedError, NotFoundError
+from .contract.readahead import willneed
 
 if TYPE_CHECKING:
     from ._fd import FdConnection
@@ -89,30 +90,8 @@ def _check_range(file: str, size: int, offset: int, length: int) -> None:
         raise CorruptedError(f"bytes {offset}..{offset + length} of {file} are outside the file ({size} bytes)")
 
 
-# Linux serves one POSIX_FADV_WILLNEED with at most one readahead window of reads
-# (force_page_cache_ra()), so a larger range is asked for window by window: the device's
-# read_ahead_kb where sysfs tells it, else the kernel's default 128 KiB.
-DEFAULT_WINDOW = 128 << 10
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
-_windows: dict[int, int] = {}
-
-
-def _readahead_window(fd: int) -> int:
-    dev = os.fstat(fd).st_dev
-    window = _windows.get(dev)
-    if window is None:
-        window = DEFAULT_WINDOW
-        base = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
-        for q in (f"{base}/queue/read_ahead_kb", f"{base}/../queue/read_ahead_kb"):  # a disk, a partition
-            try:
-                with open(q) as f:
-                    window = max(int(f.read()) << 10, PAGE)
-                break
-            except (OSError, ValueError):
-                continue
-        _windows[dev] = window
-    return window
 
 
 def _resident(addr: int, length: int) -> bool:
@@ -206,10 +185,7 @@ class MappedFiles:
             return
         if _resident(addr + offset, length):
             return  # warm: one mincore instead of a call per window
-        end, step = offset + length, _readahead_window(fd)
-        for o in range(offset, end, step):
-            # Each call only queues its reads (it blocks only while the device queue is full).
-            os.posix_fadvise(fd, o, min(step, end - o), os.POSIX_FADV_WILLNEED)
+        willneed(fd, offset, length)
 
     def descriptors(self) -> Mapping[str, int] | None:
         return dict(self._fds)

@@ -11,7 +11,9 @@ consumer's current stream waits on that event only, so layer i+1 is copied while
 computes; tensors are marked with ``record_stream`` for the caching allocator.
 
 A model still downloading (a streaming open): the reader waits for exactly each group's byte
-ranges (``Backing.wait_ready``), and ``__next__`` delivers the final group only after
+ranges (``Backing.wait_ready``), each piece of a copy read as soon as its own bytes are on
+disk; while a group's bytes are still arriving, a later group of the prefetch window that is
+wholly on disk is read meanwhile (handed over in order all the same); and ``__next__`` delivers the final group only after
 ``backing.wait_complete()``, i.e. once every file is verified and committed; a failed download
 raises at the next ``__next__`` and the final group is never delivered, so no forward pass that
 uses every group can finish on bytes that fail verification.
@@ -34,6 +36,10 @@ READ_SPLIT = 8 << 20  # bytes per parallel read
 READ_THREADS = 8
 
 _DONE = object()
+
+
+class _Stopped(Exception):
+    """close() was called while a read waited for bytes still downloading."""
 
 
 def _flat_u8(t: Any) -> memoryview:
@@ -93,14 +99,24 @@ class LayerStream:
 
     def _read_all(self, spans: list[tuple[TensorMeta, memoryview]]) -> None:
         """Read every (tensor, destination) of a group at once, split into READ_SPLIT pieces
-        across the pool, so a cold group keeps several reads in flight."""
+        across the pool, so a cold group keeps several reads in flight. A piece of a model still
+        downloading is read as soon as its own bytes are on disk, not when the whole group is:
+        the group's reading overlaps its download, and what is left once its last part lands is
+        one piece."""
         futs = []
-        backing = self.model.backing
         for t, dest in spans:
             for o in range(0, len(dest), READ_SPLIT):
-                futs.append(self._pool.submit(backing.read_into, t.file, t.offset + o, dest[o : o + READ_SPLIT]))
+                futs.append(self._pool.submit(self._read_piece, t.file, t.offset + o, dest[o : o + READ_SPLIT]))
         for f in futs:
             f.result()
+
+    def _read_piece(self, file: str, offset: int, dest: memoryview) -> None:
+        backing = self.model.backing
+        # In short steps, so close() stops a piece that waits for bytes.
+        while not backing.wait_ready(file, offset, len(dest), timeout=0.1):
+            if self._stop.is_set():
+                raise _Stopped()
+        backing.read_into(file, offset, dest)
 
     def _advise(self, metas: list[TensorMeta]) -> None:
         """Ask the kernel to start reading a later group now (asynchronous readahead)."""
@@ -115,9 +131,10 @@ class LayerStream:
             self.model.backing.advise(path, start, end - start)
 
     def _wait_on_disk(self, metas: list[TensorMeta]) -> bool:
-        """Until every byte of the group is on disk (immediate unless the model is still being
-        downloaded); False if the stream was closed meanwhile. Waiting here in short steps,
-        rather than inside ``read_into``, lets ``close()`` stop a reader that waits for bytes."""
+        """Views (``copy=False`` on CPU): until every byte of the group is on disk (immediate
+        unless the model is still being downloaded); False if the stream was closed meanwhile.
+        Waiting here in short steps, rather than inside ``get_tensor``, lets ``close()`` stop a
+        reader that waits for bytes."""
         backing = self.model.backing
         for t in metas:
             while not backing.wait_ready(t.file, t.offset, t.length, timeout=0.1):
@@ -125,23 +142,59 @@ class LayerStream:
                     return False
         return True
 
+    def _ready(self, metas: list[TensorMeta]) -> bool:
+        backing = self.model.backing
+        return all(backing.ready(t.file, t.offset, t.length) for t in metas)
+
+    def _read_group(self, i: int, metas: list[TensorMeta]) -> tuple[Any, ...]:
+        name = self.groups[i][0]
+        if not self.copy and not self._cuda and not self._wait_on_disk(metas):
+            raise _Stopped()
+        if self._cuda:
+            item = self._read_cuda(i, metas)
+        elif self.reuse:
+            item = self._read_ring(i, metas)
+        else:
+            item = self._read_cpu(metas)
+        self.groups_read += 1
+        self.max_ahead = max(self.max_ahead, self.groups_read - self.groups_yielded)
+        return (name, *item)
+
+    def _read_early(self, i: int, early: dict[int, tuple[Any, ...]]) -> bool:
+        """Group i's bytes are still downloading: read a later group of the prefetch window
+        whose bytes are all on disk meanwhile (in layer-order downloads the final norm and the
+        output head arrive right after the first layer); True if one was read. Groups are still
+        handed over in order. The window stops at groups_yielded + prefetch - 1, so the ring
+        slots (i % (prefetch + 1)) of the groups read and the one the consumer holds differ."""
+        last = min(len(self.groups) - 1, self.groups_yielded + self.prefetch - 1)
+        for j in range(i + 1, last + 1):
+            if j in early or not self._ready(self.groups[j][1]):
+                continue
+            if not self._slots.acquire(blocking=False):
+                return False
+            try:
+                early[j] = self._read_group(j, self.groups[j][1])
+            except BaseException:
+                self._slots.release()
+                raise
+            return True
+        return False
+
     def _reader(self) -> None:
         try:
-            for i, (name, metas) in enumerate(self.groups):
-                while not self._slots.acquire(timeout=0.1):
+            early: dict[int, tuple[Any, ...]] = {}  # groups read out of order, not handed over yet
+            for i, (_name, metas) in enumerate(self.groups):
+                item = early.pop(i, None)
+                if item is None:
+                    while not self._slots.acquire(timeout=0.1):
+                        if self._stop.is_set():
+                            return
                     if self._stop.is_set():
                         return
-                if self._stop.is_set() or not self._wait_on_disk(metas):
-                    return
-                if self._cuda:
-                    item = self._read_cuda(i, metas)
-                elif self.reuse:
-                    item = self._read_ring(i, metas)
-                else:
-                    item = self._read_cpu(metas)
-                self.groups_read += 1
-                self.max_ahead = max(self.max_ahead, self.groups_read - self.groups_yielded)
-                self._queue.put((name, *item))
+                    while not self._ready(metas) and self._read_early(i, early):
+                        pass
+                    item = self._read_group(i, metas)
+                self._queue.put(item)
                 if i + 1 < len(self.groups) and (self.copy or self._cuda):
                     # After this group is in and handed over, not before: the hint must not
                     # compete with it, and queuing a cold group's reads can block for a while.
@@ -150,6 +203,8 @@ class LayerStream:
                     # first layer from a cold cache took 3-4x longer (bench_load.py).
                     self._advise(self.groups[i + 1][1])
             self._queue.put(_DONE)
+        except _Stopped:
+            return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             self._queue.put(exc)
 

@@ -502,6 +502,8 @@ class Fetcher:
                                 )
                             tensors[d.obj.relpath] = tuple(infos)
                         p.files_done += 1
+                        log.info("fetch_file_verified", model=job.label, file=d.obj.relpath, bytes=d.obj.size,
+                                 read_back=d.read_back, restarts=d.restarts)  # fmt: skip
 
                     def published() -> None:
                         self._publish(job, live)
