@@ -284,6 +284,45 @@ def test_daemon_killed_mid_stream_errors_every_client_then_resumes(tmp_path: Pat
         d2.stop()
 
 
+def test_from_pretrained_on_a_cold_node_starts_before_the_download_ends(tmp_path: Path) -> None:
+    """weightcache.transformers.from_pretrained (just in time) of a model the node has never
+    seen: it returns once the config and the embeddings are on disk, not after the download;
+    its logits equal transformers' own, and its private copy of the small files goes with it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from weightcache.transformers import _EarlyFiles, from_pretrained
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=6,
+                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    directory = tmp_path / "hf"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(directory, safe_serialization=True)
+    ids = torch.tensor([[1, 5, 7, 2, 9, 30, 4]])
+    with torch.no_grad():
+        expected = transformers.AutoModelForCausalLM.from_pretrained(str(directory))(input_ids=ids).logits
+    size = sum(p.stat().st_size for p in directory.iterdir())
+    # About 16 s of download: the first layers are there within a few seconds, the rest is not.
+    d = _slow_daemon(tmp_path / "d", rate=str(max(size // 16, 1 << 20)))
+    try:
+        lm = from_pretrained(f"file://{directory}/", socket_dir=d.socket_dir, just_in_time=True)
+        try:
+            assert lm.handle.manifest.streaming and not lm.handle.complete(), (
+                "from_pretrained waited for the whole download"
+            )
+            early = next(p for p in lm._owned if isinstance(p, _EarlyFiles)).path
+            assert os.path.isfile(os.path.join(early, "config.json"))
+            with torch.no_grad():
+                got = lm.model(input_ids=ids).logits
+            assert lm.handle.complete()  # the last layer group waited for the verified snapshot
+            assert torch.equal(got, expected)
+        finally:
+            lm.close()
+        assert not os.path.exists(early)
+    finally:
+        d.stop()
+
+
 def test_capacity_is_admitted_before_the_first_byte(tmp_path: Path, model_dir: Path) -> None:
     d = _slow_daemon(tmp_path / "d", max_size="8MiB")
     try:

@@ -338,6 +338,32 @@ def test_the_rate_limit_serves_the_part_started_first() -> None:
     assert served == ["early", "late"]
 
 
+def test_a_wait_for_the_rate_limit_ends_when_the_download_is_cancelled() -> None:
+    """A part waiting for the link (here behind 1000 s of paid-for time) gives up as soon as its
+    job is cancelled, so a daemon shutting down does not wait for the rate limit."""
+    from weightcache_daemon.download import _Cancelled
+
+    clock = [0.0]
+    limiter = RateLimiter(1000, clock=lambda: clock[0])
+    limiter.take(1000 * 1000)
+    cancelled = threading.Event()
+    box: dict[str, BaseException] = {}
+
+    def take() -> None:
+        try:
+            limiter.take(10, limiter.ticket(), cancelled)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            box["raised"] = exc
+
+    waiter = threading.Thread(target=take, daemon=True)
+    waiter.start()
+    wait_for(lambda: len(limiter._waiting) == 1, 30, "the part to wait")
+    cancelled.set()
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and isinstance(box.get("raised"), _Cancelled)
+    assert limiter._waiting == []
+
+
 def test_tiny_pool_with_reversed_priority_completes(tmp_path: Path) -> None:
     sizes = {"a.bin": 9 * PART + 1, "b.bin": 8 * PART, "c.bin": 1}
     source, data = _local(tmp_path, sizes, seed=7)

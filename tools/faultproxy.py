@@ -95,7 +95,8 @@ class FaultProxy:
             pending = asyncio.all_tasks(loop)
             for t in pending:
                 t.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:  # gather() of nothing looks for a current loop, and this thread has none
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._thread = threading.Thread(target=run, daemon=True, name="faultproxy")

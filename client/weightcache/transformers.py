@@ -13,12 +13,19 @@ then the snapshot's zero-copy tensors on CPU (nothing read twice, pages shared w
 process on the node), or, on CUDA, streamed there just in time (each layer's weights copied
 right before it first runs) or all at once (``just_in_time=False``).
 
+On a cold node (the model still downloading) a just-in-time load returns as soon as the config
+and the embeddings are on disk: the config, tokenizer and generation config are read from a
+private copy of those small files (the daemon fetches them first), the layers then compute as
+their bytes arrive, and the last one waits for the verified snapshot.
+
 Needs the ``transformers`` extra (``pip install 'weightcache[transformers]'``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +68,46 @@ class Pretrained:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# Non-weight files larger than this are not copied for an early start (see _EarlyFiles).
+EARLY_FILE_LIMIT = 64 << 20
+
+
+class _EarlyFiles:
+    """The non-weight files of a model still downloading (config, generation config, tokenizer,
+    index), copied into a private temporary directory as soon as each is on disk.
+
+    transformers reads them by path, and ``Model.path`` waits for the committed snapshot,
+    because a path-based loader reads the weights too. The daemon fetches these small files
+    first, so this directory exists within moments of ``open()``; the weights are then read
+    just in time, and the last layer group still waits for the verified snapshot (see
+    ``weightcache.nn``), so nothing finishes on bytes that fail verification. ``close()``
+    removes the directory."""
+
+    def __init__(self, handle: Model) -> None:
+        self.path = tempfile.mkdtemp(prefix="weightcache-early-")
+        try:
+            for f in handle.files:
+                if f.path.endswith(".safetensors") or f.size > EARLY_FILE_LIMIT:
+                    continue
+                parts = f.path.split("/")
+                if any(p in ("", ".", "..") for p in parts):
+                    raise InvalidInputError(f"model {handle.name or handle.snapshot_id}: file path {f.path!r} is not a "
+                                            "plain relative path")  # fmt: skip
+                buf = bytearray(f.size)
+                if f.size:
+                    handle.backing.read_into(f.path, 0, memoryview(buf))  # waits until the file is on disk
+                dest = os.path.join(self.path, *parts)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with open(dest, "xb") as out:
+                    out.write(buf)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _libraries() -> tuple[Any, Any]:
@@ -172,7 +219,15 @@ def from_pretrained(
                 owned.append(client)
             handle = client.open(model, progress=progress)
             owned.insert(0, handle)  # closed before its client
-        path = handle.path
+        target = torch.device(device)
+        jit_on = target.type != "cpu" if just_in_time is None else just_in_time
+        if jit_on and not handle.complete():
+            # A cold model: build it from its small files while the weights still arrive.
+            early = _EarlyFiles(handle)
+            owned.insert(0, early)
+            path = early.path
+        else:
+            path = handle.path
         config = transformers.AutoConfig.from_pretrained(path, **config_kwargs)
         dtype = _resolve_dtype(dtype, config, handle)
         cls = _model_class(transformers, config, model_class)
@@ -182,9 +237,7 @@ def from_pretrained(
         with accelerate.init_empty_weights(), _no_init_weights(transformers):
             hf = build(config, dtype=dtype)
         hf.tie_weights()  # make the ties visible as shared parameters before loading (see nn._plan)
-        target = torch.device(device)
         root, outside = _load_root(hf, handle)
-        jit_on = target.type != "cpu" if just_in_time is None else just_in_time
         jit: JustInTime | None = None
         if jit_on:
             jit = materialize_just_in_time(root, handle, target, prefetch, strict=False)

@@ -82,26 +82,26 @@ TODO, FETCHING, ON_DISK = 0, 1, 2  # the states of a part
 class RateLimiter:
     """A token bucket shared by every download of the daemon (0 = unlimited).
 
-    Bytes are paid for after they arrive, one chunk at a time (``take``): each chunk reserves
-    the next slot of the link's time and sleeps until it. When several parts wait, the one that
-    was started first (the lowest ``ticket``) reserves first, not whichever thread asks first:
-    the engine starts parts in execution order, so under a rate limit the oldest part in flight
-    gets the whole rate and parts finish in the order they were started, instead of every part
-    of a window of ``concurrency`` finishing together at its end. A slot is reserved at most
-    AHEAD before it begins, so the order is decided late enough to matter, yet a thread that
-    wakes a little late costs no throughput; the bucket holds BURST of unused time. A part with
-    no bytes to pay for does not hold the others up, and no part waits longer than the parts
-    started before it take to finish.
+    Bytes are paid for after they arrive, one chunk at a time (``take``): a chunk waits until
+    the link's time already paid for has passed, then pays for its own bytes. When several
+    parts wait, the one that was started first (the lowest ``ticket``) goes first, not whichever
+    thread asks first: the engine starts parts in execution order, so under a rate limit the
+    oldest part in flight gets the whole rate and parts finish in the order they were started,
+    instead of every part of a window of ``concurrency`` finishing together at its end. The
+    bucket keeps BURST of unused time, so a thread that wakes a little late costs no
+    throughput. A part with no bytes to pay for does not hold the others up, and no part waits
+    longer than the parts started before it take to finish. A wait ends early, raising
+    ``_Cancelled``, once the ``cancelled`` event given to ``take`` is set.
     """
 
-    AHEAD = 0.0  # seconds: how early a slot may be reserved
     BURST = 0.02  # seconds of unused rate kept
+    POLL = 0.1  # seconds between looks at the cancelled event while waiting
 
     def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self._clock = clock
         self._lock = threading.Lock()
-        self._next = clock()  # when the bytes reserved so far have been sent at the rate
+        self._next = clock()  # when the bytes paid for so far have been sent at the rate
         self._tickets = itertools.count()
         self._waiting: list[tuple[int, threading.Condition]] = []  # a heap: lowest ticket first
 
@@ -110,7 +110,7 @@ class RateLimiter:
         with self._lock:
             return next(self._tickets)
 
-    def take(self, n: int, ticket: int | None = None) -> None:
+    def take(self, n: int, ticket: int | None = None, cancelled: threading.Event | None = None) -> None:
         if self.rate <= 0:
             return
         with self._lock:
@@ -118,14 +118,18 @@ class RateLimiter:
             heapq.heappush(self._waiting, me)
             try:
                 while True:
+                    if cancelled is not None and cancelled.is_set():
+                        raise _Cancelled()
                     now = self._clock()
                     head = self._waiting[0] is me
-                    if head and self._next <= now + self.AHEAD:
+                    if head and self._next <= now:
                         break
-                    me[1].wait(self._next - self.AHEAD - now if head else None)
+                    wait = self._next - now if head else None
+                    if cancelled is not None:
+                        wait = self.POLL if wait is None else min(wait, self.POLL)
+                    me[1].wait(wait)
                 heapq.heappop(self._waiting)
-                start = max(self._next, now - self.BURST)
-                self._next = start + n / self.rate
+                self._next = max(self._next, now - self.BURST) + n / self.rate
             except BaseException:
                 self._waiting.remove(me)
                 heapq.heapify(self._waiting)
@@ -133,8 +137,6 @@ class RateLimiter:
             finally:
                 if self._waiting:
                     self._waiting[0][1].notify()  # the new head (or the same) recomputes its wait
-        if start > now:
-            time.sleep(start - now)
 
 
 class BufferPool:
@@ -636,7 +638,7 @@ def _run(
         def landed(n: int) -> None:
             if cancelled.is_set():
                 raise _Cancelled()
-            limiter.take(n, ticket)
+            limiter.take(n, ticket, cancelled)
             on_bytes(n)
 
         try:
