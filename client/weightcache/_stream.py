@@ -23,7 +23,11 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ._dtypes import torch_dtype, torch_module
@@ -38,8 +42,19 @@ READ_THREADS = 8
 _DONE = object()
 
 
-class _Stopped(Exception):
-    """close() was called while a read waited for bytes still downloading."""
+def _done(out: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    return out, None
+
+
+@dataclass
+class _Group:
+    """A layer group being read: the pieces not submitted yet, the reads in flight, and what
+    makes the group's tensors once they are done."""
+
+    index: int
+    pieces: deque[tuple[str, int, memoryview]]
+    futures: list[Future[None]]
+    finish: Callable[[], tuple[dict[str, Any], Any]]
 
 
 def _flat_u8(t: Any) -> memoryview:
@@ -97,26 +112,110 @@ class LayerStream:
 
     # ---------------------------------------------------------------- reader thread
 
-    def _read_all(self, spans: list[tuple[TensorMeta, memoryview]]) -> None:
-        """Read every (tensor, destination) of a group at once, split into READ_SPLIT pieces
-        across the pool, so a cold group keeps several reads in flight. A piece of a model still
-        downloading is read as soon as its own bytes are on disk, not when the whole group is:
-        the group's reading overlaps its download, and what is left once its last part lands is
-        one piece."""
-        futs = []
+    def _start(self, i: int, metas: list[TensorMeta]) -> _Group:
+        """Group i's destinations, and its reads cut into READ_SPLIT pieces (not submitted)."""
+        torch = torch_module()
+        spans: list[tuple[TensorMeta, memoryview]] = []
+        finish: Callable[[], tuple[dict[str, Any], Any]]
+        if self._cuda:
+            slot = i % len(self._ring)
+            if self._ring_free[slot] is not None:
+                self._ring_free[slot].synchronize()  # that slot's previous H2D copy is finished
+            staging = self._ring[slot]
+            sview = _flat_u8(staging)
+            layout = _layout(metas)
+            spans = [(t, sview[p : p + t.length]) for t, p in layout if t.length]
+            finish = partial(self._to_cuda, slot, layout)
+        elif self.reuse:
+            # Views into ring slot i % (prefetch+1). The reader refills a slot only after the
+            # consumer asked for the group after the one it held, so a group's tensors stay
+            # valid until the next iteration.
+            staging = self._ring[i % len(self._ring)]
+            layout = _layout(metas)
+            spans = [(t, _flat_u8(staging[p : p + t.length])) for t, p in layout if t.length]
+            out: dict[str, Any] = {}
+            for t, p in layout:
+                dtype = torch_dtype(t.dtype)
+                out[t.name] = (staging[p : p + t.length].view(dtype).view(t.shape) if t.length
+                               else torch.empty(t.shape, dtype=dtype))  # fmt: skip
+            finish = partial(_done, out)
+        elif self.copy:
+            out = {}
+            for t in metas:
+                dst = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+                if t.length:
+                    spans.append((t, _flat_u8(dst)))
+                out[t.name] = dst
+            finish = partial(_done, out)
+        else:  # views: nothing to read, only to wait for (see _reader)
+            finish = partial(self._views, metas)
+        pieces: deque[tuple[str, int, memoryview]] = deque()
         for t, dest in spans:
             for o in range(0, len(dest), READ_SPLIT):
-                futs.append(self._pool.submit(self._read_piece, t.file, t.offset + o, dest[o : o + READ_SPLIT]))
-        for f in futs:
-            f.result()
+                pieces.append((t.file, t.offset + o, dest[o : o + READ_SPLIT]))
+        return _Group(i, pieces, [], finish)
 
-    def _read_piece(self, file: str, offset: int, dest: memoryview) -> None:
+    def _submit_ready(self, g: _Group) -> None:
+        """Queue every next piece of g whose bytes are on disk (all of them, unless the model is
+        still downloading): a group's reading overlaps its download, and what is left once its
+        last part lands is one piece. Several pieces in flight keep a cold disk busy."""
         backing = self.model.backing
-        # In short steps, so close() stops a piece that waits for bytes.
-        while not backing.wait_ready(file, offset, len(dest), timeout=0.1):
-            if self._stop.is_set():
-                raise _Stopped()
-        backing.read_into(file, offset, dest)
+        while g.pieces and backing.ready(g.pieces[0][0], g.pieces[0][1], len(g.pieces[0][2])):
+            file, offset, dest = g.pieces.popleft()
+            g.futures.append(self._pool.submit(backing.read_into, file, offset, dest))
+
+    def _finish(self, g: _Group) -> tuple[Any, ...]:
+        for f in g.futures:
+            f.result()
+        out, event = g.finish()
+        self.groups_read += 1
+        self.max_ahead = max(self.max_ahead, self.groups_read - self.groups_yielded)
+        return (self.groups[g.index][0], out, event)
+
+    def _start_early(self, i: int, early: dict[int, _Group]) -> bool:
+        """Group i's bytes are still downloading: start reading a later group whose bytes are
+        all on disk (in layer-order downloads the final norm and the output head arrive right
+        after the first layer; read at the end, they would put their read between the last byte
+        and the result). True if one was started. Groups are still handed over in order, and a
+        group read early holds one of the ``prefetch`` slots until it is. Ring buffers (CUDA
+        staging, ``reuse=True``) only take groups up to groups_yielded + prefetch - 1, so the
+        slots (i % (prefetch + 1)) of the groups in flight and of the one the consumer holds
+        differ."""
+        last = len(self.groups) - 1
+        if self._cuda or self.reuse:
+            last = min(last, self.groups_yielded + self.prefetch - 1)
+        for j in range(i + 1, last + 1):
+            if j in early or not self._ready(self.groups[j][1]):
+                continue
+            if not self._slots.acquire(blocking=False):
+                return False
+            try:
+                g = early[j] = self._start(j, self.groups[j][1])
+            except BaseException:
+                self._slots.release()
+                raise
+            self._submit_ready(g)
+            return True
+        return False
+
+    def _to_cuda(self, slot: int, layout: list[tuple[TensorMeta, int]]) -> tuple[dict[str, Any], Any]:
+        """Issue the H2D copies of a group read into ring slot ``slot`` on the side stream."""
+        torch = torch_module()
+        staging = self._ring[slot]
+        out: dict[str, Any] = {}
+        with torch.cuda.stream(self._side):
+            for t, p in layout:
+                dst = torch.empty(t.shape, dtype=torch_dtype(t.dtype), device=self.device)
+                if t.length:
+                    dst.reshape(-1).view(torch.uint8).copy_(staging[p : p + t.length], non_blocking=True)
+                out[t.name] = dst
+            done = torch.cuda.Event()
+            done.record(self._side)
+        self._ring_free[slot] = done
+        return out, done
+
+    def _views(self, metas: list[TensorMeta]) -> tuple[dict[str, Any], Any]:
+        return {t.name: self.model.get_tensor(t.name) for t in metas}, None
 
     def _advise(self, metas: list[TensorMeta]) -> None:
         """Ask the kernel to start reading a later group now (asynchronous readahead)."""
@@ -146,56 +245,31 @@ class LayerStream:
         backing = self.model.backing
         return all(backing.ready(t.file, t.offset, t.length) for t in metas)
 
-    def _read_group(self, i: int, metas: list[TensorMeta]) -> tuple[Any, ...]:
-        name = self.groups[i][0]
-        if not self.copy and not self._cuda and not self._wait_on_disk(metas):
-            raise _Stopped()
-        if self._cuda:
-            item = self._read_cuda(i, metas)
-        elif self.reuse:
-            item = self._read_ring(i, metas)
-        else:
-            item = self._read_cpu(metas)
-        self.groups_read += 1
-        self.max_ahead = max(self.max_ahead, self.groups_read - self.groups_yielded)
-        return (name, *item)
-
-    def _read_early(self, i: int, early: dict[int, tuple[Any, ...]]) -> bool:
-        """Group i's bytes are still downloading: read a later group of the prefetch window
-        whose bytes are all on disk meanwhile (in layer-order downloads the final norm and the
-        output head arrive right after the first layer); True if one was read. Groups are still
-        handed over in order. The window stops at groups_yielded + prefetch - 1, so the ring
-        slots (i % (prefetch + 1)) of the groups read and the one the consumer holds differ."""
-        last = min(len(self.groups) - 1, self.groups_yielded + self.prefetch - 1)
-        for j in range(i + 1, last + 1):
-            if j in early or not self._ready(self.groups[j][1]):
-                continue
-            if not self._slots.acquire(blocking=False):
-                return False
-            try:
-                early[j] = self._read_group(j, self.groups[j][1])
-            except BaseException:
-                self._slots.release()
-                raise
-            return True
-        return False
-
     def _reader(self) -> None:
+        backing = self.model.backing
+        views = not self.copy and not self._cuda
         try:
-            early: dict[int, tuple[Any, ...]] = {}  # groups read out of order, not handed over yet
+            early: dict[int, _Group] = {}  # groups being read out of order, not handed over yet
             for i, (_name, metas) in enumerate(self.groups):
-                item = early.pop(i, None)
-                if item is None:
+                g = early.pop(i, None)
+                if g is None:
                     while not self._slots.acquire(timeout=0.1):
                         if self._stop.is_set():
                             return
-                    if self._stop.is_set():
+                    if self._stop.is_set() or (views and not self._wait_on_disk(metas)):
                         return
-                    while not self._ready(metas) and self._read_early(i, early):
-                        pass
-                    item = self._read_group(i, metas)
-                self._queue.put(item)
-                if i + 1 < len(self.groups) and (self.copy or self._cuda):
+                    g = self._start(i, metas)
+                while True:
+                    self._submit_ready(g)
+                    if not g.pieces:
+                        break
+                    if not self._start_early(i, early):
+                        file, offset, dest = g.pieces[0]
+                        # In short steps, so close() stops a reader that waits for bytes.
+                        if not backing.wait_ready(file, offset, len(dest), timeout=0.1) and self._stop.is_set():
+                            return
+                self._queue.put(self._finish(g))
+                if i + 1 < len(self.groups) and not views and i + 1 not in early:
                     # After this group is in and handed over, not before: the hint must not
                     # compete with it, and queuing a cold group's reads can block for a while.
                     # Views (copy=False) are handed out before their bytes are read, so a hint
@@ -203,61 +277,8 @@ class LayerStream:
                     # first layer from a cold cache took 3-4x longer (bench_load.py).
                     self._advise(self.groups[i + 1][1])
             self._queue.put(_DONE)
-        except _Stopped:
-            return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             self._queue.put(exc)
-
-    def _read_cpu(self, metas: list[TensorMeta]) -> tuple[dict[str, Any], Any]:
-        torch = torch_module()
-        out: dict[str, Any] = {}
-        spans = []
-        for t in metas:
-            if not self.copy:
-                out[t.name] = self.model.get_tensor(t.name)
-                continue
-            dst = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
-            if t.length:
-                spans.append((t, _flat_u8(dst)))
-            out[t.name] = dst
-        self._read_all(spans)
-        return out, None
-
-    def _read_ring(self, i: int, metas: list[TensorMeta]) -> tuple[dict[str, Any], Any]:
-        """CPU, reuse=True: views into ring slot i % (prefetch+1). The reader refills a slot only
-        after the consumer asked for the group after the one it held, so a group's tensors stay
-        valid until the next iteration."""
-        torch = torch_module()
-        staging = self._ring[i % len(self._ring)]
-        layout = _layout(metas)
-        self._read_all([(t, _flat_u8(staging[p : p + t.length])) for t, p in layout if t.length])
-        out = {}
-        for t, p in layout:
-            dtype = torch_dtype(t.dtype)
-            out[t.name] = (staging[p : p + t.length].view(dtype).view(t.shape) if t.length
-                           else torch.empty(t.shape, dtype=dtype))  # fmt: skip
-        return out, None
-
-    def _read_cuda(self, i: int, metas: list[TensorMeta]) -> tuple[dict[str, Any], Any]:
-        torch = torch_module()
-        slot = i % len(self._ring)
-        if self._ring_free[slot] is not None:
-            self._ring_free[slot].synchronize()  # that slot's previous H2D copy is finished
-        staging = self._ring[slot]
-        sview = _flat_u8(staging)
-        spans = _layout(metas)
-        self._read_all([(t, sview[p : p + t.length]) for t, p in spans if t.length])
-        out: dict[str, Any] = {}
-        with torch.cuda.stream(self._side):
-            for t, p in spans:
-                dst = torch.empty(t.shape, dtype=torch_dtype(t.dtype), device=self.device)
-                if t.length:
-                    dst.reshape(-1).view(torch.uint8).copy_(staging[p : p + t.length], non_blocking=True)
-                out[t.name] = dst
-            done = torch.cuda.Event()
-            done.record(self._side)
-        self._ring_free[slot] = done
-        return out, done
 
     # ---------------------------------------------------------------- consumer
 
