@@ -11,12 +11,12 @@ consumer's current stream waits on that event only, so layer i+1 is copied while
 computes; tensors are marked with ``record_stream`` for the caching allocator.
 
 A model still downloading (a streaming open): the reader waits for exactly each group's byte
-ranges (``Backing.wait_ready``), each piece of a copy read as soon as its own bytes are on
-disk; while a group's bytes are still arriving, a later group of the prefetch window that is
-wholly on disk is read meanwhile (handed over in order all the same); and ``__next__`` delivers the final group only after
-``backing.wait_complete()``, i.e. once every file is verified and committed; a failed download
-raises at the next ``__next__`` and the final group is never delivered, so no forward pass that
-uses every group can finish on bytes that fail verification.
+ranges, each piece of a copy read as soon as its own bytes are on disk; while a group's bytes
+are still arriving, a later group that is wholly on disk is read meanwhile (see
+``_start_early``; handed over in order all the same). ``__next__`` delivers the final group
+only after ``backing.wait_complete()``, i.e. once every file is verified and committed; a
+failed download raises at the next ``__next__`` and the final group is never delivered, so no
+forward pass that uses every group can finish on bytes that fail verification.
 """
 
 from __future__ import annotations
