@@ -281,11 +281,13 @@ def test_resume_after_an_interrupted_run_from_s3(tmp_path: Path, s3: Any, bucket
         _covers_exactly(second.log, n, s)
 
 
-def test_parts_to_read_back_are_asked_for_before_the_last_part_lands(tmp_path: Path, monkeypatch: Any) -> None:
+def test_parts_to_read_back_are_asked_for_before_the_cursor_reads_them(tmp_path: Path, monkeypatch: Any) -> None:
     """Back to front: every part but the first lands before the cursor can start, most of them
-    read back. Once the last part is requested, the engine asks the kernel for all of those at
-    once, so the hash reads them from the page cache instead of from the disk after the last
-    byte."""
+    to be read back. Once the last part is requested, the engine asks the kernel for all of those
+    at once (read_ahead), before the cursor reads back any, so the hash reads them from the page
+    cache instead of from the disk after the last byte."""
+    import sys
+
     import weightcache_daemon.download as engine
 
     sizes = {"a.bin": 8 * PART}
@@ -294,7 +296,8 @@ def test_parts_to_read_back_are_asked_for_before_the_last_part_lands(tmp_path: P
     real = engine.willneed
 
     def spy(fd: int, offset: int, length: int) -> None:
-        source.note("willneed", names[os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))], offset, offset + length)
+        caller = sys._getframe(1).f_code.co_name  # read_ahead, or the cursor's advance
+        source.note(caller, names[os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))], offset, offset + length)
         real(fd, offset, length)
 
     monkeypatch.setattr(engine, "willneed", spy)
@@ -302,14 +305,12 @@ def test_parts_to_read_back_are_asked_for_before_the_last_part_lands(tmp_path: P
     got = _run(source, tmp_path / "ingest", concurrency=2, buffers=3, priority=priority, check=data)
     _check_hashes(got, data)
     assert got[0].read_back >= 4 * PART
-    last_landed = max(k for k, (ev, _, start, _) in enumerate(source.log) if ev == "written" and start == 0)
-    asked = [(s, e) for ev, _, s, e in source.log[:last_landed] if ev == "willneed"]
-    for k in range(1, 8):
-        if any(s <= k * PART and (k + 1) * PART <= e for s, e in asked):
-            continue
-        # not asked for early: then it was in a kept buffer, never read back
-        assert not any(ev == "willneed" and s <= k * PART < e for ev, _, s, e in source.log), f"part {k}"
-    assert sum(e - s for s, e in asked) >= got[0].read_back
+    ahead = [(k, s, e) for k, (ev, _, s, e) in enumerate(source.log) if ev == "read_ahead"]
+    cursor = [(k, s, e) for k, (ev, _, s, e) in enumerate(source.log) if ev == "advance"]
+    assert ahead and sum(e - s for _, s, e in ahead) == got[0].read_back
+    assert max(k for k, _, _ in ahead) < min((k for k, _, _ in cursor), default=len(source.log))
+    for _, s, e in cursor:  # what the cursor reads back was all asked for ahead
+        assert any(a <= s and e <= b for _, a, b in ahead), (s, e)
 
 
 def test_the_rate_limit_serves_the_part_started_first() -> None:

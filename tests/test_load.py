@@ -29,6 +29,7 @@ OPENER = textwrap.dedent("""
         crc = 0
         for name in m.keys():           # read every byte (no torch: raw bytes)
             crc = zlib.crc32(m.get_bytes(name), crc)
+        m.wait_complete()               # a cold open answers early: the id is provisional until the commit
         print(m.snapshot_id, crc, flush=True)
 """)
 
