@@ -21,13 +21,11 @@ forward pass that uses every group can finish on bytes that fail verification.
 
 from __future__ import annotations
 
-import itertools
 import queue
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -42,45 +40,6 @@ READ_SPLIT = 8 << 20  # bytes per parallel read
 READ_THREADS = 8
 
 _DONE = object()
-
-
-class _ReadPool:
-    """Threads reading pieces, the lowest group first: the reads of a group started early (see
-    ``LayerStream._start_early``) never hold up those of an earlier group that lands meanwhile.
-    Within a group, pieces go in the order they were submitted."""
-
-    def __init__(self, threads: int) -> None:
-        self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
-        self._seq = itertools.count()
-        self._threads = [threading.Thread(target=self._work, name="wc-read", daemon=True) for _ in range(threads)]
-        for t in self._threads:
-            t.start()
-
-    def submit(self, group: int, fn: Callable[..., None], *args: Any) -> Future[None]:
-        fut: Future[None] = Future()
-        self._queue.put((group, next(self._seq), (fut, fn, args)))
-        return fut
-
-    def _work(self) -> None:
-        while True:
-            _, _, item = self._queue.get()
-            if item is None:
-                return
-            fut, fn, args = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - the reader raises it from the future
-                fut.set_exception(exc)
-
-    def shutdown(self) -> None:
-        """Let the pieces already queued finish, then end every thread."""
-        for _ in self._threads:
-            self._queue.put((sys.maxsize, next(self._seq), None))
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join()
 
 
 def _done(out: dict[str, Any]) -> tuple[dict[str, Any], Any]:
@@ -133,6 +92,7 @@ class LayerStream:
         self._finished = False
         self._slots = threading.Semaphore(prefetch)
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="wc-read")
         self._cuda = self.device.type == "cuda"
         biggest = max((_packed_size(ts) for _, ts in groups), default=0)
         if self._cuda:
@@ -147,7 +107,6 @@ class LayerStream:
             raise InvalidInputError(f"device {self.device}: stream() supports cpu and cuda")
         elif reuse:
             self._ring = [torch.empty(max(biggest, 1), dtype=torch.uint8) for _ in range(prefetch + 1)]
-        self._pool = _ReadPool(READ_THREADS)  # last: nothing after it can fail and leave its threads
         self._thread = threading.Thread(target=self._reader, name="wc-stream", daemon=True)
         self._thread.start()
 
@@ -203,7 +162,7 @@ class LayerStream:
         backing = self.model.backing
         while g.pieces and backing.ready(g.pieces[0][0], g.pieces[0][1], len(g.pieces[0][2])):
             file, offset, dest = g.pieces.popleft()
-            g.futures.append(self._pool.submit(g.index, backing.read_into, file, offset, dest))
+            g.futures.append(self._pool.submit(backing.read_into, file, offset, dest))
 
     def _finish(self, g: _Group) -> tuple[Any, ...]:
         for f in g.futures:
@@ -320,8 +279,6 @@ class LayerStream:
             self._queue.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             self._queue.put(exc)
-        finally:
-            self._pool.shutdown()  # the reads are done (or not wanted): a stream never closed leaves no threads
 
     # ---------------------------------------------------------------- consumer
 
@@ -367,7 +324,7 @@ class LayerStream:
         self._slots.release()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
-        self._pool.shutdown()
+        self._pool.shutdown(wait=True)
 
     def __del__(self) -> None:
         self._stop.set()
