@@ -27,6 +27,7 @@ each hook synchronises so the times are real); the logits.
 
     python tools/bench_coldstart.py --size 2GiB --rates 300MB,0 --svg docs/coldstart.svg --readme
     python tools/bench_coldstart.py --size 2GiB --out bench-out/coldstart.json    # raw data kept
+    python tools/bench_coldstart.py --size 2GiB --logs bench-out/logs   # each daemon's log kept
     python tools/bench_coldstart.py --replot bench-out/coldstart.json --svg docs/coldstart.svg --readme
     python tools/bench_coldstart.py --size 2GiB --device cuda        # on a GPU machine
 
