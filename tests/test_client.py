@@ -227,6 +227,44 @@ def test_open_starts_reading_the_first_layer_group(daemon: Daemon, tmp_path: Pat
             wait_for(lambda: _resident(blob) >= want, 60, f"the first layer group's {want} bytes in the page cache")
 
 
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux) to see the page cache")
+def test_stream_views_are_faulted_in_before_they_are_handed_over(daemon: Daemon, tmp_path: Path) -> None:
+    """stream(copy=False) brings each group's pages in before handing the group over, so the
+    consumer computes on resident pages rather than faulting them in one small read at a time."""
+    from weightcache._backing import _resident as mapped_resident
+
+    model = make_model(tmp_path / "m", tiny=False, size=48 << 20)
+    daemon.ctl("prefetch", f"file://{model}/", "--name", "cold")
+    with weightcache.connect(daemon.socket_dir) as c:
+        with c.open("cold") as m:
+            blobs = {(Path(m.store_path) / f.path).resolve() for f in m.manifest.files}
+        wait_for(lambda: not any(t.name == "wc-hint" for t in threading.enumerate()), 60, "the first hint")
+
+        def evicted() -> bool:
+            for blob in blobs:
+                fd = os.open(blob, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+            return sum(_resident(b) for b in blobs) <= (48 << 20) // 8
+
+        deadline = time.monotonic() + 30
+        while not evicted():
+            if time.monotonic() > deadline:
+                pytest.skip("the store's filesystem keeps its pages (tmpfs?): nothing to observe")
+            time.sleep(0.05)
+        with c.open("cold") as m:
+            stream = m.stream("cpu", prefetch=1, copy=False)
+            groups = [next(stream), next(stream)]  # open() itself hints the first group only
+            for _, tensors in groups:
+                for name, t in tensors.items():
+                    n = t.numel() * t.element_size()
+                    assert n == 0 or mapped_resident(t.data_ptr(), n), f"{name} handed over before its pages were in"
+            stream.close()
+
+
 def test_stream_order_and_prefetch_bound(daemon: Daemon, tiny_model: Path) -> None:
     ref = _reference(tiny_model)
     with weightcache.connect(daemon.socket_dir) as c, c.open(f"file://{tiny_model}/", name="tiny") as m:
@@ -360,6 +398,14 @@ def test_just_in_time_equals_eager(daemon: Daemon, tiny_model: Path) -> None:
         assert torch.equal(got, expected)
         assert jit._handles == []  # hooks removed once every layer arrived
         assert torch.equal(lazy(tokens), expected)  # and the second pass is plain
+        # On CPU the weights are the shared pages themselves; copy=True makes private copies.
+        name = "model.layers.0.mlp.up_proj.weight"
+        assert lazy.get_parameter(name).data_ptr() == m.get_tensor(name).data_ptr()
+        with torch.device("meta"):
+            private = TinyLlama()
+        materialize_just_in_time(private, m, "cpu", copy=True).finish()
+        assert private.get_parameter(name).data_ptr() != m.get_tensor(name).data_ptr()
+        assert torch.equal(private(tokens), expected)
 
 
 def test_open_errors_come_back_as_categories(daemon: Daemon) -> None:

@@ -18,7 +18,7 @@ from harness import wait_for
 
 from weightcache.errors import DeadlineError
 from weightcache_daemon.config import Config, DownloadConfig, SourceConfig
-from weightcache_daemon.download import BufferPool, Downloaded, RateLimiter, download, ingest_name
+from weightcache_daemon.download import WRITE_PIECE, BufferPool, Downloaded, RateLimiter, download, ingest_name
 from weightcache_daemon.schedule import (
     HEADER_RANK,
     OTHER_FILE_RANK,
@@ -100,6 +100,7 @@ def _run(
     priority: dict[str, list[int]] | None = None,
     check: dict[str, bytes] | None = None,
     then: Callable[[], None] | None = None,
+    part: int = PART,
     **kw: Any,
 ) -> list[Downloaded]:
     """download() every object of source into ingest; with `check`, each on_written range is
@@ -122,8 +123,8 @@ def _run(
         if then is not None:
             then()
 
-    cfg = DownloadConfig(concurrency=concurrency, part_size=PART)
-    pool = kw.pop("pool", None) or BufferPool(buffers, PART)
+    cfg = DownloadConfig(concurrency=concurrency, part_size=part)
+    pool = kw.pop("pool", None) or BufferPool(buffers, part)
     return download(source, objects, ingest, cfg, pool, RateLimiter(0), lambda n: None, lambda d: None,
                     kw.pop("cancelled", threading.Event()), priority=priority, on_written=on_written, **kw)  # fmt: skip
 
@@ -223,6 +224,40 @@ def test_reports_only_bytes_on_disk_and_cover_each_file_once(tmp_path: Path) -> 
     for k, (ev, rel, start, _) in enumerate(source.log):
         if ev == "written":
             assert ("read", rel, start) in [(e, r, s) for e, r, s, _ in source.log[:k]]
+
+
+def test_a_part_is_reported_piece_by_piece_as_it_arrives(tmp_path: Path) -> None:
+    """A reader waiting for the first bytes of a part (a layer's end, sharing the part with the
+    next layer) gets them once they are written, not once the whole part is."""
+    part = 4 * WRITE_PIECE
+    sizes = {"a.bin": 2 * part + 5}
+    source, data = _local(tmp_path, sizes, seed=8)
+    first_piece = threading.Event()
+    inner_read = source.read_into
+
+    def read_into(obj: RemoteObject, offset: int, buf: memoryview, on_bytes: Callable[[int], None]) -> None:
+        if offset != 0:
+            inner_read(obj, offset, buf, on_bytes)
+            return
+        half = WRITE_PIECE + WRITE_PIECE // 2
+        inner_read(obj, 0, buf[:half], on_bytes)
+        # The rest of part 0 arrives only once its first piece was reported (or never: the
+        # assertion below then fails rather than the test hanging).
+        first_piece.wait(timeout=60)
+        source.note("rest", obj.relpath, half, len(buf))
+        inner_read(obj, half, buf[half:], on_bytes)
+
+    source.read_into = read_into  # type: ignore[method-assign]
+
+    def then() -> None:
+        if any(ev == "written" and s == 0 and e == WRITE_PIECE for ev, _, s, e in source.log):
+            first_piece.set()
+
+    got = _run(source, tmp_path / "ingest", concurrency=2, buffers=3, check=data, then=then, part=part)
+    _check_hashes(got, data)
+    _covers_exactly(source.log, "a.bin", sizes["a.bin"])
+    events = [(ev, s, e) for ev, _, s, e in source.log if ev in ("written", "rest")]
+    assert events.index(("written", 0, WRITE_PIECE)) < events.index(("rest", WRITE_PIECE + WRITE_PIECE // 2, part))
 
 
 def test_file_order_reads_nothing_back(tmp_path: Path) -> None:

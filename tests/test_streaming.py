@@ -458,23 +458,33 @@ def _land(fd: int, data: bytes, feed: _Feed, written: list[tuple[int, int]], sta
     feed.put(_ready_pb(list(written), len(data)))
 
 
-@pytest.mark.parametrize("reuse", [False, True], ids=["fresh", "ring"])
-def test_a_stream_reads_what_has_landed_while_it_waits_for_the_rest(tmp_path: Path, reuse: bool) -> None:
-    """Pieces of a group are read as their bytes land, and a later group that is wholly on disk
-    (the final norm and head come right after the first layer in a layer-order download) is read
-    while an earlier one is still arriving; groups are still handed over in order, and the final
-    one only on the committed snapshot."""
+@pytest.mark.parametrize("mode", ["fresh", "ring", "views"])
+def test_a_stream_reads_what_has_landed_while_it_waits_for_the_rest(tmp_path: Path, mode: str) -> None:
+    """Pieces of a group are read (views: faulted in) as their bytes land, and a later group that
+    is wholly on disk (the final norm and head come right after the first layer in a layer-order
+    download) is read while an earlier one is still arriving; groups are still handed over in
+    order, and the final one only on the committed snapshot."""
     m, w, feed, source = _open(tmp_path, end=None)
     data = source.read_bytes()
     groups = m.groups()
     reads: list[tuple[int, int]] = []
-    real_read = m.backing.read_into
+    reuse = mode == "ring"
+    if mode == "views":
+        real_prefault = m.backing.prefault  # type: ignore[attr-defined]
 
-    def spy(file: str, offset: int, dest: memoryview) -> None:
-        reads.append((offset, offset + len(dest)))
-        real_read(file, offset, dest)
+        def spy_prefault(file: str, offset: int, length: int) -> None:
+            reads.append((offset, offset + length))
+            real_prefault(file, offset, length)
 
-    m.backing.read_into = spy  # type: ignore[method-assign]
+        m.backing.prefault = spy_prefault  # type: ignore[attr-defined]
+    else:
+        real_read = m.backing.read_into
+
+        def spy(file: str, offset: int, dest: memoryview) -> None:
+            reads.append((offset, offset + len(dest)))
+            real_read(file, offset, dest)
+
+        m.backing.read_into = spy  # type: ignore[method-assign]
     written: list[tuple[int, int]] = []
     fd = os.open(w.dest, os.O_WRONLY)
     try:
@@ -485,7 +495,7 @@ def test_a_stream_reads_what_has_landed_while_it_waits_for_the_rest(tmp_path: Pa
         # the prefetch bound still holding.
         prefetch = len(groups) if reuse else 2
         assert len(groups) > prefetch + 1 or reuse
-        stream = m.stream("cpu", prefetch=prefetch, reuse=reuse)
+        stream = m.stream("cpu", prefetch=prefetch, reuse=reuse, copy=mode != "views")
         name, first = next(stream)
         assert name == groups[0][0]
         for t in groups[0][1]:

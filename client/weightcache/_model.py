@@ -239,9 +239,10 @@ class Model:
 
         On CUDA the bytes go through a ring of pinned staging buffers and non_blocking copies
         on a side stream; each group carries one event and the caller's stream waits on it
-        only. On CPU each tensor is copied into fresh memory (``copy=False``: zero-copy views;
-        ``reuse=True``: views into a ring of prefetch+1 reused buffers, valid until the next
-        iteration, which spares the cost of first-touching fresh memory).
+        only. On CPU each tensor is copied into fresh memory (``copy=False``: zero-copy views,
+        each group's pages read in and mapped before it is handed over; ``reuse=True``: views
+        into a ring of prefetch+1 reused buffers, valid until the next iteration, which spares
+        the cost of first-touching fresh memory).
         ``layer_of`` overrides the grouping (tensor name -> group name).
         """
         from ._stream import LayerStream

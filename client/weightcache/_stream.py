@@ -2,7 +2,10 @@
 
 CPU: each group's bytes are read straight into freshly allocated tensors (pread from the
 shared page cache, split across a few threads for large groups), or handed out as
-zero-copy views with ``copy=False``.
+zero-copy views with ``copy=False``: where the backing maps its files, the reader faults
+each group's pages in (``prefault``: read into the page cache in large requests and mapped,
+piece by piece, like a copy) before handing it over, so the consumer computes on resident
+pages while the next group is brought in.
 
 CUDA: a ring of ``prefetch + 1`` pinned host buffers, each as large as the largest group.
 The reader fills a slot (waiting first for that slot's previous H2D copy to finish), then
@@ -31,6 +34,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ._dtypes import torch_dtype, torch_module
+from ._model import _file_ranges
 from .contract.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -46,13 +50,18 @@ def _done(out: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     return out, None
 
 
+# A piece of a group to read: (file, offset, length, destination); no destination for views,
+# whose pieces are faulted in (prefault) rather than copied.
+_Piece = tuple[str, int, int, memoryview | None]
+
+
 @dataclass
 class _Group:
     """A layer group being read: the pieces not submitted yet, the reads in flight, and what
     makes the group's tensors once they are done."""
 
     index: int
-    pieces: deque[tuple[str, int, memoryview]]
+    pieces: deque[_Piece]
     futures: list[Future[None]]
     finish: Callable[[], tuple[dict[str, Any], Any]]
 
@@ -94,6 +103,8 @@ class LayerStream:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="wc-read")
         self._cuda = self.device.type == "cuda"
+        self._views_only = not copy and not self._cuda and not reuse
+        self._prefault = getattr(model.backing, "prefault", None) if self._views_only else None
         biggest = max((_packed_size(ts) for _, ts in groups), default=0)
         if self._cuda:
             if not torch.cuda.is_available():
@@ -115,7 +126,7 @@ class LayerStream:
     def _start(self, i: int, metas: list[TensorMeta]) -> _Group:
         """Group i's destinations, and its reads cut into READ_SPLIT pieces (not submitted)."""
         torch = torch_module()
-        spans: list[tuple[TensorMeta, memoryview]] = []
+        spans: list[tuple[TensorMeta, memoryview | None]] = []
         finish: Callable[[], tuple[dict[str, Any], Any]]
         if self._cuda:
             slot = i % len(self._ring)
@@ -147,12 +158,15 @@ class LayerStream:
                     spans.append((t, _flat_u8(dst)))
                 out[t.name] = dst
             finish = partial(_done, out)
-        else:  # views: nothing to read, only to wait for (see _reader)
+        else:  # views: only faulted in where the backing can, else only waited for (see _reader)
+            if self._prefault is not None:
+                spans = [(t, None) for t in metas if t.length]
             finish = partial(self._views, metas)
-        pieces: deque[tuple[str, int, memoryview]] = deque()
+        pieces: deque[_Piece] = deque()
         for t, dest in spans:
-            for o in range(0, len(dest), READ_SPLIT):
-                pieces.append((t.file, t.offset + o, dest[o : o + READ_SPLIT]))
+            for o in range(0, t.length, READ_SPLIT):
+                n = min(READ_SPLIT, t.length - o)
+                pieces.append((t.file, t.offset + o, n, None if dest is None else dest[o : o + n]))
         return _Group(i, pieces, [], finish)
 
     def _submit_ready(self, g: _Group) -> None:
@@ -160,9 +174,19 @@ class LayerStream:
         still downloading): a group's reading overlaps its download, and what is left once its
         last part lands is one piece. Several pieces in flight keep a cold disk busy."""
         backing = self.model.backing
-        while g.pieces and backing.ready(g.pieces[0][0], g.pieces[0][1], len(g.pieces[0][2])):
-            file, offset, dest = g.pieces.popleft()
-            g.futures.append(self._pool.submit(backing.read_into, file, offset, dest))
+        while g.pieces and backing.ready(*g.pieces[0][:3]):
+            file, offset, length, dest = g.pieces.popleft()
+            if dest is not None:
+                g.futures.append(self._pool.submit(backing.read_into, file, offset, dest))
+                continue
+            # Views: one prefault for the run of ready pieces that follow in the file (a whole
+            # group, on a committed model), so that the kernel's readahead streams it: faulted
+            # in piece by piece, a cold group took twice as long.
+            end = offset + length
+            while g.pieces and g.pieces[0][:2] == (file, end) and backing.ready(*g.pieces[0][:3]):
+                end += g.pieces.popleft()[2]
+            if self._prefault is not None:
+                g.futures.append(self._pool.submit(self._prefault, file, offset, end - offset))
 
     def _finish(self, g: _Group) -> tuple[Any, ...]:
         for f in g.futures:
@@ -219,18 +243,11 @@ class LayerStream:
 
     def _advise(self, metas: list[TensorMeta]) -> None:
         """Ask the kernel to start reading a later group now (asynchronous readahead)."""
-        ranges: dict[str, list[int]] = {}
-        for t in metas:
-            r = ranges.get(t.file)
-            if r is None:
-                ranges[t.file] = [t.offset, t.offset + t.length]
-            else:
-                r[0], r[1] = min(r[0], t.offset), max(r[1], t.offset + t.length)
-        for path, (start, end) in ranges.items():
+        for path, (start, end) in _file_ranges(metas).items():
             self.model.backing.advise(path, start, end - start)
 
     def _wait_on_disk(self, metas: list[TensorMeta]) -> bool:
-        """Views (``copy=False`` on CPU): until every byte of the group is on disk (immediate
+        """Views on a backing without ``prefault``: until every byte of the group is on disk (immediate
         unless the model is still being downloaded); False if the stream was closed meanwhile.
         Waiting here in short steps, rather than inside ``get_tensor``, lets ``close()`` stop a
         reader that waits for bytes."""
@@ -247,7 +264,8 @@ class LayerStream:
 
     def _reader(self) -> None:
         backing = self.model.backing
-        views = not self.copy and not self._cuda
+        views = self._views_only
+        wait_whole = views and self._prefault is None
         try:
             early: dict[int, _Group] = {}  # groups being read out of order, not handed over yet
             for i, (_name, metas) in enumerate(self.groups):
@@ -256,7 +274,7 @@ class LayerStream:
                     while not self._slots.acquire(timeout=0.1):
                         if self._stop.is_set():
                             return
-                    if self._stop.is_set() or (views and not self._wait_on_disk(metas)):
+                    if self._stop.is_set() or (wait_whole and not self._wait_on_disk(metas)):
                         return
                     g = self._start(i, metas)
                 while True:
@@ -264,17 +282,16 @@ class LayerStream:
                     if not g.pieces:
                         break
                     if not self._start_early(i, early):
-                        file, offset, dest = g.pieces[0]
+                        file, offset, length, _ = g.pieces[0]
                         # In short steps, so close() stops a reader that waits for bytes.
-                        if not backing.wait_ready(file, offset, len(dest), timeout=0.1) and self._stop.is_set():
+                        if not backing.wait_ready(file, offset, length, timeout=0.1) and self._stop.is_set():
                             return
                 self._queue.put(self._finish(g))
                 if i + 1 < len(self.groups) and not views and i + 1 not in early:
                     # After this group is in and handed over, not before: the hint must not
                     # compete with it, and queuing a cold group's reads can block for a while.
-                    # Views (copy=False) are handed out before their bytes are read, so a hint
-                    # here would compete with the consumer's first touches of this group: the
-                    # first layer from a cold cache took 3-4x longer (bench_load.py).
+                    # Views (copy=False) are faulted in piece by piece as the next group
+                    # starts: a hint here would only add a second request for the same pages.
                     self._advise(self.groups[i + 1][1])
             self._queue.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there

@@ -387,6 +387,11 @@ class StreamingFiles(FollowingBacking):
         for s, e in self.download.ready_parts(file, offset, length):
             self._mapped.advise(file, s, e - s)
 
+    def prefault(self, file: str, offset: int, length: int) -> None:
+        """``MappedFiles.prefault`` of a range once it is on disk."""
+        self.download.wait_ready(file, offset, length)
+        self._mapped.prefault(file, offset, length)
+
     def descriptors(self) -> Mapping[str, int] | None:
         return self._mapped.descriptors()
 

@@ -9,6 +9,7 @@ load_into(module, model)                   # meta parameters are assigned, like 
 # or, on a fresh meta module:
 jit = materialize_just_in_time(module, model, "cuda:0", prefetch=2)
 out = module(tokens)   # each layer's weights arrive right before that layer runs
+# on "cpu": zero-copy views of the shared pages (copy=True: private copies)
 """
 
 from __future__ import annotations
@@ -188,6 +189,11 @@ class JustInTime:
     the forward pass finds everything on one device. ``missing``/``unexpected`` say what
     strict=False let through.
 
+    On CPU the weights are zero-copy views of the shared page-cache pages where the model's
+    backing maps its files (``copy=None``, like ``load_into``): every process on the node that
+    runs the model holds one copy of it, and nothing is copied. Each group's pages are brought
+    in by the stream's reader before its hook runs. ``copy=True`` gives private copies instead.
+
     A model still downloading (a streaming open): each hook waits for exactly its group's
     bytes, and the hook that materialises the last group waits for ``wait_complete()`` first
     (so does the stream), so a forward pass that uses every group cannot finish on bytes that
@@ -203,15 +209,18 @@ class JustInTime:
         layer_of: Callable[[str], str] | None = None,
         *,
         strict: bool = True,
+        copy: bool | None = None,
     ) -> None:
-        torch_module()  # without torch, fail here with the install hint
+        torch = torch_module()  # without torch, fail here with the install hint
+        if copy is None:
+            copy = not (torch.device(device).type == "cpu" and model.zero_copy)
         self.module = module
         self.model = model
         plan = _plan(module, model, strict, "materialize_just_in_time")
         self.missing, self.unexpected = plan.missing, plan.unexpected
         self._sources = plan.sources
         self._groups = model.groups(layer_of)
-        self._stream = model.stream(device, prefetch=prefetch, layer_of=layer_of)
+        self._stream = model.stream(device, prefetch=prefetch, copy=copy, layer_of=layer_of)
         self._move_the_rest(self._stream.device)
         self._arrived: set[str] = set()
         self._handles: list[Any] = []
@@ -281,6 +290,7 @@ def materialize_just_in_time(
     layer_of: Callable[[str], str] | None = None,
     *,
     strict: bool = True,
+    copy: bool | None = None,
 ) -> JustInTime:
     """Arm a module built with its parameters on the meta device; see ``JustInTime``."""
-    return JustInTime(module, model, device, prefetch, layer_of, strict=strict)
+    return JustInTime(module, model, device, prefetch, layer_of, strict=strict, copy=copy)

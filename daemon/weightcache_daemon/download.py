@@ -9,8 +9,9 @@ the bytes a reader needs next are the ones on the wire. At most ``concurrency`` 
 flight, each fetched into a buffer of a fixed pool (memory does not grow with model size and no
 fresh memory is touched per part) and written at its offset with O_DIRECT (on this class of
 machine, buffered writes of a new file spend their time faulting in fresh page-cache memory;
-direct writes run at disk speed). ``on_written`` reports a range once the write of it returned,
-so readers of the in-progress file may use it.
+direct writes run at disk speed). A part is written in pieces of ``WRITE_PIECE`` as its bytes
+arrive, and ``on_written`` reports each piece once its write returned, so readers of the
+in-progress file may use it without waiting for the rest of the part.
 
 Hashing. A blob's address is the sha256 of the whole file, and that is also what sources vouch
 for (S3 checksums, Hugging Face LFS oids): the digest must be the plain, sequential SHA-256 of
@@ -76,6 +77,10 @@ PART_RETRIES = 5
 ALIGN = 4096
 HASHERS = 4  # files hashed at once; one thread per file, as a file's sha256 is sequential
 READ_CHUNK = 1 << 20  # the read-back buffer of each hashing thread
+# A part is written, and reported to readers, in pieces of this size as its bytes arrive, not
+# once whole: a reader waiting for the first bytes of a part (the end of a layer that shares
+# the part with the next one) does not wait for the rest of it, nor for one long write.
+WRITE_PIECE = 1 << 20
 TODO, FETCHING, ON_DISK = 0, 1, 2  # the states of a part
 
 
@@ -264,15 +269,17 @@ class _File:
         start = i * self.part_size
         return start, min(self.part_size, self.obj.size - start)
 
-    def write(self, buf: mmap.mmap, offset: int, n: int) -> None:
+    def write(self, buf: mmap.mmap, offset: int, end: int, skip: int = 0) -> None:
+        """Write buf[skip:end] at file offset offset + skip (buf holds the part at ``offset``;
+        skip is a multiple of ALIGN)."""
         # O_DIRECT needs aligned lengths: the last part writes up to ALIGN-1 stale bytes past
         # the object's end, cut off by finish().
-        length = -(-n // ALIGN) * ALIGN if self.direct else n
-        view = memoryview(buf)[:length]
+        length = -(-(end - skip) // ALIGN) * ALIGN if self.direct else end - skip
+        view = memoryview(buf)[skip : skip + length]
         done = 0
         try:
             while done < length:
-                done += os.pwrite(self.fd, view[done:], offset + done)
+                done += os.pwrite(self.fd, view[done:], offset + skip + done)
         except OSError as exc:
             raise _space_error(exc, self.obj) from None
         finally:
@@ -322,20 +329,27 @@ class _Job:
         # Finished tasks and returned buffers: what the scheduler waits for.
         self.events: queue.SimpleQueue[object] = queue.SimpleQueue()
 
-    def landed(self, f: _File, i: int, gen: int, buf: mmap.mmap, n: int) -> None:
-        """Part i (n bytes) of f is on disk: record it, report it, and keep its buffer for the
-        cursor until a fetch needs it (BufferPool.try_get reclaims it then)."""
+    def wrote(self, f: _File, gen: int, start: int, end: int) -> None:
+        """Bytes [start, end) of f, inside a part still arriving, are on disk: report them."""
+        with self.lock:
+            # Under the lock: once a file is voided, no report of its old version follows.
+            if gen == f.generation and self.on_written is not None and end > start:
+                self.on_written(f.obj, start, end)
+
+    def landed(self, f: _File, i: int, gen: int, buf: mmap.mmap, n: int, reported: int = 0) -> None:
+        """Part i (n bytes, the first ``reported`` of them reported by ``wrote`` already) of f is
+        on disk: record it, report the rest, and keep its buffer for the cursor until a fetch
+        needs it (BufferPool.try_get reclaims it then)."""
         with self.lock:
             if gen != f.generation:  # the file restarted while this part was in flight
                 self.pool.put(buf)
                 return
             f.state[i] = ON_DISK
             f.written.add(i)
-            if self.on_written is not None and n:
-                # Under the lock: once a file is voided, no report of its old version follows.
+            if self.on_written is not None and n > reported:
                 start = i * f.part_size
                 try:
-                    self.on_written(f.obj, start, start + n)
+                    self.on_written(f.obj, start + reported, start + n)
                 except BaseException:
                     self.pool.put(buf)
                     raise
@@ -634,12 +648,21 @@ def _run(
 
     def fetch(f: _File, i: int, gen: int, buf: mmap.mmap, ticket: int) -> None:
         start, length = f.part_range(i)
+        got = 0  # bytes of the part in buf (read_retrying fills it in order, retries included)
+        flushed = 0  # bytes of it written and reported
 
         def landed(n: int) -> None:
+            nonlocal got, flushed
             if cancelled.is_set():
                 raise _Cancelled()
             limiter.take(n, ticket, cancelled)
             on_bytes(n)
+            got += n
+            upto = got - got % WRITE_PIECE
+            if upto > flushed and upto < length:  # the last piece is written below, with the rest
+                f.write(buf, start, upto, flushed)
+                job.wrote(f, gen, start + flushed, start + upto)
+                flushed = upto
 
         try:
             view = memoryview(buf)[:length]
@@ -647,11 +670,11 @@ def _run(
                 read_retrying(source, f.obj, start, view, landed)
             finally:
                 view.release()
-            f.write(buf, start, length)
+            f.write(buf, start, length, flushed)
         except BaseException:
             pool.put(buf)
             raise
-        job.landed(f, i, gen, buf, length)
+        job.landed(f, i, gen, buf, length, flushed)
 
     # Parts not fetched yet, lowest (rank, file position, part) first; an entry of an earlier
     # generation of its file is stale (the file restarted) and skipped.
