@@ -195,6 +195,29 @@ def _resident(path: Path) -> int:
     return int(out.strip() or 0)
 
 
+def _evict_after_open(blobs: list[Path], at_most: int) -> None:
+    """Drop the blobs from the page cache until at most ``at_most`` bytes of them stay, once the
+    background hint of the open() that found them is done (pages under read are not dropped);
+    skip the test where the filesystem keeps its pages (tmpfs)."""
+    wait_for(lambda: not any(t.name == "wc-hint" for t in threading.enumerate()), 60, "the first hint")
+
+    def evicted() -> bool:
+        for blob in blobs:
+            fd = os.open(blob, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)  # dirty pages are not dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return sum(_resident(b) for b in blobs) <= at_most
+
+    deadline = time.monotonic() + 30
+    while not evicted():
+        if time.monotonic() > deadline:
+            pytest.skip(f"{blobs[0].parent}'s filesystem keeps its pages (tmpfs?): nothing to observe")
+        time.sleep(0.05)
+
+
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux) to see the page cache")
 def test_open_starts_reading_the_first_layer_group(daemon: Daemon, tmp_path: Path) -> None:
     model = make_model(tmp_path / "m", tiny=False, size=48 << 20)
@@ -205,23 +228,8 @@ def test_open_starts_reading_the_first_layer_group(daemon: Daemon, tmp_path: Pat
             blob = (Path(m.store_path) / first[0].file).resolve()
         want = sum(t.length for t in first if t.file == first[0].file)
         # That open() hinted the group too, from a background thread: it must be done, and the
-        # reads it queued (pages under read are not dropped) evicted, before the real check.
-        wait_for(lambda: not any(t.name == "wc-hint" for t in threading.enumerate()), 60, "the first hint")
-
-        def evicted() -> bool:
-            fd = os.open(blob, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)  # dirty pages are not dropped
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            return _resident(blob) <= want // 4
-
-        deadline = time.monotonic() + 30
-        while not evicted():
-            if time.monotonic() > deadline:
-                pytest.skip(f"{blob}'s filesystem keeps its pages (tmpfs?): nothing to observe")
-            time.sleep(0.05)
+        # reads it queued evicted, before the real check.
+        _evict_after_open([blob], want // 4)
         with c.open("cold"):
             # Nothing touches a tensor: the first group's pages arrive because open() asked for them.
             wait_for(lambda: _resident(blob) >= want, 60, f"the first layer group's {want} bytes in the page cache")
@@ -237,24 +245,8 @@ def test_stream_views_are_faulted_in_before_they_are_handed_over(daemon: Daemon,
     daemon.ctl("prefetch", f"file://{model}/", "--name", "cold")
     with weightcache.connect(daemon.socket_dir) as c:
         with c.open("cold") as m:
-            blobs = {(Path(m.store_path) / f.path).resolve() for f in m.manifest.files}
-        wait_for(lambda: not any(t.name == "wc-hint" for t in threading.enumerate()), 60, "the first hint")
-
-        def evicted() -> bool:
-            for blob in blobs:
-                fd = os.open(blob, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-            return sum(_resident(b) for b in blobs) <= (48 << 20) // 8
-
-        deadline = time.monotonic() + 30
-        while not evicted():
-            if time.monotonic() > deadline:
-                pytest.skip("the store's filesystem keeps its pages (tmpfs?): nothing to observe")
-            time.sleep(0.05)
+            blobs = sorted({(Path(m.store_path) / f.path).resolve() for f in m.manifest.files})
+        _evict_after_open(blobs, (48 << 20) // 8)
         with c.open("cold") as m:
             stream = m.stream("cpu", prefetch=1, copy=False)
             groups = [next(stream), next(stream)]  # open() itself hints the first group only
