@@ -5,13 +5,15 @@
     ... point the daemon's endpoint_url at f"http://127.0.0.1:{proxy.port}" ...
     proxy.stop()
 
-Faults (each applies to the next `times` connections, then traffic passes untouched):
+Faults (each applies to the next `times` requests, then traffic passes untouched; connections
+are kept alive, so every request on one is counted, and each response gets the fault afresh):
   truncate_after=N   close the connection after N response bytes
   reset_after=N      reset it (RST) after N response bytes
   stall_after=N      stop forwarding after N response bytes, for `stall_seconds`
   throttle=R         forward responses at R bytes/s
   slowdown=True      answer the request with HTTP 503 SlowDown without contacting the server
-  corrupt=True       flip one body byte of the first response (same length: only a hash catches it)
+  corrupt=True       flip one body byte of the response, the 101st (same length: only a hash
+                     catches it), however the response is cut into reads
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class FaultProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        state: dict[str, object] = {"fault": None, "sent": 0, "start": time.monotonic(), "corrupted": False}
+        state: dict[str, object] = {"fault": None}
         try:
             first = await reader.read(65536)
             if not first:
@@ -140,20 +142,20 @@ class FaultProxy:
                 pass
 
     def _arm(self, request: bytes, state: dict[str, object]) -> bool:
-        """A new request on this connection: take a fault from the budget if it qualifies.
-        Connections are kept alive, so requests are looked at one by one, not per connection."""
+        """A new request on this connection: its response gets a fault from the budget if it
+        qualifies, and none otherwise. Connections are kept alive, so requests are looked at one
+        by one, not per connection (a client sends the next only after reading a response)."""
         if not request.startswith((b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ")):
             return False  # the middle of a request body
         fault = self._take(request)
-        if fault is None:
-            return False
-        state.update(fault=fault, sent=0, start=time.monotonic(), corrupted=False)
-        return True
+        # body_at: where the response's body starts, counted like `sent`, once its head is seen
+        state.update(fault=fault, sent=0, start=time.monotonic(), corrupted=False, body_at=None)
+        return fault is not None
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, client: asyncio.StreamWriter,
                     state: dict[str, object]) -> None:  # fmt: skip
         while data := await src.read(65536):
-            if state["fault"] is None and self._arm(data, state) and state["fault"].slowdown:  # type: ignore[union-attr]
+            if self._arm(data, state) and state["fault"].slowdown:  # type: ignore[union-attr]
                 client.write(SLOWDOWN)
                 await client.drain()
                 client.close()
@@ -167,11 +169,13 @@ class FaultProxy:
             if isinstance(fault, Fault):
                 sent = int(state["sent"])  # type: ignore[call-overload]
                 if fault.corrupt and not state["corrupted"]:
-                    body = data.find(b"\r\n\r\n")
-                    if body >= 0 and body + 4 + 100 < len(data):
-                        i = body + 4 + 100
-                        data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
-                        state["corrupted"] = True
+                    if state["body_at"] is None and (head_end := data.find(b"\r\n\r\n")) >= 0:
+                        state["body_at"] = sent + head_end + 4
+                    if state["body_at"] is not None:
+                        i = int(state["body_at"]) + 100 - sent  # type: ignore[call-overload]
+                        if 0 <= i < len(data):
+                            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+                            state["corrupted"] = True
                 for limit, action in ((fault.truncate_after, "truncate"), (fault.reset_after, "reset"),
                                       (fault.stall_after, "stall")):  # fmt: skip
                     if limit is not None and sent + len(data) > limit:
