@@ -47,22 +47,28 @@ def _ensure_early(d: Daemon, uri: str) -> Any:
     return stub.Ensure(pb.EnsureRequest(model=uri, early=True), timeout=300)
 
 
-def _tensor_parts(manifest: pb.Manifest, part: int) -> dict[tuple[str, int], int]:
-    """(file, part index) -> the download rank of the first layer group needing a byte of it."""
+def _tensor_parts(manifest: pb.Manifest, part: int) -> tuple[dict[tuple[str, int], int], dict[str, int]]:
+    """(file, part index) -> the download rank of the first layer group needing a byte of it,
+    and each safetensors file's data offset (its header's end). The header is written before
+    the download, so a part holding it goes with the file's first tensor."""
     from weightcache_daemon.schedule import group_ranks
 
     group = group_ranks(list(manifest.layers))
     ranks: dict[tuple[str, int], int] = {}
-    data_start: dict[str, int] = {}
+    first: dict[str, tuple[int, int]] = {}  # file -> (data offset, rank of the tensor there)
     for t in manifest.tensors:
-        data_start[t.file] = min(data_start.get(t.file, t.offset), t.offset)
         r = group[t.layer_index]
+        first[t.file] = min(first.get(t.file, (t.offset, r)), (t.offset, r))
         for i in range(t.offset // part, -(-(t.offset + t.length) // part)):
             ranks[(t.file, i)] = min(ranks.get((t.file, i), r), r)
-    for file, start in data_start.items():  # the parts holding the header go before any layer
+    for file, (start, r) in first.items():
         for i in range(-(-start // part)):
-            ranks[(file, i)] = -1
-    return ranks
+            ranks[(file, i)] = min(ranks.get((file, i), r), r)
+    return ranks, {f: start for f, (start, _) in first.items()}
+
+
+def _covered(ranges: list[int], start: int, end: int) -> bool:
+    return any(s <= start and end <= e for s, e in zip(ranges[::2], ranges[1::2], strict=True))
 
 
 def test_readiness_is_never_ahead_of_the_disk(tmp_path: Path, model_dir: Path, report) -> None:  # type: ignore[no-untyped-def]
@@ -119,37 +125,49 @@ def test_readiness_is_never_ahead_of_the_disk(tmp_path: Path, model_dir: Path, r
 
 def test_download_runs_in_layer_order(tmp_path: Path, model_dir: Path) -> None:
     """One part in flight at a time: the parts arrive in layer-group order across both shards
-    (small files and headers first, then embed, layers.0, the rest (final norm, lm_head: see
+    (small files first, then embed, layers.0, the rest (final norm, lm_head: see
     schedule.group_ranks), layers.1, layers.2, ... numerically), although the shards store
-    layers in name order (layers.10 before layers.2)."""
+    layers in name order (layers.10 before layers.2). Every header is on disk before any of
+    them: the daemon writes the headers it read for the manifest, so the part holding a header
+    comes with its first tensor (lm_head's, in the second shard), not ahead of every layer."""
     d = _slow_daemon(tmp_path / "d", rate="12MiB", concurrency=1)
     try:
         call = _ensure_early(d, f"file://{model_dir}/")
         manifest = None
         arrival: list[list[int]] = []  # per readiness event: the ranks of the parts newly on disk
         have: set[tuple[str, int]] = set()
+        sizes: dict[str, int] = {}
+        headers_ready_before: int | None = None  # parts of tensors on disk when every header was
         for ev in call:
             kind = ev.WhichOneof("event")
             if kind == "manifest":
                 if not ev.manifest.streaming:
                     break
                 manifest = ev.manifest
-                ranks = _tensor_parts(manifest, MiB)
+                ranks, data_offset = _tensor_parts(manifest, MiB)
+                sizes = {f.path: f.size for f in manifest.files}
+                ready: dict[str, list[int]] = {}
             elif kind == "ready":
                 assert manifest is not None
                 new = []
                 for f in ev.ready.files:
-                    r = list(f.ranges)
-                    for s, e in zip(r[::2], r[1::2], strict=True):
-                        for i in range(s // MiB, -(-e // MiB)):
-                            if (f.path, i) not in have:
-                                have.add((f.path, i))
-                                new.append(ranks.get((f.path, i), -1))
+                    ready[f.path] = r = list(f.ranges)
+                    for i in range(-(-sizes[f.path] // MiB)):
+                        if (f.path, i) not in have and _covered(r, i * MiB, min((i + 1) * MiB, sizes[f.path])):
+                            have.add((f.path, i))
+                            new.append(ranks.get((f.path, i), -1))  # -1: not safetensors (config)
+                if headers_ready_before is None and all(
+                    _covered(ready.get(p, []), 0, n) for p, n in data_offset.items()
+                ):
+                    headers_ready_before = sum(1 for k in have if k in ranks)
                 if new:
                     arrival.append(new)
         assert manifest is not None
         names = [t.name for t in manifest.tensors]
         assert names[0] == "model.embed_tokens.weight" and manifest.layers[:3] == ["embed", "layers.0", "layers.1"]
+        assert headers_ready_before == 0, f"{headers_ready_before} weight parts on disk before every header was"
+        shard1, shard2 = sorted(data_offset)
+        assert ranks[(shard1, 0)] == 0 < ranks[(shard2, 0)]  # embed's part; lm_head's part, after layers.0
         flat = [r for group in arrival for r in group]
         assert len(flat) > 10
         # each event's parts come no earlier in layer order than the previous event's

@@ -168,6 +168,16 @@ def test_safetensors_header_and_other_files_go_first() -> None:
     assert other_file_ranks(10, PART) == [OTHER_FILE_RANK] < [HEADER_RANK]
 
 
+def test_a_header_written_ahead_leaves_its_part_to_its_tensors() -> None:
+    # The shard starts with lm_head (rank 3): with its header already on disk, the first part
+    # goes with lm_head, not ahead of every layer. A header filling whole parts takes the rank
+    # of the file's first tensor, however the tensors are listed.
+    tensors = [(2 * PART, 3 * PART, 0), (4096, 2 * PART, 3)]
+    assert safetensors_ranks(3 * PART, PART, 4096, tensors, 99, header_written=True) == [3, 3, 0]
+    assert safetensors_ranks(4 * PART, PART, PART + 8, [(PART + 8, 4 * PART, 5)], 99, True) == [5, 5, 5, 5]
+    assert safetensors_ranks(PART, PART, 100, [], 99, header_written=True) == [99]  # no tensor: no rank
+
+
 # ---------------------------------------------------------------- the engine
 
 
@@ -210,6 +220,56 @@ def test_sha256_with_out_of_order_arrival(tmp_path: Path, order: str) -> None:
     assert sum(d.read_back for d in got) > 0
     for n, s in sizes.items():
         _covers_exactly(source.log, n, s)
+
+
+def test_heads_known_ahead_are_on_disk_before_any_part_is_fetched(tmp_path: Path) -> None:
+    """A header the daemon read to build the manifest is written and reported before the
+    first fetch, so a reader has it while its part waits for its rank; the zeros padding an
+    O_DIRECT write past it clobber nothing, and the part still comes, for the hash."""
+    sizes = {"a.safetensors": 3 * PART + 5, "tiny.safetensors": 100}
+    source, data = _local(tmp_path, sizes, seed=6)
+    heads = {"a.safetensors": data["a.safetensors"][:5000], "tiny.safetensors": data["tiny.safetensors"]}
+    priority = {"a.safetensors": [7, 0, 1, 2], "tiny.safetensors": [9]}  # both heads' parts go last
+    got = _run(source, tmp_path / "ingest", concurrency=2, buffers=3, priority=priority, check=data, heads=heads)
+    _check_hashes(got, data)
+    first_read = next(k for k, (ev, *_) in enumerate(source.log) if ev == "read")
+    assert sorted(source.log[:first_read]) == [
+        ("written", "a.safetensors", 0, 5000), ("written", "tiny.safetensors", 0, 100)]  # fmt: skip
+    assert source.reads()[-2:] == [("a.safetensors", 0), ("tiny.safetensors", 0)]
+    with pytest.raises(ValueError, match=r"head of tiny\.safetensors: 101 bytes"):
+        _run(source, tmp_path / "ingest2", concurrency=1, buffers=2, heads={"tiny.safetensors": bytes(101)})
+
+
+def test_headers_are_read_at_once_and_their_bytes_kept(tmp_path: Path) -> None:
+    """Every shard's header is read concurrently (each read waits here until all four are in
+    flight, so reads one after the other would break the barrier), and its bytes come back for
+    the engine to write first. Of several malformed files, the error names the first listed."""
+    import json
+
+    from weightcache.errors import InvalidInputError
+    from weightcache_daemon.remote_headers import read_headers
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(4):
+        header = json.dumps({f"w{k}": {"dtype": "F32", "shape": [4, k + 1], "data_offsets": [0, 16 * (k + 1)]}})
+        (src / f"s{k}.safetensors").write_bytes(
+            len(header).to_bytes(8, "little") + header.encode() + bytes(16 * (k + 1))
+        )
+    together = threading.Barrier(4, timeout=60)
+    source = Recorder(open_source(f"file://{src}/", _config(tmp_path)), lambda obj, offset: together.wait())
+    objects = sorted(source.list(), key=lambda o: o.relpath)
+    got = read_headers(source, objects, "llama", workers=4)
+    assert sorted(got) == [o.relpath for o in objects]
+    for rel, h in got.items():
+        raw = (src / rel).read_bytes()
+        assert h.head == raw[: h.data_offset] and h.data_offset == 8 + int.from_bytes(raw[:8], "little")
+        assert [t.name for t in h.tensors] == [f"w{rel[1]}"]
+    (src / "s1.safetensors").write_bytes(b"\xff" * 64)
+    (src / "s3.safetensors").write_bytes(b"\xff" * 64)
+    source = Recorder(open_source(f"file://{src}/", _config(tmp_path)))
+    with pytest.raises(InvalidInputError, match=r"file s1\.safetensors of model llama: header length"):
+        read_headers(source, sorted(source.list(), key=lambda o: o.relpath), "llama", workers=4)
 
 
 def test_reports_only_bytes_on_disk_and_cover_each_file_once(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ fresh memory is touched per part) and written at its offset with O_DIRECT (on th
 machine, buffered writes of a new file spend their time faulting in fresh page-cache memory;
 direct writes run at disk speed). A part is written in pieces of ``WRITE_PIECE`` as its bytes
 arrive, and ``on_written`` reports each piece once its write returned, so readers of the
-in-progress file may use it without waiting for the rest of the part.
+in-progress file may use it without waiting for the rest of the part. Bytes known before the
+download (``heads``: the headers the job read for the manifest) are written and reported
+before any part is fetched.
 
 Hashing. A blob's address is the sha256 of the whole file, and that is also what sources vouch
 for (S3 checksums, Hugging Face LFS oids): the digest must be the plain, sequential SHA-256 of
@@ -275,15 +277,31 @@ class _File:
         # O_DIRECT needs aligned lengths: the last part writes up to ALIGN-1 stale bytes past
         # the object's end, cut off by finish().
         length = -(-(end - skip) // ALIGN) * ALIGN if self.direct else end - skip
-        view = memoryview(buf)[skip : skip + length]
+        self._pwrite(buf, skip, length, offset + skip)
+
+    def _pwrite(self, buf: mmap.mmap, start: int, length: int, at: int) -> None:
+        """All of buf[start:start + length] at file offset ``at``."""
+        view = memoryview(buf)[start : start + length]
         done = 0
         try:
             while done < length:
-                done += os.pwrite(self.fd, view[done:], offset + skip + done)
+                done += os.pwrite(self.fd, view[done:], at + done)
         except OSError as exc:
             raise _space_error(exc, self.obj) from None
         finally:
             view.release()
+
+    def write_head(self, head: bytes) -> None:
+        """Write bytes [0, len(head)) known before the download (a header the daemon read to
+        build the manifest). Only before any part is fetched: with O_DIRECT the write is padded
+        with zeros to ALIGN, over bytes that no part has written yet and no reader is told of."""
+        length = -(-len(head) // ALIGN) * ALIGN if self.direct else len(head)
+        buf = mmap.mmap(-1, max(length, ALIGN))  # page-aligned, as O_DIRECT wants its memory
+        try:
+            buf[: len(head)] = head
+            self._pwrite(buf, 0, length, 0)
+        finally:
+            buf.close()
 
     def finish(self) -> None:
         if self.direct:
@@ -523,6 +541,7 @@ def download(
     priority: Mapping[str, Sequence[int]] | None = None,
     on_written: Callable[[RemoteObject, int, int], None] | None = None,
     on_restart: Callable[[RemoteObject], None] | None = None,
+    heads: Mapping[str, bytes] | None = None,
 ) -> list[Downloaded]:
     """Fetch every object into ingest_dir; return them hashed and fsynced, in the order given.
 
@@ -540,8 +559,16 @@ def download(
     fetched. ``on_restart(obj)`` is called when obj (the version listed or last restarted at)
     changed at the source: what was reported of it is void, and it starts over at its new
     version; nothing of that file is fetched or reported between the two.
+
+    ``heads`` maps relative paths to bytes [0, n) of the object at the version listed, already
+    read (the safetensors headers the manifest was built from): they are written and reported
+    (``on_written``) before any part is fetched, so every file's header is on disk from the
+    start, whatever its part's rank. The part holding them is still fetched, for the hash.
     """
     for obj in objects:
+        head = (heads or {}).get(obj.relpath, b"")
+        if len(head) > obj.size:
+            raise ValueError(f"head of {obj.relpath}: {len(head)} bytes, but the object has {obj.size}")
         ranks = (priority or {}).get(obj.relpath)
         if ranks is not None and len(ranks) != part_count(obj.size, pool.size):
             raise ValueError(
@@ -573,6 +600,12 @@ def download(
                     stop = min(end * f.part_size, f.obj.size)
                     if stop > start:
                         on_written(f.obj, start, stop)
+        for f in files:
+            head = (heads or {}).get(f.obj.relpath, b"")
+            if head and 0 not in f.written:  # a resumed part 0 holds these bytes already
+                f.write_head(head)
+                if on_written is not None:
+                    on_written(f.obj, 0, len(head))
         _run(source, job, cfg, limiter, on_bytes, on_file, on_state, on_restart)
         return [Downloaded(f.obj, f.path, f.digest or "", f.restarts, f.read_back) for f in files]
     finally:

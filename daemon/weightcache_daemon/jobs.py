@@ -38,15 +38,16 @@ from weightcache.contract.errors import (
 )
 
 from .config import Config
-from .download import BufferPool, Downloaded, RateLimiter, download, ingest_name, read_retrying
+from .download import BufferPool, Downloaded, RateLimiter, download, ingest_name
 from .index import FileRow, Filters, Index, NewFile
 from .ingest_state import IngestFile, IngestState
 from .live import LiveFile, LiveSnapshot
 from .manifests import build_manifest
 from .metrics import Metrics, source_label
-from .safetensors_format import TensorInfo, read_header_from, validate_file
+from .remote_headers import read_headers
+from .safetensors_format import TensorInfo, validate_file
 from .schedule import group_ranks, other_file_ranks, safetensors_ranks
-from .sources import Clients, ObjectChanged, RemoteObject, Source, open_source
+from .sources import Clients, RemoteObject, Source, open_source
 from .store import LocalBlobStore
 
 log = structlog.get_logger("weightcached.jobs")
@@ -451,7 +452,7 @@ class Fetcher:
                 # Every header first (a small ranged read each): a malformed file fails the job
                 # before its bytes are fetched, the download runs in layer order, and clients may
                 # use the snapshot while it arrives.
-                live, priority, headers = self._prepare_live(job, source, objects, known, todo, ingest)
+                live, priority, headers, heads = self._prepare_live(job, source, objects, known, todo, ingest)
 
                 # ingest (made with the job's record in start()) is removed by _fetch
                 resume = load_resume(ingest, key, todo, self.cfg.download.part_size)
@@ -524,6 +525,7 @@ class Fetcher:
                         on_written=lambda obj, start, end: live.mark(obj.relpath, start, end),
                         on_restart=lambda obj: live.revoke(obj.relpath),
                         on_started=published,
+                        heads=heads,
                     )
                 p.phase = "COMMITTING"
                 return self._commit(job, objects, known, got, tensors)
@@ -540,20 +542,20 @@ class Fetcher:
         known: dict[str, str],
         todo: list[RemoteObject],
         ingest: Path,
-    ) -> tuple[LiveSnapshot, dict[str, list[int]], dict[str, list[TensorInfo]]]:
+    ) -> tuple[LiveSnapshot, dict[str, list[int]], dict[str, list[TensorInfo]], dict[str, bytes]]:
         """Read every header not already in the index, build the snapshot's manifest under a
-        provisional id, and rank each part to download by the first layer group that needs it."""
+        provisional id, and rank each part to download by the first layer group that needs it.
+        Also returns the headers' bytes, which the engine writes before fetching any part."""
         label = job.label
         tensors: dict[str, Sequence[TensorInfo]] = {}
         data_offset: dict[str, int] = {}
+        heads: dict[str, bytes] = {}
         for rel, digest in known.items():
             if rel.endswith(".safetensors"):
                 tensors[rel] = self.index.tensors(digest)
-        for o in todo:
-            if o.relpath.endswith(".safetensors"):
-                data_offset[o.relpath], tensors[o.relpath], _ = _remote_header(
-                    source, o, f"file {o.relpath} of model {label}"
-                )
+        shards = [o for o in todo if o.relpath.endswith(".safetensors")]
+        for rel, h in read_headers(source, shards, label, self.cfg.download.concurrency).items():
+            data_offset[rel], tensors[rel], heads[rel] = h.data_offset, h.tensors, h.head
         files = sorted((FileRow(o.relpath, known.get(o.relpath, ""), o.size) for o in objects), key=lambda f: f.path)
         manifest = build_manifest(label, LiveSnapshot.new_id(), job.key.uri, files, tensors, streaming=True)
         live_files = [
@@ -585,13 +587,13 @@ class Fetcher:
         for o in todo:
             if o.relpath in data_offset:
                 priority[o.relpath] = safetensors_ranks(
-                    o.size, part, data_offset[o.relpath], layer_of.get(o.relpath, []), last
+                    o.size, part, data_offset[o.relpath], layer_of.get(o.relpath, []), last, bool(heads[o.relpath])
                 )
             else:  # configs, tokenizers: small, and a loader reads them first
                 priority[o.relpath] = other_file_ranks(o.size, part)
         if not todo:
             self._publish(job, live)
-        return live, priority, {rel: list(tensors[rel]) for rel in data_offset}
+        return live, priority, {rel: list(tensors[rel]) for rel in data_offset}, heads
 
     def _publish(self, job: Job, live: LiveSnapshot) -> None:
         """Let clients in (from the job's thread): the ingest files exist at full size."""
@@ -651,19 +653,3 @@ class Fetcher:
             files=len(files),
         )
         return snapshot
-
-
-def _remote_header(source: Source, obj: RemoteObject, label: str) -> tuple[int, list[TensorInfo], dict[str, str]]:
-    """The header of a safetensors object, by ranged reads of the source (retried once at the
-    object's new version if it changed; the download itself then fetches that version)."""
-
-    def read(offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        read_retrying(source, obj, offset, memoryview(buf), lambda n: None)  # retried as the parts are
-        return bytes(buf)
-
-    try:
-        return read_header_from(read, obj.size, label)
-    except ObjectChanged:
-        obj = source.stat(obj.relpath)
-        return read_header_from(read, obj.size, label)

@@ -6,6 +6,11 @@ group of the first tensor a reader streaming layer by layer needs from it, so th
 wire are the ones the next layer waits for. Ranks below zero go first: the non-weight files
 (config, tokenizer: small, and read by a loader before any weight) at OTHER_FILE_RANK, then every
 safetensors header at HEADER_RANK, then layer groups 0, 1, ... .
+
+A header the daemon already holds (it reads every header to build the manifest, and the engine
+writes those bytes before fetching anything) needs no early part of its own: its part goes at
+the rank of the tensors it holds, so a shard that starts with ``lm_head`` does not put a part of
+``lm_head`` on the wire before the embeddings (one part per shard: 240 MiB for 30 shards).
 """
 
 from __future__ import annotations
@@ -64,13 +69,25 @@ def part_ranks(file_size: int, part_size: int, spans: Sequence[tuple[int, int, i
 
 
 def safetensors_ranks(
-    file_size: int, part_size: int, data_offset: int, tensors: Sequence[tuple[int, int, int]], default: int
+    file_size: int,
+    part_size: int,
+    data_offset: int,
+    tensors: Sequence[tuple[int, int, int]],
+    default: int,
+    header_written: bool = False,
 ) -> list[int]:
     """Ranks for a safetensors file whose data section starts at ``data_offset`` (8 + header
     length): the header at HEADER_RANK, each tensor's (begin, end) at its rank. Tensor offsets
     are absolute (from the start of the file, as ``TensorInfo.offset`` gives them), not relative
-    to the data section as in the header's ``data_offsets``."""
-    return part_ranks(file_size, part_size, [(0, data_offset, HEADER_RANK), *tensors], default)
+    to the data section as in the header's ``data_offsets``.
+
+    ``header_written``: the header's bytes are on disk before the download starts, so its span
+    takes the rank of the tensor right after it (the file's first), not HEADER_RANK. The part is
+    still fetched (the file's hash needs it), but with its tensors, not ahead of every layer."""
+    header_rank = HEADER_RANK
+    if header_written:
+        header_rank = min(tensors, key=lambda t: t[0])[2] if tensors else default
+    return part_ranks(file_size, part_size, [(0, data_offset, header_rank), *tensors], default)
 
 
 def other_file_ranks(file_size: int, part_size: int) -> list[int]:
