@@ -2,7 +2,7 @@
 soon does the first layer compute, and how soon are the logits ready?
 
 A Llama-shaped torch model that really computes (tests/llama.py, bf16, 16 layers, hidden size
-chosen to reach --size) is saved as two safetensors shards (safetensors.torch.save_file: tensors
+chosen to reach --size) is saved as --shards safetensors files, two by default (safetensors.torch.save_file: tensors
 in lexicographic order, so layers.10 sits before layers.2 in a file) and stored in a local
 SeaweedFS server. The daemon's source is limited to a network-like rate (download.rate_limit);
 each rate in --rates runs, in the same run, each from a fresh daemon on an empty store (nothing
@@ -595,7 +595,7 @@ def table(report: dict[str, Any]) -> str:
     m = report["model"]
     lines = [
         f"Model: {m['bytes'] / 2**30:.2f} GiB bf16, {m['dims']['layers']} layers, hidden {m['dims']['hidden']}, "
-        f"2 shards; prompt {m['prompt_tokens']} tokens; device {report['device']}.",
+        f"{m.get('shards', 2)} shards; prompt {m['prompt_tokens']} tokens; device {report['device']}.",
         "",
         "| source rate | strategy | last byte on disk | verified | layer 0 computed | logits ready "
         "| logits ÷ pure download | speed-up vs sequential | logits equal |",
@@ -723,6 +723,7 @@ def main() -> None:
     ap.add_argument("--rates", default="300MB,0", help="source rates, comma-separated (0 = unthrottled)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the forward pass runs")
     ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--shards", type=int, default=2, help="safetensors files the model is split into")
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     ap.add_argument("--out", type=Path, help="write the raw measurements and analysis as JSON")
     ap.add_argument("--logs", type=Path, help="keep each strategy's daemon log in this directory")
@@ -768,7 +769,9 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     dims = dims_for(parse_size(a.size, "--size"))
     src = work / "model"
-    total = write_model(src, dims)
+    if a.shards < 1:
+        raise SystemExit(f"--shards {a.shards}: must be at least 1")
+    total = write_model(src, dims, a.shards)
     b0 = bytes_for_layer0(src)
     files = sorted(str(p) for p in src.glob("*.safetensors"))
     prompt = [(7919 * i + 13) % dims["vocab"] for i in range(a.prompt_tokens)]
@@ -805,8 +808,10 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
     # what defines the measurement (not where its outputs went)
     command = f"--size {a.size} --rates {a.rates}" + (f" --device {a.device}" if a.device != "cpu" else "")
     command += f" --prompt-tokens {a.prompt_tokens}" if a.prompt_tokens != 16 else ""
+    command += f" --shards {a.shards}" if a.shards != 2 else ""
     return {
-        "model": {"bytes": total, "dims": dims, "layer0_bytes": b0, "prompt_tokens": a.prompt_tokens},
+        "model": {"bytes": total, "dims": dims, "layer0_bytes": b0, "prompt_tokens": a.prompt_tokens,
+                  "shards": a.shards},
         "device": a.device, "command": command,
         "rates": analyses, "raw": raws,
     }  # fmt: skip
