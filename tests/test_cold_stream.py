@@ -179,10 +179,12 @@ def test_download_runs_in_layer_order(tmp_path: Path, model_dir: Path) -> None:
 
 CHILD = textwrap.dedent(
     """
-    import hashlib, json, sys, time
+    import faulthandler, hashlib, json, sys, time
     import weightcache
     from weightcache.errors import WeightcacheError
     sock, uri, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    if mode != "stop-after-first":  # a reader that hangs shows where, and ends before the test's timeout
+        faulthandler.dump_traceback_later(200, exit=True)
     c = weightcache.connect(sock)
     m = c.open(uri)
     out = {"streaming": bool(m.manifest.streaming), "provisional": m.snapshot_id, "tensors": {}}
