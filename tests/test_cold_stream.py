@@ -25,6 +25,7 @@ from faultproxy import FaultProxy
 from harness import Daemon, make_model, no_partial_files, s3_source, sha256_file, start_daemon, wait_for, write_config
 
 from weightcache._fd import FdConnection
+from weightcache.contract.ranges import covered
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
@@ -65,10 +66,6 @@ def _tensor_parts(manifest: pb.Manifest, part: int) -> tuple[dict[tuple[str, int
         for i in range(-(-start // part)):
             ranks[(file, i)] = min(ranks.get((file, i), r), r)
     return ranks, {f: start for f, (start, _) in first.items()}
-
-
-def _covered(ranges: list[int], start: int, end: int) -> bool:
-    return any(s <= start and end <= e for s, e in zip(ranges[::2], ranges[1::2], strict=True))
 
 
 def test_readiness_is_never_ahead_of_the_disk(tmp_path: Path, model_dir: Path, report) -> None:  # type: ignore[no-untyped-def]
@@ -146,18 +143,18 @@ def test_download_runs_in_layer_order(tmp_path: Path, model_dir: Path) -> None:
                 manifest = ev.manifest
                 ranks, data_offset = _tensor_parts(manifest, MiB)
                 sizes = {f.path: f.size for f in manifest.files}
-                ready: dict[str, list[int]] = {}
+                ready: dict[str, list[tuple[int, int]]] = {}
             elif kind == "ready":
                 assert manifest is not None
                 new = []
                 for f in ev.ready.files:
-                    ready[f.path] = r = list(f.ranges)
+                    ready[f.path] = r = list(zip(f.ranges[::2], f.ranges[1::2], strict=True))
                     for i in range(-(-sizes[f.path] // MiB)):
-                        if (f.path, i) not in have and _covered(r, i * MiB, min((i + 1) * MiB, sizes[f.path])):
+                        if (f.path, i) not in have and covered(r, i * MiB, min((i + 1) * MiB, sizes[f.path])):
                             have.add((f.path, i))
                             new.append(ranks.get((f.path, i), -1))  # -1: not safetensors (config)
                 if headers_ready_before is None and all(
-                    _covered(ready.get(p, []), 0, n) for p, n in data_offset.items()
+                    covered(ready.get(p, []), 0, n) for p, n in data_offset.items()
                 ):
                     headers_ready_before = sum(1 for k in have if k in ranks)
                 if new:
