@@ -361,15 +361,21 @@ def proxy(s3: Any) -> Any:
     p.stop()
 
 
+@pytest.mark.parametrize("checksums", [True, False], ids=["source-sha256", "no-checksum"])
 def test_a_byte_flipped_in_transit_fails_every_reader_and_publishes_nothing(  # type: ignore[no-untyped-def]
-    tmp_path: Path, s3, bucket: str, model_dir: Path, proxy: FaultProxy, report
+    tmp_path: Path, s3, bucket: str, model_dir: Path, proxy: FaultProxy, report, checksums: bool
 ) -> None:
+    """With SHA256 checksums (as `aws s3 cp --checksum-algorithm SHA256` uploads), the hash
+    catches the flips. Without, a flipped byte inside a file's header (the 101st byte of the
+    response for its first part) does: the header read before the download was valid, so the
+    file is corrupted, not malformed."""
     import weightcache
     from weightcache.errors import CorruptedError
 
     c3 = s3.client()
-    for p in sorted(model_dir.iterdir()):  # with SHA256 checksums, as `aws s3 cp --checksum-algorithm SHA256`
-        c3.put_object(Bucket=bucket, Key=f"llama/{p.name}", Body=p.read_bytes(), ChecksumAlgorithm="SHA256")
+    extra = {"ChecksumAlgorithm": "SHA256"} if checksums else {}
+    for p in sorted(model_dir.iterdir()):
+        c3.put_object(Bucket=bucket, Key=f"llama/{p.name}", Body=p.read_bytes(), **extra)
     root = tmp_path / "d"
     root.mkdir()
     cfg = write_config(root / "w.toml", None, client_sources=["*"],
@@ -396,7 +402,8 @@ def test_a_byte_flipped_in_transit_fails_every_reader_and_publishes_nothing(  # 
         assert d.ctl_json("ls") == [] and int(d.ctl_json("stats")["blobs"]) == 0  # nothing published
         no_partial_files(d)
         assert "streaming_readers_failed" in d.log_text()
-        report("streaming", "a byte flipped in transit while a client streams the model",
+        report("streaming", f"a byte flipped in transit while a client streams the model ({'' if checksums else 'no '}"
+               "source checksum)",
                "CorruptedError at the client's next call; the final group never delivered; nothing published",
                f"{len(delivered)} of {len(groups)} groups delivered")  # fmt: skip
     finally:

@@ -272,6 +272,57 @@ def test_headers_are_read_at_once_and_their_bytes_kept(tmp_path: Path) -> None:
         read_headers(source, sorted(source.list(), key=lambda o: o.relpath), "llama", workers=4)
 
 
+class Flipping(Recorder):
+    """Flips one byte (XOR 0xFF, as the fault proxy does) in each of the first reads from
+    offset 0, at the next position of ``flips``: a ranged read on the wire has no checksum."""
+
+    def __init__(self, inner: Source, flips: list[int]) -> None:
+        super().__init__(inner)
+        self.flips = list(flips)
+
+    def read_into(self, obj: RemoteObject, offset: int, buf: memoryview, on_bytes: Callable[[int], None]) -> None:
+        super().read_into(obj, offset, buf, on_bytes)
+        if offset == 0 and self.flips:
+            buf[self.flips.pop(0)] ^= 0xFF
+
+
+def test_a_header_flipped_in_transit_is_read_again_not_called_malformed(tmp_path: Path) -> None:
+    """One byte flipped inside a header's JSON makes it invalid UTF-8. Read once, that failed a
+    good model as malformed (InvalidInputError). Now an invalid header is read a second time: a
+    valid second read is used, two different invalid reads are CorruptedError, and the same
+    invalid bytes twice are the file's own fault."""
+    import json
+
+    from weightcache.errors import CorruptedError, InvalidInputError
+    from weightcache_daemon.remote_headers import read_headers
+
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [f"model.layers.{k}.self_attn.q_proj.weight" for k in range(4)]
+    header = json.dumps(
+        {n: {"dtype": "F32", "shape": [2], "data_offsets": [8 * k, 8 * k + 8]} for k, n in enumerate(names)}
+    )
+    raw = len(header).to_bytes(8, "little") + header.encode() + bytes(32)
+    (src / "s.safetensors").write_bytes(raw)
+    assert all(raw[at] < 0x80 and 8 < at < 8 + len(header) for at in (100, 101))  # inside the JSON
+
+    def headers(flips: list[int]) -> tuple[Flipping, dict[str, Any]]:
+        source = Flipping(open_source(f"file://{src}/", _config(tmp_path)), flips)
+        return source, read_headers(source, source.list(), "llama", workers=2)
+
+    source, got = headers([100])
+    assert got["s.safetensors"].head == raw[: 8 + len(header)]
+    assert [t.name for t in got["s.safetensors"].tensors] == names
+    assert [e for e in source.log if e[0] == "read"] == [("read", "s.safetensors", 0, len(raw))] * 2
+    with pytest.raises(CorruptedError, match=r"file s\.safetensors of model llama: two reads of its header gave "
+                       r"different bytes.*corrupted in transit.*not valid UTF-8"):  # fmt: skip
+        headers([100, 101])
+    with pytest.raises(InvalidInputError, match=r"file s\.safetensors of model llama: header is not valid UTF-8"):
+        headers([100, 100])  # the same bytes twice: what the source holds
+    _, got = headers([])  # a clean header is read once
+    assert got["s.safetensors"].head == raw[: 8 + len(header)]
+
+
 def test_reports_only_bytes_on_disk_and_cover_each_file_once(tmp_path: Path) -> None:
     sizes = {"a.bin": 7 * PART + 123, "b.bin": 3 * PART}
     source, data = _local(tmp_path, sizes, seed=4)

@@ -131,6 +131,34 @@ def test_same_length_wrong_bytes_are_data_loss(tmp_path: Path, s3, proxy: FaultP
         d.stop()
 
 
+def test_a_header_flipped_in_transit_is_read_again(tmp_path: Path, s3, proxy: FaultProxy, bucket: str, report) -> None:  # type: ignore[no-untyped-def]
+    """The first ranged read is a header read, and its 101st byte lies inside the JSON of a
+    Llama header: flipped, the header is invalid UTF-8. The daemon reads it again instead of
+    failing a good model as malformed, and the model arrives byte-identical."""
+    from harness import make_model
+
+    src = make_model(tmp_path / "llama")
+    c = s3.client()
+    expected = {}
+    for p in sorted(src.iterdir()):
+        c.put_object(Bucket=bucket, Key=f"llama/{p.name}", Body=p.read_bytes())
+        expected[p.name] = sha256_file(p)
+    assert all(8 + int.from_bytes(p.read_bytes()[:8], "little") > 100 for p in src.glob("*.safetensors"))
+    d = _daemon(tmp_path, s3, proxy)
+    try:
+        proxy.set(corrupt=True, times=1)
+        d.ctl("prefetch", f"s3://{bucket}/llama/", "--name", "llama")
+        assert proxy.injected == 1
+        assert "header_read_twice" in d.log_text() and "not valid UTF-8" in d.log_text()
+        view = Path(d.ctl_json("show", "llama")["manifest"]["path"])
+        assert {p.name: sha256_file(p) for p in view.iterdir()} == expected
+        no_partial_files(d)
+        report("corruption", "S3 proxy flips one byte inside a safetensors header's JSON (the first ranged read)",
+               "the header is read again, not called malformed; the model arrives byte-identical", "")  # fmt: skip
+    finally:
+        d.stop()
+
+
 def test_known_checksum_skips_the_download(tmp_path: Path, s3, proxy: FaultProxy, model_in_s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
     """The source vouches for a sha256 the store already has: no bytes move (dedup before download)."""
     uri, _ = model_in_s3

@@ -493,7 +493,14 @@ class Fetcher:
                                 f"but the source's checksum is sha256:{want[:16]}… (corrupted in transit); nothing published"
                             )
                         if d.obj.relpath.endswith(".safetensors"):
-                            infos, _ = validate_file(str(d.path), f"file {d.obj.relpath} of model {job.label}")
+                            try:
+                                infos, _ = validate_file(str(d.path), f"file {d.obj.relpath} of model {job.label}")
+                            except InvalidInputError as exc:
+                                # Its header was read valid before the download: the bytes changed on the way.
+                                raise CorruptedError(
+                                    f"{exc} (its header was valid when read before the download: corrupted in "
+                                    "transit, or changed at the source); nothing published"
+                                ) from None
                             if infos != headers.get(d.obj.relpath):
                                 # Readers were given the header read first: it must be the one downloaded.
                                 raise CorruptedError(

@@ -11,11 +11,17 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import structlog
+
+from weightcache.contract.errors import CorruptedError, InvalidInputError
+
 from .download import read_retrying
 from .safetensors_format import TensorInfo, read_header_from
 from .sources import ObjectChanged, RemoteObject, Source
 
 __all__ = ["RemoteHeader", "read_headers", "remote_header"]
+
+log = structlog.get_logger("weightcached.remote_headers")
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,34 @@ def remote_header(source: Source, obj: RemoteObject, label: str) -> RemoteHeader
     """(data offset, tensors, the header's bytes) of a safetensors object, by ranged reads of
     the source. If the object changed, the header is read once more at its new version, and no
     bytes are returned: the download itself fetches that version, from a listing it no longer
-    matches, so bytes of the new version must not be written ahead of it."""
-    got: list[bytes] = []
+    matches, so bytes of the new version must not be written ahead of it.
+
+    A header that fails validation is read a second time before the file is called malformed.
+    A ranged read carries no checksum, so one byte flipped on the wire (most often inside the
+    JSON, which is most of what the first read holds) would otherwise fail the model as
+    InvalidInputError. Two reads that differ are corruption in transit: the second is used if
+    it is valid (the downloaded file is compared with it and hashed, so a wrong second read
+    cannot get through), and CorruptedError is raised if neither is."""
+    first: list[bytes] = []
+    try:
+        return _read_once(source, obj, label, first)
+    except InvalidInputError as exc:
+        second: list[bytes] = []
+        try:
+            again = _read_once(source, obj, label, second)
+        except InvalidInputError:
+            if second == first:
+                raise exc from None  # the same bytes twice: the file is malformed
+            raise CorruptedError(
+                f"{label}: two reads of its header gave different bytes, neither of them a valid header "
+                f"(corrupted in transit); the first: {exc}"
+            ) from None
+        log.warning("header_read_twice", file=label, first_read=str(exc))
+        return again
+
+
+def _read_once(source: Source, obj: RemoteObject, label: str, got: list[bytes]) -> RemoteHeader:
+    """One attempt of remote_header; ``got`` receives the bytes it read, in order."""
 
     def read(offset: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -54,6 +86,7 @@ def remote_header(source: Source, obj: RemoteObject, label: str) -> RemoteHeader
         data_offset, tensors, _ = read_header_from(read, obj.size, label)
         return RemoteHeader(data_offset, tensors, b"".join(got)[:data_offset])
     except ObjectChanged:
+        got.clear()
         obj = source.stat(obj.relpath)
         data_offset, tensors, _ = read_header_from(read, obj.size, label)
         return RemoteHeader(data_offset, tensors, b"")
