@@ -23,7 +23,10 @@ original files. Recorded per strategy, on one clock (time.monotonic, system-wide
 called; bytes downloaded over time (the daemon's weightcache_downloaded_bytes counter, polled
 every 20 ms); per layer group the time its bytes were ready (the backing's readiness), read
 (backing reads), the forward waiting for it, and its compute (forward pre/post hooks; on CUDA
-each hook synchronises so the times are real); the logits.
+each hook synchronises so the times are real); the logits; the CPU seconds the client, the daemon
+and the S3 server used. From those, a CPU floor: the download's CPU work plus the sequential
+client's (read and forward, alone on the machine), over the machine's cores, is the least wall
+time any schedule of that work can take here.
 
     python tools/bench_coldstart.py --size 2GiB --rates 300MB,0 --svg docs/coldstart.svg --readme
     python tools/bench_coldstart.py --size 2GiB --out bench-out/coldstart.json    # raw data kept
@@ -45,6 +48,7 @@ import gc
 import json
 import math
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -322,12 +326,14 @@ def child(strategy: str, ctx: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     time.sleep(SETTLE)
     t: dict[str, float] = {"open": now()}
+    cpu: dict[str, float] = {"open": process_cpu()}
     if strategy == "sequential":
         subprocess.run(
             ["cachectl", "--admin-socket", ctx["admin_socket"], "prefetch", ctx["uri"], "--name", "bench"],
             check=True, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         t["prefetched"] = now()
+        cpu["prefetched"] = process_cpu()
         m = client.open(ctx["uri"])
         streamed = False
         t["opened"] = now()
@@ -349,24 +355,34 @@ def child(strategy: str, ctx: dict[str, Any]) -> dict[str, Any]:
         logits = module(tokens)
     rec.sync()
     t["logits"] = now()
+    cpu["logits"] = process_cpu()
     equal = bool(torch.equal(logits.cpu(), ref))
     if rec.complete is not None:
         t["complete"] = rec.complete
     m.close()
     client.close()
-    return {"t": t, "groups": rec.report(), "equal": equal, "streamed": streamed}
+    return {"t": t, "cpu": cpu, "groups": rec.report(), "equal": equal, "streamed": streamed}
+
+
+def process_cpu() -> float:
+    """User + system CPU seconds of this process, every thread (torch's included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 # ---------------------------------------------------------------- orchestrator
 
 
 class Poller(threading.Thread):
-    """Samples the daemon's downloaded-bytes counter: [(time, bytes)], one per change."""
+    """Samples the daemon's downloaded-bytes counter: [(time, bytes)], one per change; and the
+    CPU seconds the daemon and the S3 server have used: [(time, seconds)], every poll."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, pids: list[int]) -> None:
         super().__init__(name="metrics-poll", daemon=True)
         self.url = f"http://127.0.0.1:{port}/metrics"
+        self.pids = pids
         self.samples: list[tuple[float, float]] = []
+        self.cpu: list[tuple[float, float]] = []
         self._stop_event = threading.Event()
 
     def read(self) -> float | None:
@@ -385,6 +401,7 @@ class Poller(threading.Thread):
         last = -1.0
         while not self._stop_event.is_set():
             t = now()
+            self.cpu.append((t, cpu_seconds(self.pids)))
             v = self.read()
             if v is not None and v != last:
                 self.samples.append((t, v))
@@ -398,6 +415,51 @@ class Poller(threading.Thread):
         if v is not None and (not self.samples or v != self.samples[-1][1]):
             self.samples.append((now(), v))
         return self.samples
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (the S3 server may run as a wrapper and its binary)."""
+    parents: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(c for c, pp in parents.items() if pp == pid)
+    return out
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used (all their threads); gone ones count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / TICK
+
+
+def value_at(samples: list[tuple[float, float]], t: float) -> float | None:
+    """A sampled counter's value at time ``t``, interpolated between the samples around it."""
+    prev: tuple[float, float] | None = None
+    for ts, v in samples:
+        if ts >= t:
+            if prev is None or ts == prev[0]:
+                return v
+            return prev[1] + (t - prev[0]) / (ts - prev[0]) * (v - prev[1])
+        prev = (ts, v)
+    return None
 
 
 def time_at(samples: list[tuple[float, float]], nbytes: float) -> float | None:
@@ -454,7 +516,7 @@ def run_strategy(
     cfg = write_config(root / "weightcached.toml", srv, client_sources=["*"], metrics_address=f"127.0.0.1:{port}",
                        download=download)  # fmt: skip
     d = start_daemon(root, srv, config=cfg)
-    poller = Poller(port)
+    poller = Poller(port, [d.proc.pid, *process_tree(srv.process.pid)])
     poller.start()
     try:
         ctx = {**ctx, "socket_dir": str(d.socket_dir), "admin_socket": str(d.admin_socket)}
@@ -479,6 +541,7 @@ def run_strategy(
         drop_cache(root)
         shutil.rmtree(root, ignore_errors=True)
     res["samples"] = res_samples
+    res["server_cpu"] = poller.cpu
     return res
 
 
@@ -532,6 +595,7 @@ def analyse(rate: int, runs: dict[str, dict[str, Any]], total: int, b0: int, hea
         "header_round_trip_s": header_rt,
         "strategies": {},
     }
+    cores = len(os.sched_getaffinity(0))
     for s in STRATEGIES:
         r = runs.get(s)
         if r is None or "skipped" in r:
@@ -553,12 +617,19 @@ def analyse(rate: int, runs: dict[str, dict[str, Any]], total: int, b0: int, hea
             "equal": r["equal"],
             "streamed": r.get("streamed", False),
         }
+        server = [value_at(r.get("server_cpu", []), x) for x in (t0, r["t"]["logits"])]
+        if None not in server and "cpu" in r:
+            # The share of the machine the run kept busy, daemon, S3 server and client together.
+            row["server_core_s"] = server[1] - server[0]  # type: ignore[operator]
+            row["client_core_s"] = r["cpu"]["logits"] - r["cpu"]["open"]
+            row["busy"] = (row["server_core_s"] + row["client_core_s"]) / cores / row["logits_s"]
         if s == "sequential":
             row["prefetch_s"] = r["t"]["prefetched"] - t0
             row["read_s"] = r["t"]["loaded"] - r["t"]["prefetched"]  # open() + load_into
             row["compute_s"] = r["t"]["logits"] - r["t"]["loaded"]
         out["strategies"][s] = row
     seq = out["strategies"]["sequential"]
+    seq_run = runs.get("sequential", {})
     if "skipped" not in seq and out["pure_download_s"]:
         d = out["pure_download_s"]
         out["bound"] = (d + seq["read_s"] + seq["compute_s"]) / d
@@ -567,6 +638,16 @@ def analyse(rate: int, runs: dict[str, dict[str, Any]], total: int, b0: int, hea
             if "skipped" not in row:
                 row["speedup"] = seq["logits_s"] / row["logits_s"]
                 row["logits_over_download"] = row["logits_s"] / d
+    download_cpu = [value_at(pure.get("server_cpu", []), x) for x in (p0, dl_all or p0)]
+    if "skipped" not in seq and out["pure_download_s"] and None not in download_cpu and "cpu" in seq_run:
+        # No schedule finishes before the machine's cores have done the download's work and the
+        # client's (reading and computing, as the sequential run did it alone). Where this floor
+        # is above 1.10x, the logits target cannot be met on this machine whatever the order.
+        work = download_cpu[1] - download_cpu[0]  # type: ignore[operator]
+        client = seq_run["cpu"]["logits"] - seq_run["cpu"]["prefetched"]
+        floor = (work + client) / cores
+        out["cpu_floor"] = {"download_core_s": work, "client_core_s": client, "cores": cores, "floor_s": floor,
+                            "ratio": floor / out["pure_download_s"]}  # fmt: skip
     st = out["strategies"]["streaming"]
     if "skipped" not in st and out["pure_download_layer0_bytes_s"]:
         budget = out["pure_download_layer0_bytes_s"] + header_rt
@@ -640,6 +721,15 @@ def table(report: dict[str, Any]) -> str:
                 f"**{tg['logits_ratio']:.2f}x** the pure download (target ≤ 1.10x, "
                 f"{'met' if tg['logits_ok'] else 'not met'})."
             )
+            cf = a.get("cpu_floor")
+            if cf:
+                notes.append(
+                    f"- {rl}: CPU floor on {cf['cores']} cores: (download {cf['download_core_s']:.2f} core-s, daemon "
+                    f"and S3 server, + open, read and forward {cf['client_core_s']:.2f} core-s, the sequential "
+                    f"client) / {cf['cores']} = {cf['floor_s']:.2f} s, **{cf['ratio']:.2f}x** the pure download: "
+                    "the least wall time any schedule of this work takes on this machine. The streaming run kept "
+                    f"{a['strategies']['streaming'].get('busy', 0) * 100:.0f}% of it busy."
+                )
             own = a["strategies"]["streaming"].get("download_layer0_bytes_s")
             if own is not None:
                 notes.append(
