@@ -450,28 +450,27 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
-def value_at(samples: list[tuple[float, float]], t: float) -> float | None:
-    """A sampled counter's value at time ``t``, interpolated between the samples around it."""
+def crossing(points: list[tuple[float, float]], x: float) -> float | None:
+    """Along points (a, b) with a never decreasing: b where a reaches x, interpolated between
+    the points around it; None if a never does."""
     prev: tuple[float, float] | None = None
-    for ts, v in samples:
-        if ts >= t:
-            if prev is None or ts == prev[0]:
-                return v
-            return prev[1] + (t - prev[0]) / (ts - prev[0]) * (v - prev[1])
-        prev = (ts, v)
+    for a, b in points:
+        if a >= x:
+            if prev is None or a == prev[0]:
+                return b
+            return prev[1] + (x - prev[0]) / (a - prev[0]) * (b - prev[1])
+        prev = (a, b)
     return None
+
+
+def value_at(samples: list[tuple[float, float]], t: float) -> float | None:
+    """A sampled counter's value at time ``t``."""
+    return crossing(samples, t)
 
 
 def time_at(samples: list[tuple[float, float]], nbytes: float) -> float | None:
-    """When the counter reached ``nbytes``, interpolated between the samples around it."""
-    prev: tuple[float, float] | None = None
-    for t, v in samples:
-        if v >= nbytes:
-            if prev is None or v == prev[1]:
-                return t
-            return prev[0] + (nbytes - prev[1]) / (v - prev[1]) * (t - prev[0])
-        prev = (t, v)
-    return None
+    """When the counter reached ``nbytes``."""
+    return crossing([(v, t) for t, v in samples], nbytes)
 
 
 def free_port() -> int:
