@@ -32,8 +32,11 @@ def render(rows: list[dict[str, str]]) -> str:
     rows = sorted(rows, key=lambda r: (ORDER.index(r["case"]) if r["case"] in ORDER else 99, r["what"]))
     out = ["| case | what was done | result | figures | test |", "|---|---|---|---|---|"]
     for r in rows:
-        test = r["test"].split("::", 1)
-        out.append(f"| {r['case']} | {r['what']} | {r['result']} | {r['figures']} | `{test[0]}::{test[1][:60]}` |")
+        path, name = r["test"].split("::", 1)
+        func, bracket, param = name.partition("[")  # a long name is cut, its parameters kept
+        out.append(
+            f"| {r['case']} | {r['what']} | {r['result']} | {r['figures']} | `{path}::{func[:60]}{bracket}{param}` |"
+        )
     return "\n".join(out)
 
 
