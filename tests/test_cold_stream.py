@@ -202,6 +202,21 @@ CHILD = textwrap.dedent(
 )
 
 
+def _daemon_state(d: Daemon) -> str:
+    """For a failure message: the daemon's thread stacks (SIGUSR1), its asyncio tasks' await
+    chains (SIGUSR2) and the end of its log, to show which side a reader that never finished
+    was waiting on."""
+    for sig, mark in ((signal.SIGUSR1, "most recent call first"), (signal.SIGUSR2, "asyncio tasks (")):
+        if d.proc.poll() is not None:
+            break
+        d.proc.send_signal(sig)
+        try:
+            wait_for(lambda mark=mark: mark in d.log_text(), 30, "the daemon's dump")
+        except AssertionError:
+            pass  # the log as it is says something still
+    return "daemon log (end):\n" + d.log_text()[-30000:]
+
+
 def _spawn(d: Daemon, uri: str, mode: str = "all") -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", CHILD, str(d.socket_dir), uri, mode], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True)  # fmt: skip
@@ -234,7 +249,7 @@ def test_sixteen_processes_stream_one_cold_download(tmp_path: Path, model_dir: P
         results = []
         for k in kids:
             out, err = k.communicate(timeout=300)
-            assert k.returncode == 0, err
+            assert k.returncode == 0, f"{err}\n{_daemon_state(d)}"
             results.append(json.loads(out.strip().splitlines()[-1]))
         expected = _expected_tensors(model_dir)
         assert all("error" not in r for r in results), [r.get("error") for r in results]
@@ -251,6 +266,25 @@ def test_sixteen_processes_stream_one_cold_download(tmp_path: Path, model_dir: P
         report("streaming", "16 processes open one cold model at once and read every tensor while it downloads",
                "one download shared; every tensor byte-identical; one committed snapshot",
                f"{streaming}/16 opened it streaming; {size / MiB:.0f} MiB downloaded once")  # fmt: skip
+    finally:
+        d.stop()
+
+
+def test_usr2_shows_where_each_stream_waits(tmp_path: Path, model_dir: Path) -> None:
+    """`kill -USR2` logs every asyncio task's await chain. A streaming Ensure is a handler
+    inside async generators (fetch, then _stream_job): the dump must reach _stream_job, which a
+    thread dump (USR1) cannot show."""
+    import weightcache
+
+    d = _slow_daemon(tmp_path / "d", rate="4MiB")
+    try:
+        with weightcache.connect(d.socket_dir) as c, c.open(f"file://{model_dir}/") as m:
+            assert m.manifest.streaming
+            d.proc.send_signal(signal.SIGUSR2)
+            wait_for(lambda: "in Core._stream_job" in d.log_text(), 60, "the task dump")
+            dump = d.log_text()
+            assert "asyncio tasks (" in dump and "in Core.fetch" in dump
+            assert d.proc.poll() is None  # and the daemon goes on
     finally:
         d.stop()
 

@@ -344,3 +344,42 @@ def test_sd_notify_ready_after_sockets_and_watchdog_pings(tmp_path: Path) -> Non
         if p.poll() is None:
             p.kill()
         sock.close()
+
+
+def test_task_dump_follows_awaits_through_async_generators() -> None:
+    """format_tasks walks each task's await chain, through `async for` over async generators
+    (whose awaitable hides its generator), to the innermost wait."""
+    import asyncio
+
+    from weightcache_daemon.taskdump import format_tasks
+
+    async def innermost(ev: asyncio.Event) -> None:
+        await ev.wait()
+
+    async def events(ev: asyncio.Event) -> Any:
+        await innermost(ev)
+        yield 1
+
+    async def handler(ev: asyncio.Event) -> None:
+        async for _ in events(ev):
+            pass
+
+    async def main() -> str:
+        ev = asyncio.Event()
+        task = asyncio.create_task(handler(ev), name="rpc-1")
+        await asyncio.sleep(0)  # let it start and suspend
+        text = format_tasks([task])
+        ev.set()
+        await task
+        return text
+
+    text = asyncio.run(main())
+    lines = text.splitlines()
+    assert lines[0].startswith("asyncio tasks (1)") and lines[1] == "Task rpc-1 (pending):"
+    names = [ln.rsplit(" in ", 1)[1] for ln in lines[2:] if ln.startswith("  File ")]
+    assert names[:4] == [
+        "test_task_dump_follows_awaits_through_async_generators.<locals>.handler",
+        "test_task_dump_follows_awaits_through_async_generators.<locals>.events",
+        "test_task_dump_follows_awaits_through_async_generators.<locals>.innermost",
+        "Event.wait",
+    ]

@@ -23,6 +23,7 @@ from weightcache.contract import paths
 from weightcache.contract.errors import BusyError, CorruptedError, InvalidInputError, PermissionDeniedError
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 
+from . import taskdump
 from .config import Config, capacity_bytes
 from .core import Core
 from .declarative import ModelsDir
@@ -326,6 +327,7 @@ async def serve(cfg: Config, env: dict[str, str], rebuild_index: bool = False) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    taskdump.install(loop, signal.SIGUSR2)  # every task's await chain; SIGUSR1 dumps the threads
     try:
         await daemon.start()
     except BaseException:
