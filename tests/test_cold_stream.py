@@ -276,14 +276,21 @@ def test_usr2_shows_where_each_stream_waits(tmp_path: Path, model_dir: Path) -> 
     thread dump (USR1) cannot show."""
     import weightcache
 
-    d = _slow_daemon(tmp_path / "d", rate="4MiB")
+    d = _slow_daemon(tmp_path / "d", rate="1MiB")
     try:
         with weightcache.connect(d.socket_dir) as c, c.open(f"file://{model_dir}/") as m:
             assert m.manifest.streaming
-            d.proc.send_signal(signal.SIGUSR2)
-            wait_for(lambda: "in Core._stream_job" in d.log_text(), 60, "the task dump")
-            dump = d.log_text()
-            assert "asyncio tasks (" in dump and "in Core.fetch" in dump
+
+            def dump_shows_the_stream() -> bool:
+                # A dump taken while the handler sends a message ends in gRPC's write instead:
+                # ask again until one catches the stream at rest, where it spends its time.
+                n = d.log_text().count("asyncio tasks (")
+                d.proc.send_signal(signal.SIGUSR2)
+                wait_for(lambda: d.log_text().count("asyncio tasks (") > n, 30, "a task dump")
+                return "in Core._stream_job" in d.log_text()
+
+            wait_for(dump_shows_the_stream, 120, "a task dump that shows the stream waiting in _stream_job")
+            assert "in Core.fetch" in d.log_text() and not m.backing.complete()  # the download still runs
             assert d.proc.poll() is None  # and the daemon goes on
     finally:
         d.stop()
