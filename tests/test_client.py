@@ -232,7 +232,11 @@ def test_open_starts_reading_the_first_layer_group(daemon: Daemon, tmp_path: Pat
         _evict_after_open([blob], want // 4)
         with c.open("cold"):
             # Nothing touches a tensor: the first group's pages arrive because open() asked for them.
-            wait_for(lambda: _resident(blob) >= want, 60, f"the first layer group's {want} bytes in the page cache")
+            try:
+                wait_for(lambda: _resident(blob) >= want, 60, f"the first layer group's {want} bytes in the page cache")
+            except AssertionError as exc:
+                hints = [t.name for t in threading.enumerate() if t.name == "wc-hint"]
+                raise AssertionError(f"{exc}: {_resident(blob)} resident; hint threads alive: {hints}") from None
 
 
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux) to see the page cache")
