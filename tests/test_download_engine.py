@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from harness import wait_for
+from tests_helpers import st_bytes
 
 from weightcache.errors import DeadlineError
 from weightcache_daemon.config import Config, DownloadConfig, SourceConfig
@@ -244,18 +245,14 @@ def test_headers_are_read_at_once_and_their_bytes_kept(tmp_path: Path) -> None:
     """Every shard's header is read concurrently (each read waits here until all four are in
     flight, so reads one after the other would break the barrier), and its bytes come back for
     the engine to write first. Of several malformed files, the error names the first listed."""
-    import json
-
     from weightcache.errors import InvalidInputError
     from weightcache_daemon.remote_headers import read_headers
 
     src = tmp_path / "src"
     src.mkdir()
     for k in range(4):
-        header = json.dumps({f"w{k}": {"dtype": "F32", "shape": [4, k + 1], "data_offsets": [0, 16 * (k + 1)]}})
-        (src / f"s{k}.safetensors").write_bytes(
-            len(header).to_bytes(8, "little") + header.encode() + bytes(16 * (k + 1))
-        )
+        header = {f"w{k}": {"dtype": "F32", "shape": [4, k + 1], "data_offsets": [0, 16 * (k + 1)]}}
+        (src / f"s{k}.safetensors").write_bytes(st_bytes(header, bytes(16 * (k + 1))))
     together = threading.Barrier(4, timeout=60)
     source = Recorder(open_source(f"file://{src}/", _config(tmp_path)), lambda obj, offset: together.wait())
     objects = sorted(source.list(), key=lambda o: o.relpath)
@@ -291,27 +288,24 @@ def test_a_header_flipped_in_transit_is_read_again_not_called_malformed(tmp_path
     good model as malformed (InvalidInputError). Now an invalid header is read a second time: a
     valid second read is used, two different invalid reads are CorruptedError, and the same
     invalid bytes twice are the file's own fault."""
-    import json
-
     from weightcache.errors import CorruptedError, InvalidInputError
     from weightcache_daemon.remote_headers import read_headers
 
     src = tmp_path / "src"
     src.mkdir()
     names = [f"model.layers.{k}.self_attn.q_proj.weight" for k in range(4)]
-    header = json.dumps(
-        {n: {"dtype": "F32", "shape": [2], "data_offsets": [8 * k, 8 * k + 8]} for k, n in enumerate(names)}
-    )
-    raw = len(header).to_bytes(8, "little") + header.encode() + bytes(32)
+    raw = st_bytes({n: {"dtype": "F32", "shape": [2], "data_offsets": [8 * k, 8 * k + 8]} for k, n in enumerate(names)},
+                   bytes(32))  # fmt: skip
     (src / "s.safetensors").write_bytes(raw)
-    assert all(raw[at] < 0x80 and 8 < at < 8 + len(header) for at in (100, 101))  # inside the JSON
+    data_offset = len(raw) - 32
+    assert all(raw[at] < 0x80 and 8 < at < data_offset for at in (100, 101))  # inside the JSON
 
     def headers(flips: list[int]) -> tuple[Flipping, dict[str, Any]]:
         source = Flipping(open_source(f"file://{src}/", _config(tmp_path)), flips)
         return source, read_headers(source, source.list(), "llama", workers=2)
 
     source, got = headers([100])
-    assert got["s.safetensors"].head == raw[: 8 + len(header)]
+    assert got["s.safetensors"].head == raw[:data_offset]
     assert [t.name for t in got["s.safetensors"].tensors] == names
     assert [e for e in source.log if e[0] == "read"] == [("read", "s.safetensors", 0, len(raw))] * 2
     with pytest.raises(CorruptedError, match=r"file s\.safetensors of model llama: two reads of its header gave "
@@ -320,7 +314,7 @@ def test_a_header_flipped_in_transit_is_read_again_not_called_malformed(tmp_path
     with pytest.raises(InvalidInputError, match=r"file s\.safetensors of model llama: header is not valid UTF-8"):
         headers([100, 100])  # the same bytes twice: what the source holds
     _, got = headers([])  # a clean header is read once
-    assert got["s.safetensors"].head == raw[: 8 + len(header)]
+    assert got["s.safetensors"].head == raw[:data_offset]
 
 
 def test_reports_only_bytes_on_disk_and_cover_each_file_once(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import pytest
 from harness import Daemon, make_model, wait_for, write_config
-from tests_helpers import as_uid_argv
+from tests_helpers import as_uid_argv, st_bytes
 
 from weightcache.errors import InvalidInputError
 from weightcache.v1 import weightcache_pb2 as pb
@@ -220,8 +220,7 @@ def _safetensors(path: Path, tensors: dict[str, bytes]) -> None:
     for name, data in tensors.items():
         header[name] = {"dtype": "U8", "shape": [len(data)], "data_offsets": [pos, pos + len(data)]}
         pos += len(data)
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(tensors.values()))
+    path.write_bytes(st_bytes(header, b"".join(tensors.values())))
 
 
 class Node:

@@ -9,15 +9,10 @@ from pathlib import Path
 
 import pytest
 from harness import Daemon, no_partial_files, upload_dir
+from tests_helpers import st_bytes
 
 from weightcache.errors import InvalidInputError
 from weightcache_daemon.safetensors_format import MAX_HEADER, MAX_TENSORS, parse_header, validate_file
-
-
-def st_bytes(header: object, data: bytes = b"", *, raw: bytes | None = None, length: int | None = None) -> bytes:
-    h = raw if raw is not None else json.dumps(header).encode()
-    return struct.pack("<Q", len(h) if length is None else length) + h + data
-
 
 GOOD = {
     "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},

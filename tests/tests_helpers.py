@@ -14,6 +14,13 @@ from pathlib import Path
 import numpy as np
 
 
+def st_bytes(header: object, data: bytes = b"", *, raw: bytes | None = None, length: int | None = None) -> bytes:
+    """A safetensors file's bytes: the 8-byte length (``length`` to lie about it), the JSON of
+    ``header`` (or ``raw`` header bytes), then ``data``."""
+    h = raw if raw is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(h) if length is None else length) + h + data
+
+
 def write_u8_safetensors(path: Path, size: int, seed: int) -> None:
     """One U8 tensor 'w' of `size` random bytes."""
     header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
