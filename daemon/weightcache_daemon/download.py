@@ -274,10 +274,12 @@ class _File:
     def write(self, buf: mmap.mmap, offset: int, end: int, skip: int = 0) -> None:
         """Write buf[skip:end] at file offset offset + skip (buf holds the part at ``offset``;
         skip is a multiple of ALIGN)."""
-        # O_DIRECT needs aligned lengths: the last part writes up to ALIGN-1 stale bytes past
-        # the object's end, cut off by finish().
-        length = -(-(end - skip) // ALIGN) * ALIGN if self.direct else end - skip
-        self._pwrite(buf, skip, length, offset + skip)
+        # The last part writes up to ALIGN-1 stale bytes past the object's end, cut off by finish().
+        self._pwrite(buf, skip, self._io_length(end - skip), offset + skip)
+
+    def _io_length(self, n: int) -> int:
+        """How many bytes a write of n takes: O_DIRECT needs lengths rounded up to ALIGN."""
+        return -(-n // ALIGN) * ALIGN if self.direct else n
 
     def _pwrite(self, buf: mmap.mmap, start: int, length: int, at: int) -> None:
         """All of buf[start:start + length] at file offset ``at``."""
@@ -295,7 +297,7 @@ class _File:
         """Write bytes [0, len(head)) known before the download (a header the daemon read to
         build the manifest). Only before any part is fetched: with O_DIRECT the write is padded
         with zeros to ALIGN, over bytes that no part has written yet and no reader is told of."""
-        length = -(-len(head) // ALIGN) * ALIGN if self.direct else len(head)
+        length = self._io_length(len(head))
         buf = mmap.mmap(-1, max(length, ALIGN))  # page-aligned, as O_DIRECT wants its memory
         try:
             buf[: len(head)] = head
@@ -565,8 +567,9 @@ def download(
     (``on_written``) before any part is fetched, so every file's header is on disk from the
     start, whatever its part's rank. The part holding them is still fetched, for the hash.
     """
+    heads = heads or {}
     for obj in objects:
-        head = (heads or {}).get(obj.relpath, b"")
+        head = heads.get(obj.relpath, b"")
         if len(head) > obj.size:
             raise ValueError(f"head of {obj.relpath}: {len(head)} bytes, but the object has {obj.size}")
         ranks = (priority or {}).get(obj.relpath)
@@ -601,7 +604,7 @@ def download(
                     if stop > start:
                         on_written(f.obj, start, stop)
         for f in files:
-            head = (heads or {}).get(f.obj.relpath, b"")
+            head = heads.get(f.obj.relpath, b"")
             if head and 0 not in f.written:  # a resumed part 0 holds these bytes already
                 f.write_head(head)
                 if on_written is not None:
