@@ -417,16 +417,22 @@ class Poller(threading.Thread):
         return self.samples
 
 
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (which may hold spaces and
+    parentheses): [0] is the state, [1] the parent pid, [11] and [12] utime and stime in clock
+    ticks. None if the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def process_tree(root: int) -> list[int]:
     """``root`` and every process below it (the S3 server may run as a wrapper and its binary)."""
     parents: dict[int, int] = {}
     for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        if d.name.isdigit() and (fields := proc_stat(d.name)) is not None:
+            parents[int(d.name)] = int(fields[1])
     out, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -442,11 +448,8 @@ def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds the processes have used (all their threads); gone ones count 0."""
     total = 0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        if (fields := proc_stat(pid)) is not None:
+            total += int(fields[11]) + int(fields[12])
     return total / TICK
 
 
