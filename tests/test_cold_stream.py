@@ -52,7 +52,7 @@ def _tensor_parts(manifest: pb.Manifest, part: int) -> tuple[dict[tuple[str, int
     """(file, part index) -> the download rank of the first layer group needing a byte of it,
     and each safetensors file's data offset (its header's end). The header is written before
     the download, so a part holding it goes with the file's first tensor."""
-    from weightcache_daemon.schedule import group_ranks
+    from weightcache_daemon.ingest.schedule import group_ranks
 
     group = group_ranks(list(manifest.layers))
     ranks: dict[tuple[str, int], int] = {}

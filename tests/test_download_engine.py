@@ -19,8 +19,8 @@ from tests_helpers import st_bytes
 
 from weightcache.errors import DeadlineError
 from weightcache_daemon.config import Config, DownloadConfig, SourceConfig
-from weightcache_daemon.download import WRITE_PIECE, BufferPool, Downloaded, RateLimiter, download, ingest_name
-from weightcache_daemon.schedule import (
+from weightcache_daemon.ingest.engine import WRITE_PIECE, BufferPool, Downloaded, RateLimiter, download, ingest_name
+from weightcache_daemon.ingest.schedule import (
     HEADER_RANK,
     OTHER_FILE_RANK,
     other_file_ranks,
@@ -246,7 +246,7 @@ def test_headers_are_read_at_once_and_their_bytes_kept(tmp_path: Path) -> None:
     flight, so reads one after the other would break the barrier), and its bytes come back for
     the engine to write first. Of several malformed files, the error names the first listed."""
     from weightcache.errors import InvalidInputError
-    from weightcache_daemon.remote_headers import read_headers
+    from weightcache_daemon.ingest.headers import read_headers
 
     src = tmp_path / "src"
     src.mkdir()
@@ -289,7 +289,7 @@ def test_a_header_flipped_in_transit_is_read_again_not_called_malformed(tmp_path
     valid second read is used, two different invalid reads are CorruptedError, and the same
     invalid bytes twice are the file's own fault."""
     from weightcache.errors import CorruptedError, InvalidInputError
-    from weightcache_daemon.remote_headers import read_headers
+    from weightcache_daemon.ingest.headers import read_headers
 
     src = tmp_path / "src"
     src.mkdir()
@@ -428,7 +428,7 @@ def test_parts_to_read_back_are_asked_for_before_the_cursor_reads_them(tmp_path:
     cache instead of from the disk after the last byte."""
     import sys
 
-    import weightcache_daemon.download as engine
+    import weightcache_daemon.ingest.engine as engine
 
     sizes = {"a.bin": 8 * PART}
     source, data = _local(tmp_path, sizes, seed=9)
@@ -482,7 +482,7 @@ def test_the_rate_limit_serves_the_part_started_first() -> None:
 def test_a_wait_for_the_rate_limit_ends_when_the_download_is_cancelled() -> None:
     """A part waiting for the link (here behind 1000 s of paid-for time) gives up as soon as its
     job is cancelled, so a daemon shutting down does not wait for the rate limit."""
-    from weightcache_daemon.download import _Cancelled
+    from weightcache_daemon.ingest.engine import _Cancelled
 
     clock = [0.0]
     limiter = RateLimiter(1000, clock=lambda: clock[0])

@@ -613,7 +613,7 @@ def test_client_paths_helpers_refuse_foreign_base(tmp_path: Path) -> None:
 
 
 def _supports_immutable(where: Path) -> bool:
-    from weightcache_daemon.store import set_immutable
+    from weightcache_daemon.storage.blobs import set_immutable
 
     f = where / ".probe"
     f.write_bytes(b"")
@@ -673,7 +673,7 @@ def test_lease_table_is_consistent_under_threads() -> None:
     """Grants and releases (the event loop) race evictions that count held bytes (download
     threads): held bytes exist only while their snapshot is leased, and the quota holds per uid."""
     from weightcache.errors import ExhaustedError
-    from weightcache_daemon.leases import Leases
+    from weightcache_daemon.cache.leases import Leases
 
     leases = Leases(quota=300)
     a = leases.acquire("s1", 1, 1000, 1000, 200)

@@ -33,8 +33,8 @@ from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 from weightcache_daemon import uris
 from weightcache_daemon.config import Config
-from weightcache_daemon.index import Index
 from weightcache_daemon.sources.local import LocalSource
+from weightcache_daemon.storage.index import Index
 
 GID = 4245
 DAEMON_UID = 54351
@@ -168,7 +168,7 @@ def test_a_version_1_index_is_migrated_and_its_names_become_the_admins(tmp_path:
 LAUNCH_PRELOAD = """
 import sys
 import weightcache_daemon.main as main
-import weightcache_daemon.server, weightcache_daemon.doctor, weightcache_daemon.sources.local
+import weightcache_daemon.server, weightcache_daemon.cache.doctor, weightcache_daemon.sources.local
 import watchdog.observers
 """
 

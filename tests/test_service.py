@@ -351,7 +351,7 @@ def test_task_dump_follows_awaits_through_async_generators() -> None:
     (whose awaitable hides its generator), to the innermost wait."""
     import asyncio
 
-    from weightcache_daemon.taskdump import format_tasks
+    from weightcache_daemon.observe.taskdump import format_tasks
 
     async def innermost(ev: asyncio.Event) -> None:
         await ev.wait()

@@ -143,7 +143,7 @@ def main() -> None:
                 raise SystemExit("weightcached did not start")
             time.sleep(0.05)
         info = json.loads(subprocess.run(
-            [sys.executable, "-m", "weightcache_daemon.cachectl", "--admin-socket", str(admin), "prefetch",
+            [sys.executable, "-m", "weightcache_daemon.cli.cachectl", "--admin-socket", str(admin), "prefetch",
              f"file://{src}/", "--name", "gpucheck", "--json"], env=env, check=True, capture_output=True,
             text=True).stdout)  # fmt: skip
         shutil.rmtree(src)

@@ -16,8 +16,7 @@ from typing import Any
 
 from weightcache.contract import paths
 from weightcache.contract.errors import InvalidInputError
-
-from . import uris
+from weightcache_daemon import uris
 
 __all__ = ["Config", "DownloadConfig", "SourceConfig", "load", "parse_size"]
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from weightcache.contract.errors import WeightcacheError
-
-from . import __version__, config, logs
+from weightcache_daemon import __version__, config
+from weightcache_daemon.observe import logs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(cfg.log_format)
     # `kill -USR1 <pid>` dumps every thread's stack to stderr (journald): for a daemon that hangs.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    from .server import serve
+    from weightcache_daemon.server import serve
 
     try:
         asyncio.run(serve(cfg, env, rebuild_index=args.rebuild_index))

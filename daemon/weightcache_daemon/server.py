@@ -22,19 +22,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from weightcache.contract import paths
 from weightcache.contract.errors import BusyError, CorruptedError, InvalidInputError, PermissionDeniedError
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
-
-from . import taskdump
-from .config import Config, capacity_bytes
-from .core import Core
-from .declarative import ModelsDir
-from .fdserver import FdServer, raise_nofile_limit
-from .handlers import AdminService, CacheService
-from .index import Index
-from .jobs import Fetcher
-from .leases import Leases
-from .metrics import Metrics
-from .reconcile import reconcile
-from .store import LocalBlobStore, StoreLock
+from weightcache_daemon.cache.core import Core
+from weightcache_daemon.cache.declarative import ModelsDir
+from weightcache_daemon.cache.leases import Leases
+from weightcache_daemon.cache.reconcile import reconcile
+from weightcache_daemon.config import Config, capacity_bytes
+from weightcache_daemon.edges.fdserver import FdServer, raise_nofile_limit
+from weightcache_daemon.edges.handlers import AdminService, CacheService
+from weightcache_daemon.ingest.jobs import Fetcher
+from weightcache_daemon.observe import taskdump
+from weightcache_daemon.observe.metrics import Metrics
+from weightcache_daemon.storage.blobs import LocalBlobStore, StoreLock
+from weightcache_daemon.storage.index import Index
 
 log = structlog.get_logger("weightcached")
 CLIENT_WARMUP_SECONDS = 10.0  # at most this long for the S3 clients before reporting ready

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from weightcache.contract.errors import InvalidInputError
-
-from ..config import Config, SourceConfig
-from .base import ObjectChanged, RemoteObject, Source, check_relpath, parse_uri
+from weightcache_daemon.config import Config, SourceConfig
+from weightcache_daemon.sources.base import ObjectChanged, RemoteObject, Source, check_relpath, parse_uri
 
 __all__ = ["Clients", "ObjectChanged", "RemoteObject", "Source", "check_relpath", "open_source", "parse_uri"]
 
@@ -30,7 +29,7 @@ class Clients:
         self._clients: dict[tuple[SourceConfig, int], Any] = {}
 
     def get(self, cfg: SourceConfig, concurrency: int) -> Any:
-        from .s3 import make_client
+        from weightcache_daemon.sources.s3 import make_client
 
         with self._lock:
             client = self._clients.get((cfg, concurrency))
@@ -69,13 +68,13 @@ def open_source(uri: str, config: Config, clients: Clients | None = None) -> Sou
     """The source for a URI. With ``clients``, an S3 source borrows a kept client."""
     scheme, _, _ = parse_uri(uri)
     if scheme == "s3":
-        from .s3 import S3Source
+        from weightcache_daemon.sources.s3 import S3Source
 
         cfg = config.source_for(uri)
         concurrency = config.download.concurrency
         return S3Source(uri, cfg, concurrency, clients.get(cfg, concurrency) if clients is not None else None)
     if scheme == "file":
-        from .local import LocalSource
+        from weightcache_daemon.sources.local import LocalSource
 
         return LocalSource(uri)
     raise InvalidInputError(f"source {uri!r}: unsupported scheme {scheme!r} (supported: s3://, file://)")

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from weightcache.contract.errors import InvalidInputError
-
-from ..uris import normalize
+from weightcache_daemon.uris import normalize
 
 
 @dataclass(frozen=True, slots=True)

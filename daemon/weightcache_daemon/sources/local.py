@@ -30,8 +30,7 @@ from weightcache.contract.errors import (
     SourceError,
     WeightcacheError,
 )
-
-from .base import ObjectChanged, RemoteObject, check_range, check_relpath, parse_uri
+from weightcache_daemon.sources.base import ObjectChanged, RemoteObject, check_range, check_relpath, parse_uri
 
 CHUNK = 4 << 20
 MAX_ENTRIES = 100_000  # directory entries one listing may visit (a model has tens to thousands)

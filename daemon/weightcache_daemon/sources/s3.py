@@ -23,9 +23,8 @@ from weightcache.contract.errors import (
     SourceError,
     WeightcacheError,
 )
-
-from ..config import SourceConfig
-from .base import ObjectChanged, RemoteObject, check_range, check_relpath, parse_uri
+from weightcache_daemon.config import SourceConfig
+from weightcache_daemon.sources.base import ObjectChanged, RemoteObject, check_range, check_relpath, parse_uri
 
 CHUNK = 1 << 20
 _DENIED = {

@@ -18,23 +18,13 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from weightcache.contract.errors import ExhaustedError
 from weightcache.progress import human
+from weightcache_daemon.records import Lease
 
 __all__ = ["Lease", "Leases"]
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    token: int
-    snapshot_id: str
-    pid: int
-    uid: int
-    gid: int
-    since: float
-    size: int = 0  # bytes of the snapshot's files, for the per-uid quota
 
 
 class Leases:

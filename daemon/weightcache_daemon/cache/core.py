@@ -22,35 +22,35 @@ from typing import Any
 import structlog
 
 from weightcache.contract.errors import InvalidInputError, NotFoundError, PermissionDeniedError, WeightcacheError
+from weightcache_daemon import uris
+from weightcache_daemon.cache.admission import Admission
+from weightcache_daemon.cache.catalog import Catalog
+from weightcache_daemon.cache.eviction import Evictor, EvictPlan, GCPlan
+from weightcache_daemon.cache.leases import Leases
+from weightcache_daemon.cache.naming import Names, check_name, default_name
+from weightcache_daemon.cache.verify import Verifier
+from weightcache_daemon.config import Config
+from weightcache_daemon.ingest.early import EarlySnapshot
+from weightcache_daemon.ingest.jobs import TICK, Fetcher, Job
+from weightcache_daemon.ingest.resume import IngestState
+from weightcache_daemon.observe.metrics import Metrics
+from weightcache_daemon.records import (
+    ActiveDownload,
+    FileRow,
+    Lease,
+    Manifest,
+    ModelRow,
+    ModelView,
+    ProgressState,
+    Readiness,
+    Span,
+    Stats,
+    layer_spans,
+)
+from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.index import Index
 
-from . import uris
-from .admission import Admission, Stats
-from .config import Config
-from .eviction import Evictor, EvictPlan, GCPlan
-from .index import FileRow, Index, ModelRow
-from .ingest_state import IngestState
-from .jobs import TICK, Fetcher, Job, ProgressState
-from .leases import Lease, Leases
-from .live import LiveSnapshot, Readiness
-from .manifests import Catalog, Manifest, ModelView, Span, TensorEntry, layer_spans
-from .metrics import Metrics
-from .naming import Names, check_name, default_name
-from .store import LocalBlobStore
-from .verify import Verifier
-
-__all__ = [
-    "Core",
-    "Download",
-    "EvictPlan",
-    "GCPlan",
-    "Grant",
-    "Manifest",
-    "ModelView",
-    "ProgressState",
-    "Readiness",
-    "Stats",
-    "TensorEntry",
-]
+__all__ = ["Core", "Grant"]
 
 log = structlog.get_logger("weightcached.core")
 
@@ -68,25 +68,13 @@ class Grant:
     lease: Lease
     # A snapshot still being downloaded: its files are the ingest files being written (or
     # blobs already in the store), opened through it instead of by digest.
-    live: LiveSnapshot | None = None
+    live: EarlySnapshot | None = None
 
     def open(self, store: LocalBlobStore, f: FileRow) -> int:
         """A read-only descriptor of one granted file."""
         if self.live is not None:
             return self.live.open(f.path)
         return store.open(f.sha256)
-
-
-@dataclass(frozen=True)
-class Download:
-    """A download in flight, for listings."""
-
-    name: str
-    source: str
-    snapshot_id: str  # provisional, "" before the headers are known
-    progress: ProgressState
-    readers: int
-    started_at: float
 
 
 class Core:
@@ -219,7 +207,7 @@ class Core:
         is the job's own (the job names it)."""
         loop = asyncio.get_running_loop()
         seen: dict[str, int] = {}
-        announced: LiveSnapshot | None = None
+        announced: EarlySnapshot | None = None
         last_progress = 0.0
         while True:
             live = job.live
@@ -259,13 +247,13 @@ class Core:
             self.names.name_model(name, job.key, snapshot, *naming)
         yield await self.manifest_async(snapshot, name)
 
-    def downloads(self) -> list[Download]:
+    def downloads(self) -> list[ActiveDownload]:
         """Downloads in flight, with their streaming readers."""
         out = []
         for job in list(self.fetcher.jobs.values()):
             live = job.live
             sid = live.snapshot_id if live is not None else ""
-            out.append(Download(job.label, job.key.uri, sid, ProgressState(**vars(job.progress)),
+            out.append(ActiveDownload(job.label, job.key.uri, sid, ProgressState(**vars(job.progress)),
                                 self.fetcher.readers(sid) if sid else 0, job.started))  # fmt: skip
         return sorted(out, key=lambda d: d.name)
 
@@ -362,7 +350,7 @@ class Core:
         else:
             self._live_or_committed(snapshot_id)  # ended in failure: raise it
 
-    def _live_or_committed(self, snapshot_id: str) -> tuple[str, LiveSnapshot | None]:
+    def _live_or_committed(self, snapshot_id: str) -> tuple[str, EarlySnapshot | None]:
         """A snapshot id as clients may hold it: a live (downloading) snapshot; a provisional id
         whose download ended (its content id, or its error); or a committed snapshot."""
         live = self.fetcher.live.get(snapshot_id)
@@ -411,7 +399,7 @@ class Core:
         if moved:
             log.info("streaming_leases_moved", provisional=provisional, snapshot=real, leases=moved)
 
-    def _grant_live(self, pid: int, uid: int, gid: int, live: LiveSnapshot, lease: Lease | None) -> Grant:
+    def _grant_live(self, pid: int, uid: int, gid: int, live: EarlySnapshot, lease: Lease | None) -> Grant:
         new = lease is None
         if lease is None:
             lease = self.leases.acquire(live.snapshot_id, pid, uid, gid, live.bytes_total)
@@ -442,7 +430,7 @@ class Core:
     def list_models(self) -> list[ModelView]:
         return self.catalog.list_models()
 
-    def show(self, model: str) -> tuple[ModelView | None, Manifest, Download | None]:
+    def show(self, model: str) -> tuple[ModelView | None, Manifest, ActiveDownload | None]:
         """A model's record and manifest; for a name whose first download is in flight, its
         streaming manifest and where the download stands."""
         job = self._downloading(model)

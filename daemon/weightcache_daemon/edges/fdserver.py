@@ -53,10 +53,8 @@ from weightcache.contract.errors import (
 )
 from weightcache.contract.fdproto import MAX_FDS_PER_MSG, MAX_REQUEST_FRAME, pack
 from weightcache.v1 import weightcache_pb2 as pb
-
-from .core import Core, Grant
-from .index import FileRow
-from .leases import Lease
+from weightcache_daemon.cache.core import Core, Grant
+from weightcache_daemon.records import FileRow, Lease
 
 log = structlog.get_logger("weightcached.fd")
 

@@ -14,12 +14,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from weightcache.contract.errors import CorruptedError, NotFoundError, PermissionDeniedError
-
-from .safetensors_format import TensorInfo
+from weightcache_daemon.records import FileRow, Filters, ModelRow, NewFile
+from weightcache_daemon.safetensors_format import TensorInfo
 
 # 2: models.owner (who created the name: admin, models.d or client); a version-1 index is
 # migrated in place at open, its names becoming admin-owned (clients can never re-point them).
@@ -51,52 +51,6 @@ CREATE TABLE IF NOT EXISTS source_objects (
     uri TEXT PRIMARY KEY, version TEXT NOT NULL, size INTEGER NOT NULL,
     sha256 TEXT NOT NULL REFERENCES blobs(sha256) ON DELETE CASCADE);
 """
-
-
-@dataclass(frozen=True, slots=True)
-class FileRow:
-    path: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class Filters:
-    """The include/exclude patterns a model was fetched with. Stored as a JSON column; this
-    record is what the rest of the daemon sees. `to_json()` is the one spelling written to
-    the index and hashed into ingest directory names, so it must never change."""
-
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-
-    def to_json(self) -> str:
-        return json.dumps({"include": list(self.include), "exclude": list(self.exclude)})
-
-    @classmethod
-    def from_json(cls, text: str) -> Filters:
-        # An older or hand-written row may lack a key ('{}'): no patterns.
-        d = json.loads(text)
-        return cls(tuple(str(p) for p in d.get("include", ())), tuple(str(p) for p in d.get("exclude", ())))
-
-
-@dataclass(frozen=True, slots=True)
-class ModelRow:
-    name: str
-    source: str
-    snapshot_id: str
-    filters: Filters
-    pinned: bool
-    created: float
-    last_used: float
-    owner: str = "admin"  # who created the name: one of OWNERS
-
-
-@dataclass(frozen=True, slots=True)
-class NewFile:
-    path: str
-    sha256: str
-    size: int
-    tensors: tuple[TensorInfo, ...]
 
 
 class Index:

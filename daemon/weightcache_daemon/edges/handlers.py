@@ -26,9 +26,9 @@ from weightcache.contract.errors import (
 )
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
-
-from . import convert
-from .core import Core, Manifest, ProgressState, Readiness
+from weightcache_daemon.cache.core import Core
+from weightcache_daemon.edges import convert
+from weightcache_daemon.records import Manifest, ProgressState, Readiness
 
 log = structlog.get_logger("weightcached.rpc")
 
@@ -308,7 +308,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     @unary
     async def Doctor(self, request: pb.DoctorRequest, context: Any) -> pb.DoctorResponse:
-        from .doctor import run_checks
+        from weightcache_daemon.cache.doctor import run_checks
 
         results = await _in(self.core.admin_io, run_checks, self.core, request.timeout_seconds or 5.0)
         return pb.DoctorResponse(

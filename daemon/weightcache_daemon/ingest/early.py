@@ -1,7 +1,7 @@
 """A snapshot that is still being downloaded, as clients may already use it.
 
 A download job that knows every safetensors header (read first, with one small ranged read
-per file) publishes a ``LiveSnapshot``: a provisional snapshot id, the manifest (tensor map
+per file) publishes a ``EarlySnapshot``: a provisional snapshot id, the manifest (tensor map
 and layer order, files without their sha256 yet), and, per file, the byte ranges that are on
 disk. A range is added only after the ``pwrite`` that put it there returned, so a client that
 reads a granted descriptor within a reported range always sees the downloaded bytes (the
@@ -32,35 +32,23 @@ from pathlib import Path
 
 from weightcache.contract.errors import CorruptedError, NotFoundError, WeightcacheError
 from weightcache.contract.ranges import covered, merge
+from weightcache_daemon.records import FileRow, Manifest, Readiness, Span, file_span
 
-from .index import FileRow
-from .manifests import Manifest, Span, file_span
-
-__all__ = ["LiveFile", "LiveSnapshot", "Readiness"]
+__all__ = ["EarlyFile", "EarlySnapshot", "Readiness"]
 
 
 @dataclass(frozen=True, slots=True)
-class LiveFile:
+class EarlyFile:
     path: str  # relative path in the snapshot
     size: int
     disk: Path  # the ingest file being written, or the blob already in the store
 
 
-@dataclass(frozen=True, slots=True)
-class Readiness:
-    """An event for one reader: the files whose ranges grew since its previous event."""
-
-    snapshot_id: str
-    files: tuple[tuple[str, tuple[int, ...]], ...]  # (path, flat [start, end) pairs)
-    bytes_ready: int
-    bytes_total: int
-
-
-class LiveSnapshot:
+class EarlySnapshot:
     def __init__(
         self,
         manifest: Manifest,
-        files: Sequence[LiveFile],
+        files: Sequence[EarlyFile],
         first_group: Sequence[tuple[str, int, int]],
         loop: asyncio.AbstractEventLoop,
         on_first_group: Callable[[], None] | None = None,

@@ -15,14 +15,13 @@ from collections.abc import Sequence
 import structlog
 
 from weightcache.contract.errors import ExhaustedError, InvalidInputError, NotFoundError, PermissionDeniedError
-
-from . import uris
-from .config import Config
-from .index import Index, ModelRow
-from .jobs import JobKey
-from .sources import parse_uri
-from .store import LocalBlobStore
-from .views import build_view
+from weightcache_daemon import uris
+from weightcache_daemon.config import Config
+from weightcache_daemon.records import JobKey, ModelRow
+from weightcache_daemon.sources import parse_uri
+from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.index import Index
+from weightcache_daemon.storage.views import build_view
 
 __all__ = ["Names", "check_name", "default_name"]
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import structlog
 
 from weightcache.contract.errors import CorruptedError, InvalidInputError
-
-from .download import read_retrying
-from .safetensors_format import TensorInfo, read_header_from
-from .sources import ObjectChanged, RemoteObject, Source
+from weightcache_daemon.ingest.engine import read_retrying
+from weightcache_daemon.safetensors_format import TensorInfo, read_header_from
+from weightcache_daemon.sources import ObjectChanged, RemoteObject, Source
 
 __all__ = ["RemoteHeader", "read_headers", "remote_header"]
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import structlog
 
-from .index import Index
-from .ingest_state import IngestState
-from .store import LocalBlobStore, hash_file
+from weightcache_daemon.ingest.resume import IngestState
+from weightcache_daemon.storage.blobs import LocalBlobStore, hash_file
+from weightcache_daemon.storage.index import Index
 
 log = structlog.get_logger("weightcached.reconcile")
 

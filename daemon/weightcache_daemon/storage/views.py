@@ -12,8 +12,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .index import FileRow
-from .store import LocalBlobStore, fsync_dir
+from weightcache_daemon.records import FileRow
+from weightcache_daemon.storage.blobs import LocalBlobStore, fsync_dir
 
 
 def view_path(store: LocalBlobStore, model: str, snapshot_id: str) -> Path:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from weightcache.contract.errors import WeightcacheError
 from weightcache.progress import human
-
-from .config import SourceConfig
-from .core import Core
-from .sources import parse_uri
+from weightcache_daemon.cache.core import Core
+from weightcache_daemon.config import SourceConfig
+from weightcache_daemon.sources import parse_uri
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 Result = tuple[str, str, str, str]

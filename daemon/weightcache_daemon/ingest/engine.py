@@ -68,10 +68,9 @@ from pathlib import Path
 
 from weightcache.contract.errors import DeadlineError, ExhaustedError, SourceError, WeightcacheError
 from weightcache.contract.readahead import willneed
-
-from .config import DownloadConfig
-from .schedule import part_count
-from .sources import ObjectChanged, RemoteObject, Source
+from weightcache_daemon.config import DownloadConfig
+from weightcache_daemon.ingest.schedule import part_count
+from weightcache_daemon.sources import ObjectChanged, RemoteObject, Source
 
 __all__ = ["BufferPool", "Downloaded", "RateLimiter", "download", "ingest_name"]
 

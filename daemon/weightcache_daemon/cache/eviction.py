@@ -18,13 +18,13 @@ from pathlib import Path
 import structlog
 
 from weightcache.contract.errors import BusyError, InvalidInputError, NotFoundError
-
-from .index import Index, ModelRow
-from .jobs import Fetcher
-from .leases import Leases
-from .metrics import Metrics
-from .store import LocalBlobStore
-from .views import remove_view
+from weightcache_daemon.cache.leases import Leases
+from weightcache_daemon.ingest.jobs import Fetcher
+from weightcache_daemon.observe.metrics import Metrics
+from weightcache_daemon.records import ModelRow
+from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.index import Index
+from weightcache_daemon.storage.views import remove_view
 
 __all__ = ["EvictPlan", "Evictor", "GCPlan"]
 

@@ -36,19 +36,18 @@ from weightcache.contract.errors import (
     PermissionDeniedError,
     WeightcacheError,
 )
-
-from .config import Config
-from .download import BufferPool, Downloaded, RateLimiter, download, ingest_name
-from .index import FileRow, Filters, Index, NewFile
-from .ingest_state import IngestFile, IngestState
-from .live import LiveFile, LiveSnapshot
-from .manifests import build_manifest
-from .metrics import Metrics, source_label
-from .remote_headers import read_headers
-from .safetensors_format import TensorInfo, validate_file
-from .schedule import group_ranks, other_file_ranks, safetensors_ranks
-from .sources import Clients, RemoteObject, Source, open_source
-from .store import LocalBlobStore
+from weightcache_daemon.config import Config
+from weightcache_daemon.ingest.early import EarlyFile, EarlySnapshot
+from weightcache_daemon.ingest.engine import BufferPool, Downloaded, RateLimiter, download, ingest_name
+from weightcache_daemon.ingest.headers import read_headers
+from weightcache_daemon.ingest.resume import IngestFile, IngestState
+from weightcache_daemon.ingest.schedule import group_ranks, other_file_ranks, safetensors_ranks
+from weightcache_daemon.observe.metrics import Metrics, source_label
+from weightcache_daemon.records import FileRow, JobKey, NewFile, ProgressState, build_manifest
+from weightcache_daemon.safetensors_format import TensorInfo, validate_file
+from weightcache_daemon.sources import Clients, RemoteObject, Source, open_source
+from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.index import Index
 
 log = structlog.get_logger("weightcached.jobs")
 
@@ -60,28 +59,6 @@ MAX_SNAPSHOT_TENSORS = 262_144
 # Files per model: one Acquire answers with all of them (paths in one frame, descriptors in
 # batches), so the count is bounded where it enters (docs/security.md, "fd.sock bounds").
 MAX_SNAPSHOT_FILES = 10_000
-
-
-@dataclass(frozen=True)
-class JobKey:
-    uri: str
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-
-    @property
-    def filters(self) -> Filters:
-        return Filters(self.include, self.exclude)
-
-
-@dataclass
-class ProgressState:
-    phase: str = "LISTING"
-    bytes_done: int = 0
-    bytes_total: int = 0
-    files_done: int = 0
-    files_total: int = 0
-    bytes_per_second: float = 0.0
-    current_file: str = ""
 
 
 _JOB_IDS = itertools.count(1)
@@ -105,7 +82,7 @@ class Job:
     started: float = field(default_factory=time.time)
     # Set (from the job's thread) once every header is known and the ingest files exist: from
     # then on clients may open the snapshot while it downloads (live.py). `live_set` wakes them.
-    live: LiveSnapshot | None = None
+    live: EarlySnapshot | None = None
     live_set: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -230,7 +207,7 @@ class Fetcher:
         # Snapshots being downloaded, by provisional id, and how recent ones ended (the real id,
         # or the error): a client told a provisional id just before its job ended still gets an
         # answer. Set by the core: moves a live snapshot's leases to its content id at commit.
-        self.live: dict[str, LiveSnapshot] = {}
+        self.live: dict[str, EarlySnapshot] = {}
         self.ended: OrderedDict[str, str | WeightcacheError] = OrderedDict()
         self.on_snapshot_id: Callable[[str, str], None] = lambda provisional, real: None
         self.count_readers: Callable[[str], int] = lambda provisional: 0  # set by the core (leases)
@@ -549,7 +526,7 @@ class Fetcher:
         known: dict[str, str],
         todo: list[RemoteObject],
         ingest: Path,
-    ) -> tuple[LiveSnapshot, dict[str, list[int]], dict[str, list[TensorInfo]], dict[str, bytes]]:
+    ) -> tuple[EarlySnapshot, dict[str, list[int]], dict[str, list[TensorInfo]], dict[str, bytes]]:
         """Read every header not already in the index, build the snapshot's manifest under a
         provisional id, and rank each part to download by the first layer group that needs it.
         Also returns the headers' bytes, which the engine writes before fetching any part."""
@@ -564,9 +541,9 @@ class Fetcher:
         for rel, h in read_headers(source, shards, label, self.cfg.download.concurrency).items():
             data_offset[rel], tensors[rel], heads[rel] = h.data_offset, h.tensors, h.head
         files = sorted((FileRow(o.relpath, known.get(o.relpath, ""), o.size) for o in objects), key=lambda f: f.path)
-        manifest = build_manifest(label, LiveSnapshot.new_id(), job.key.uri, files, tensors, streaming=True)
+        manifest = build_manifest(label, EarlySnapshot.new_id(), job.key.uri, files, tensors, streaming=True)
         live_files = [
-            LiveFile(
+            EarlyFile(
                 o.relpath,
                 o.size,
                 self.store.path(known[o.relpath]) if o.relpath in known else ingest / ingest_name(o.relpath),
@@ -581,7 +558,7 @@ class Fetcher:
         def first() -> None:
             self.metrics.time_to_first_group.observe(time.time() - job.started)
 
-        live = LiveSnapshot(manifest, live_files, first_group, self._loop, first)
+        live = EarlySnapshot(manifest, live_files, first_group, self._loop, first)
         for rel in known:
             live.mark_whole(rel)
         rank = group_ranks(manifest.layers)
@@ -602,7 +579,7 @@ class Fetcher:
             self._publish(job, live)
         return live, priority, {rel: list(tensors[rel]) for rel in data_offset}, heads
 
-    def _publish(self, job: Job, live: LiveSnapshot) -> None:
+    def _publish(self, job: Job, live: EarlySnapshot) -> None:
         """Let clients in (from the job's thread): the ingest files exist at full size."""
         self.live[live.snapshot_id] = live
         job.live = live

@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable, Sequence
 import structlog
 
 from weightcache.contract.errors import CorruptedError
-
-from .index import FileRow, Index, ModelRow
-from .naming import Names
-from .store import LocalBlobStore, check_digest, hash_file
+from weightcache_daemon.cache.naming import Names
+from weightcache_daemon.records import FileRow, ModelRow
+from weightcache_daemon.storage.blobs import LocalBlobStore, check_digest, hash_file
+from weightcache_daemon.storage.index import Index
 
 __all__ = ["Verifier"]
 

@@ -17,35 +17,19 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from weightcache.contract.errors import ExhaustedError
 from weightcache.progress import human
-
-from .config import Config, capacity_bytes
-from .eviction import Evictor
-from .index import Index
-from .jobs import Fetcher
-from .leases import Leases
-from .metrics import Metrics
-from .store import LocalBlobStore
+from weightcache_daemon.cache.eviction import Evictor
+from weightcache_daemon.cache.leases import Leases
+from weightcache_daemon.config import Config, capacity_bytes
+from weightcache_daemon.ingest.jobs import Fetcher
+from weightcache_daemon.observe.metrics import Metrics
+from weightcache_daemon.records import Stats
+from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.index import Index
 
 __all__ = ["Admission", "Stats"]
-
-
-@dataclass(frozen=True)
-class Stats:
-    models: int
-    snapshots: int
-    blobs: int
-    logical_bytes: int
-    stored_bytes: int
-    bytes_downloaded: int
-    active_downloads: int
-    leases: int
-    filesystem_free: int
-    held_bytes: int
-    capacity: int
 
 
 class Admission:

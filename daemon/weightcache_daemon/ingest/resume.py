@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .index import OWNERS
+from weightcache_daemon.storage.index import OWNERS
 
 __all__ = ["STATE_FILE", "IngestFile", "IngestState"]
 

@@ -22,10 +22,9 @@ from typing import Any
 import structlog
 
 from weightcache.contract.errors import InvalidInputError, WeightcacheError
-
-from . import uris
-from .core import Core
-from .naming import check_name, default_name
+from weightcache_daemon import uris
+from weightcache_daemon.cache.core import Core
+from weightcache_daemon.cache.naming import check_name, default_name
 
 log = structlog.get_logger("weightcached.models_d")
 

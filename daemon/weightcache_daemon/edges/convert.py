@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 from weightcache.v1 import weightcache_pb2 as pb
-
-from .admission import Stats
-from .core import Download
-from .eviction import EvictPlan, GCPlan
-from .jobs import ProgressState
-from .leases import Lease
-from .live import Readiness
-from .manifests import Manifest, ModelView
+from weightcache_daemon.cache.eviction import EvictPlan, GCPlan
+from weightcache_daemon.records import ActiveDownload, Lease, Manifest, ModelView, ProgressState, Readiness, Stats
 
 
 def progress(p: ProgressState) -> pb.Progress:
@@ -59,7 +53,7 @@ def readiness(r: Readiness) -> pb.Readiness:
     )
 
 
-def download(d: Download) -> pb.Download:
+def download(d: ActiveDownload) -> pb.Download:
     return pb.Download(
         name=d.name,
         source=d.source,

@@ -1,0 +1,72 @@
+"""The catalog: what the cache holds, read as records (``records.Manifest``, ``records.ModelView``)
+for listing, showing and pinning.
+
+Read-only over the index except for pinning; the records are immutable and edges/convert.py
+turns them into wire messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from weightcache.contract.errors import NotFoundError
+from weightcache_daemon.cache.leases import Leases
+from weightcache_daemon.cache.naming import Names
+from weightcache_daemon.records import Manifest, ModelRow, ModelView, Span, build_manifest, file_span
+from weightcache_daemon.safetensors_format import TensorInfo
+from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.index import Index
+from weightcache_daemon.storage.views import view_path
+
+__all__ = ["Catalog"]
+
+
+class Catalog:
+    def __init__(self, store: LocalBlobStore, index: Index, leases: Leases, names: Names) -> None:
+        self.store = store
+        self.index = index
+        self.leases = leases
+        self.names = names
+
+    def manifest(self, snapshot_id: str, model: str = "", with_tensors: bool = True) -> Manifest:
+        files = self.index.files(snapshot_id)
+        tensors: dict[str, Sequence[TensorInfo]] = {}
+        if with_tensors:
+            for f in files:
+                if f.path.endswith(".safetensors"):
+                    tensors[f.path] = self.index.tensors(f.sha256)
+        names = self.index.models_of_snapshot(snapshot_id)
+        view_model = model or (names[0].name if names else "")
+        path = str(view_path(self.store, view_model, snapshot_id)) if view_model else ""
+        source = self.index.snapshot_source(snapshot_id) or ""
+        return build_manifest(model, snapshot_id, source, files, tensors, path)
+
+    def file_span(self, snapshot_id: str, path: str, offset: int, length: int) -> Span:
+        """Bytes [offset, offset+length) of one file of a snapshot (length 0: to its end)."""
+        return file_span(snapshot_id, self.index.files(snapshot_id), path, offset, length)
+
+    def view(self, row: ModelRow) -> ModelView:
+        files = self.index.files(row.snapshot_id)
+        return ModelView(
+            row,
+            sum(f.size for f in files),
+            len(files),
+            self.leases.of(row.snapshot_id),
+            str(view_path(self.store, row.name, row.snapshot_id)),
+        )
+
+    def list_models(self) -> list[ModelView]:
+        return [self.view(r) for r in self.index.models()]
+
+    def show(self, model: str) -> tuple[ModelView | None, Manifest]:
+        snapshot, row = self.names.resolve(model)
+        return (self.view(row) if row else None), self.manifest(snapshot, row.name if row else "")
+
+    def set_pin(self, model: str, pinned: bool) -> ModelView:
+        _, row = self.names.resolve(model)
+        if row is None:
+            raise NotFoundError(f"snapshot {model} has no name to pin; pin a model name")
+        self.index.set_pinned(row.name, pinned)
+        new = self.index.model(row.name)
+        assert new is not None
+        return self.view(new)

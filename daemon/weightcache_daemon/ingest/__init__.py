@@ -1,0 +1,7 @@
+"""Bringing a model onto the node: download jobs (``jobs``), the safetensors headers read
+first (``headers``), the snapshot clients use while it downloads (``early``), download order
+(``schedule``), the download engine (``engine``) and resume records (``resume``).
+
+May import: ``storage``, ``sources``, ``observe``, ``records``, ``config`` and layer 0; never
+``cache``, the edges or the server (docs/architecture.md, "Packages").
+"""
