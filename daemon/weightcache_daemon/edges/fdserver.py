@@ -54,6 +54,7 @@ from weightcache.contract.errors import (
 from weightcache.contract.fdproto import MAX_FDS_PER_MSG, MAX_REQUEST_FRAME, pack
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache_daemon.cache.core import Core, Grant
+from weightcache_daemon.cache.tenants import Scope
 from weightcache_daemon.records import FileRow, Lease
 
 log = structlog.get_logger("weightcached.fd")
@@ -155,8 +156,12 @@ class FdServer:
         frame_timeout: float = 10.0,
         idle_timeout: float = 60.0,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
+        scope: Scope | None = None,
     ) -> None:
         self.core = core
+        # The tenant of every connection accepted here: the socket is the identity (the peer
+        # uid is only logged). None: the admin's view (tests of the server alone).
+        self.scope = scope
         self.path = path
         self.max_clients = max_clients
         self.max_per_uid = max_per_uid
@@ -348,7 +353,7 @@ class FdServer:
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop, c: _Conn, sid: str) -> None:
         new = sid not in c.held
-        grant = self.core.open_snapshot_for(c.pid, c.uid, c.gid, sid, c.held.get(sid))
+        grant = self.core.open_snapshot_for(c.pid, c.uid, c.gid, sid, c.held.get(sid), self.scope)
         c.held[sid] = grant.lease
         try:
             await self._send_grant(loop, c, sid, grant)
