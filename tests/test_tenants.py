@@ -181,7 +181,9 @@ print(json.dumps(out))
         admin = sorted(r["name"] for r in d.ctl_json("ls"))
         assert admin == ["a:llama", "a:tiny-llama", "admin-secret", "b:llama", "b:tiny-llama", "shared-base"]
         # views of the two tenants' "llama" live apart, never inside a shared model's directory
-        views = sorted(p.relative_to(d.cache_dir / "snapshots").parts[:2] for p in (d.cache_dir / "snapshots").glob("@*/*"))
+        views = sorted(
+            p.relative_to(d.cache_dir / "snapshots").parts[:2] for p in (d.cache_dir / "snapshots").glob("@*/*")
+        )
         assert views == [("@a", "llama"), ("@a", "tiny-llama"), ("@b", "llama"), ("@b", "tiny-llama")]
     finally:
         d.stop()
@@ -228,7 +230,7 @@ with FdConnection(sys.argv[1] + "/fd.sock") as fd:
     sys.stdin.readline()
 """
         for uid, sid in ((2101, sid1), (2102, sid2)):
-            argv = as_uid_argv(uid, [GROUP], hold, preload=CHILD_PRELUDE) + [str(sock_b), sid]
+            argv = [*as_uid_argv(uid, [GROUP], hold, preload=CHILD_PRELUDE), str(sock_b), sid]
             p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/tmp")
             holders.append(p)
             assert p.stdout is not None
@@ -252,7 +254,12 @@ def test_tenant_downloads_stay_within_their_share(root: Path, s3, bucket: str, t
     # capacity for about three 2 MiB models; b's own names may take about one
     models = [_model(s3, bucket, tmp_path, f"m{i}", seed=10 + i, size=2 << 20) for i in range(4)]
     d, sock_a, sock_b = tenant_daemon(
-        root, s3, bucket, max_size="7MiB", b={"download_quota": "3MiB"}, a={"download_quota": "100%", "lease_quota": "100%"}
+        root,
+        s3,
+        bucket,
+        max_size="7MiB",
+        b={"download_quota": "3MiB"},
+        a={"download_quota": "100%", "lease_quota": "100%"},
     )
     try:
         with connect(sock_a) as a:
@@ -327,7 +334,10 @@ def test_tenants_config_is_checked(tmp_path: Path) -> None:
         ('[[tenants]]\nname = "A b"\nsocket_dir = "/x"\n', "name 'A b'"),
         ('[[tenants]]\nname = "a"\n', "needs socket_dir"),
         ('[[tenants]]\nname = "a"\nsocket_dir = "/x"\nquota = 1\n', "unknown key(s) quota"),
-        ('[[tenants]]\nname = "a"\nsocket_dir = "/x"\n[[tenants]]\nname = "b"\nsocket_dir = "/x"\n', "share a socket_dir"),
+        (
+            '[[tenants]]\nname = "a"\nsocket_dir = "/x"\n[[tenants]]\nname = "b"\nsocket_dir = "/x"\n',
+            "share a socket_dir",
+        ),
         ('[[tenants]]\nname = "a"\nsocket_dir = "/x"\nmax_downloads = 0\n', "max_downloads 0"),
         ('[[tenants]]\nname = "a"\nsocket_dir = "/x"\nlease_quota = "200%"\n', "lease_quota '200%'"),
     ):
@@ -355,3 +365,30 @@ def test_tenant_socket_directories_are_its_own(root: Path, s3, bucket: str) -> N
         d.stop()
     for sock in (sock_a, sock_b):
         assert not any(sock.iterdir())  # both tenants' sockets removed at stop
+
+
+def test_kubernetes_tenants_example_gives_each_pod_only_its_tenant(tmp_path: Path) -> None:
+    yaml = pytest.importorskip("yaml")
+    from weightcache_daemon.config import load
+
+    root = Path(__file__).resolve().parent.parent
+    docs = [d for d in yaml.safe_load_all((root / "deploy/kubernetes/tenants.yaml").read_text()) if d]
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    cfg_file = tmp_path / "weightcached.toml"
+    cfg_file.write_text(cm["data"]["weightcached.toml"])
+    cfg = load({}, cfg_file, euid=0)  # the embedded config loads as the daemon reads it
+    tenants = {t.socket_dir: t for t in cfg.tenants()}
+    assert len(tenants) == 2
+    pods = [d for d in docs if d["kind"] == "Pod"]
+    uids = set()
+    for pod in pods:
+        spec = pod["spec"]
+        paths = [Path(v["hostPath"]["path"]) for v in spec["volumes"] if "hostPath" in v]
+        assert len(paths) == 1 and paths[0] in tenants, paths  # one tenant's socket directory, nothing else
+        tenant = tenants.pop(paths[0])
+        assert (
+            tenant.socket_group is not None
+            and int(tenant.socket_group) in spec["securityContext"]["supplementalGroups"]
+        )
+        uids.add(spec["securityContext"]["runAsUser"])
+    assert not tenants and len(uids) == len(pods)  # every tenant has its pod, each with its own uid
