@@ -392,3 +392,27 @@ def test_kubernetes_tenants_example_gives_each_pod_only_its_tenant(tmp_path: Pat
         )
         uids.add(spec["securityContext"]["runAsUser"])
     assert not tenants and len(uids) == len(pods)  # every tenant has its pod, each with its own uid
+
+
+def test_a_version_2_index_is_migrated_and_its_names_are_shared(tmp_path: Path) -> None:
+    import sqlite3
+
+    from weightcache_daemon.storage.index import Index
+
+    index = Index(tmp_path / "index.db")
+    index.close()
+    db = sqlite3.connect(tmp_path / "index.db")  # back to what a version-2 daemon wrote
+    db.executescript("""
+        ALTER TABLE models DROP COLUMN tenant;
+        UPDATE meta SET value='2' WHERE key='schema';
+        INSERT INTO snapshots VALUES ('s1', 's3://b/m/', 0);
+        INSERT INTO models VALUES ('llama', 's3://b/m/', 's1', '{}', 1, 0, 0, 'client');
+    """)
+    db.close()
+    index = Index(tmp_path / "index.db")
+    try:
+        row = index.model("llama")
+        assert row is not None and (row.tenant, row.owner, row.pinned) == ("", "client", True)
+        assert index._q("SELECT value FROM meta WHERE key='schema'") == [("3",)]
+    finally:
+        index.close()

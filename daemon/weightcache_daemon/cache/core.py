@@ -236,6 +236,11 @@ class Core:
         else:
             tenant, bare = split_name(name or default_name(uri))
             check_name(bare)
+            if tenant and tenant not in self.scopes:
+                raise InvalidInputError(
+                    f"model name {name!r}: no tenant {tenant[:80]!r} is declared in the daemon's config (a name "
+                    "'<tenant>:<name>' puts a model in that tenant's namespace)"
+                )
             name = qualified_name(tenant, bare)
         self.metrics.misses.labels("prefetch" if admin else "ensure").inc()
         claimed = self._claim(name, key) if scope is not None else False

@@ -82,10 +82,10 @@ class Names:
         if not model:
             raise InvalidInputError("model is empty: give a name, a snapshot id or a source URI")
         if _SNAPSHOT.fullmatch(model) and self.index.snapshot_source(model) is not None:
+            if scope is not None and not scope.sees_snapshot(model):
+                raise not_found(model)
             rows = [r for r in self.index.models_of_snapshot(model) if scope is None or scope.sees(r)]
-            if scope is None or rows:
-                return model, rows[0] if rows else None
-            raise not_found(model)
+            return model, rows[0] if rows else None
         row = self.index.model(model) if scope is None else scope.find(model)
         if row is not None:
             return row.snapshot_id, row

@@ -99,7 +99,13 @@ class Scope:
         return out
 
     def sees_snapshot(self, snapshot_id: str) -> bool:
-        return any(self.sees(r) for r in self.index.models_of_snapshot(snapshot_id))
+        """Whether a name this tenant sees points at the snapshot. A snapshot no name points at
+        (its name re-pointed since, say) is the default tenant's to read, as before tenants;
+        a declared tenant cannot tell whose it was, so it is nobody's."""
+        rows = self.index.models_of_snapshot(snapshot_id)
+        if not rows:
+            return self.tenant.default
+        return any(self.sees(r) for r in rows)
 
 
 class Ledger:
