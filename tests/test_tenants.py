@@ -258,7 +258,7 @@ def test_tenant_downloads_stay_within_their_share(root: Path, s3, bucket: str, t
         s3,
         bucket,
         max_size="7MiB",
-        b={"download_quota": "3MiB"},
+        b={"download_quota": "3MiB", "lease_quota": "100%"},
         a={"download_quota": "100%", "lease_quota": "100%"},
     )
     try:
@@ -283,6 +283,13 @@ def test_tenant_downloads_stay_within_their_share(root: Path, s3, bucket: str, t
             with connect(sock_a) as a:
                 assert a.ensure("held").snapshot_id == held
                 assert a.ensure("idle")
+            # the node is full: a's next download evicts what nobody leases (a's own "idle"),
+            # never b's "second" while b uses it, nor a's "held"
+            with FdConnection(sock_b / "fd.sock") as b_lease, connect(sock_b) as b:
+                b_lease.acquire(b.ensure("second").snapshot_id)
+                with connect(sock_a) as a:
+                    a.ensure(models[2], name="third")
+                assert sorted(r["name"] for r in d.ctl_json("ls")) == ["a:held", "a:third", "b:second"]
     finally:
         d.stop()
 

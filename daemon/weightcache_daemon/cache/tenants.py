@@ -156,12 +156,13 @@ class Ledger:
                 else:
                     self._downloads.pop(scope.ns, None)
 
-    def usage(self, tenant: str) -> int:
-        """Bytes this tenant's names take: every distinct blob they reference, counted in full
-        even when another tenant's names share it (a tenant cannot learn from its own usage
-        whether someone else holds the same bytes)."""
+    def usage(self, tenant: str, without: frozenset[str] = frozenset()) -> int:
+        """Bytes this tenant's names (but those in `without`) take: every distinct blob they
+        reference, counted in full even when another tenant's names share it (a tenant cannot
+        learn from its own usage whether someone else holds the same bytes)."""
         sizes = self.index.blobs()
-        digests = {f.sha256 for r in self.index.models() if r.tenant == tenant for f in self.index.files(r.snapshot_id)}
+        rows = [r for r in self.index.models() if r.tenant == tenant and r.name not in without]
+        digests = {f.sha256 for r in rows for f in self.index.files(r.snapshot_id)}
         return sum(sizes.get(d, 0) for d in digests)
 
     def _in_flight(self, tenant: str, label: str) -> int:
@@ -190,12 +191,16 @@ class Ledger:
             return
         held = self.leases.held()
         own = sorted(
-            (r for r in self.index.models() if r.tenant == tenant and r.name != label),
+            (
+                r
+                for r in self.index.models()
+                if r.tenant == tenant and r.name != label and not r.pinned and r.snapshot_id not in held
+            ),
             key=lambda r: r.last_used,
         )
-        for row in own:
-            if row.pinned or row.snapshot_id in held:
-                continue
+        # Plan first: if evicting all of them would not be enough, evict nothing.
+        floor = self.usage(tenant, frozenset(r.name for r in own)) + self._in_flight(tenant, label)
+        for row in own if floor + need <= quota else ():
             try:
                 plan = self.evictor.plan_evict([row.name], all_unpinned=False, force=False)
             except (BusyError, NotFoundError):
