@@ -18,7 +18,7 @@ from weightcache.contract.errors import ExhaustedError, InvalidInputError, NotFo
 from weightcache_daemon import uris
 from weightcache_daemon.cache.tenants import Scope
 from weightcache_daemon.config import Config
-from weightcache_daemon.records import JobKey, ModelRow
+from weightcache_daemon.records import JobKey, ModelRow, split_name
 from weightcache_daemon.sources import parse_uri
 from weightcache_daemon.storage.blobs import LocalBlobStore
 from weightcache_daemon.storage.index import Index
@@ -138,8 +138,9 @@ class Names:
         row = self.index.model(name)
         if owner == "client" and row is not None and (row.source, row.filters) != (key.uri, key.filters):
             raise PermissionDeniedError(
-                f"model name {name!r} already exists (created by {row.owner}, source {row.source}); clients may not "
-                "re-point an existing name: use another name, or ask an admin (cachectl prefetch URI --name NAME)"
+                f"model name {split_name(name)[1]!r} already exists (created by {row.owner}, source {row.source}); "
+                "clients may not re-point an existing name: use another name, or ask an admin "
+                "(cachectl prefetch URI --name NAME)"
             )
 
     def name_model(self, name: str, key: JobKey, snapshot: str, pin: bool | None, owner: str = "admin") -> None:
