@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +72,10 @@ def as_tenant(uid: int, code: str, *args: str) -> Any:
 
 
 @pytest.fixture
-def root() -> Path:
-    return dir_for_others("wc-tenants-")
+def root() -> Iterator[Path]:
+    d = dir_for_others("wc-tenants-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _model(s3: Any, bucket: str, tmp: Path, prefix: str, seed: int, size: int = 0) -> str:
@@ -243,6 +247,17 @@ with FdConnection(sys.argv[1] + "/fd.sock") as fd:
         # the other tenant's quota is its own
         with FdConnection(d.socket_dir / "fd.sock") as fd:
             assert len(fd.acquire(sid2)) > 0
+
+        # the audit log names the tenant and the uid (SO_PEERCRED) of every grant
+        def granted() -> list[dict[str, Any]]:
+            lines = [json.loads(x) for x in d.log_text().splitlines() if x.startswith("{")]
+            return [x for x in lines if x.get("event") == "descriptors_granted"]
+
+        wait_for(lambda: len(granted()) >= 2, 60, "both grants in the daemon's log")
+        assert {(x.get("tenant"), x["peer_uid"], x["snapshot"]) for x in granted()} == {
+            ("b", 2101, sid1),
+            ("a", os.getuid(), sid2),
+        }
     finally:
         for p in holders:
             p.kill()

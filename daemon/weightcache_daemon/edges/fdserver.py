@@ -37,7 +37,7 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -121,14 +121,18 @@ class _Conn:
     pid: int
     uid: int
     gid: int
+    tenant: str = ""  # the tenant whose fd.sock it came in on ("" = the default tenant)
     held: dict[str, Lease] = field(default_factory=dict)
     # Descriptors sent since the client was last seen to have read everything (its send
     # queue empty): an upper bound on what is in flight in its receive queue.
     unread_fds: int = 0
 
     @property
-    def peer(self) -> dict[str, int]:
-        return {"peer_pid": self.pid, "peer_uid": self.uid, "peer_gid": self.gid}
+    def peer(self) -> dict[str, int | str]:
+        peer: dict[str, int | str] = {"peer_pid": self.pid, "peer_uid": self.uid, "peer_gid": self.gid}
+        if self.tenant:
+            peer["tenant"] = self.tenant
+        return peer
 
     def in_flight(self) -> int:
         """Descriptors possibly unread by the client. The kernel frees a message's buffer
@@ -237,7 +241,7 @@ class FdServer:
             if refusal is not None:
                 self._refuse(conn, refusal[0], refusal[1], {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid})
                 continue
-            c = _Conn(conn, pid, uid, gid)
+            c = _Conn(conn, pid, uid, gid, self.scope.ns if self.scope is not None else "")
             self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
             task = loop.create_task(self._serve(c))
             self._conns[task] = c
@@ -265,7 +269,7 @@ class FdServer:
         return None
 
     def _refuse(
-        self, sock: socket.socket, exc: WeightcacheError, reason: str, peer: dict[str, int], close: bool = True
+        self, sock: socket.socket, exc: WeightcacheError, reason: str, peer: Mapping[str, int | str], close: bool = True
     ) -> None:
         """Send the reason without waiting (an abuser may not read), then close."""
         try:
