@@ -18,7 +18,7 @@ from weightcache.contract import paths
 from weightcache.contract.errors import InvalidInputError
 from weightcache_daemon import uris
 
-__all__ = ["Config", "DownloadConfig", "SourceConfig", "load", "parse_size"]
+__all__ = ["Config", "DownloadConfig", "SourceConfig", "TenantConfig", "load", "parse_size"]
 
 DEFAULT_INCLUDE = (
     "*.safetensors",
@@ -91,6 +91,38 @@ class DownloadConfig:
     order: str = "layer"
 
 
+# A tenant name: also a directory name under snapshots/ ("@<name>") and a label in logs.
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """One tenant (docs/security.md, "Tenants"): a client socket directory and what the
+    connections that arrive on it may see and do. Identity is the socket, never the uid.
+
+    ``name`` "" is the default tenant of a node that declares none: it is the shared (admin)
+    namespace itself, sees every shared name, and keeps the per-uid bounds of older configs.
+    Sizes given as a percentage are kept as such (``*_percent``) and resolved against the
+    capacity at start-up (server.py)."""
+
+    name: str
+    socket_dir: Path
+    client_sources: tuple[str, ...] = ()
+    # Shared (admin) model names this tenant may see and use, as globs ("*" = all).
+    shared_models: tuple[str, ...] = ()
+    socket_group: str | None = None
+    lease_quota: int = 0  # bytes of distinct snapshots its connections may lease at once
+    lease_quota_percent: float = 0.0
+    download_quota: int = 0  # bytes its own names may take in the store (its client downloads)
+    download_quota_percent: float = 0.0
+    max_downloads: int = 0  # downloads its requests may run at once; 0 = no bound
+    max_clients: int = 4096  # fd.sock connections of this tenant, all uids together
+
+    @property
+    def default(self) -> bool:
+        return self.name == ""
+
+
 @dataclass(frozen=True)
 class Config:
     cache_dir: Path
@@ -126,6 +158,24 @@ class Config:
     sources: tuple[SourceConfig, ...] = ()
     system: bool = False
     config_file: Path | None = None
+    # Declared tenants; none declared means one default tenant on socket_dir (tenants()).
+    declared_tenants: tuple[TenantConfig, ...] = ()
+
+    def tenants(self) -> tuple[TenantConfig, ...]:
+        """Every tenant whose sockets the daemon binds: the declared ones, or the default one
+        (socket_dir, client_sources, every shared name, per-uid bounds as before tenants)."""
+        if self.declared_tenants:
+            return self.declared_tenants
+        return (
+            TenantConfig(
+                name="",
+                socket_dir=self.socket_dir,
+                client_sources=self.client_sources,
+                shared_models=("*",),
+                socket_group=self.socket_group,
+                max_clients=self.max_clients,
+            ),
+        )
 
     def source_for(self, uri: str) -> SourceConfig:
         best = SourceConfig(prefix="")
@@ -178,7 +228,112 @@ _TOP_KEYS = {
     "include",
     "download",
     "sources",
+    "tenants",
 }
+
+_TENANT_KEYS = {
+    "name",
+    "socket_dir",
+    "client_sources",
+    "shared_models",
+    "socket_group",
+    "lease_quota",
+    "download_quota",
+    "max_downloads",
+    "max_clients",
+}
+DEFAULT_TENANT_LEASE_QUOTA = "25%"
+DEFAULT_TENANT_DOWNLOAD_QUOTA = "25%"
+DEFAULT_TENANT_MAX_DOWNLOADS = 2
+DEFAULT_TENANT_MAX_CLIENTS = 256
+
+
+def _size_or_percent(raw: Any, what: str) -> tuple[int, float]:
+    """'25%' -> (0, 25.0); '200G' or 1234 -> (bytes, 0.0)."""
+    if isinstance(raw, str) and raw.strip().endswith("%"):
+        try:
+            percent = float(raw.strip()[:-1])
+        except ValueError:
+            percent = -1
+        if not 0 < percent <= 100:
+            raise InvalidInputError(f"{what} {raw!r}: a percentage must be in (0, 100]")
+        return 0, percent
+    return parse_size(raw, what), 0.0
+
+
+def _str_list(raw: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
+        raise InvalidInputError(f"{what}: must be a list of strings")
+    return tuple(raw)
+
+
+def _tenants(raw: Any, where: str, admin_socket: Path, default_group: str | None) -> tuple[TenantConfig, ...]:
+    """[[tenants]] entries: each a name, its own socket directory, and its bounds."""
+    if not isinstance(raw, list):
+        raise InvalidInputError(f"{where}: tenants must be an array of tables ([[tenants]])")
+    out: list[TenantConfig] = []
+    for i, item in enumerate(raw):
+        w = f"{where}: tenants[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidInputError(f"{w}: must be a table")
+        extra = set(item) - _TENANT_KEYS
+        if extra:
+            raise InvalidInputError(f"{w}: unknown key(s) {', '.join(sorted(extra))}")
+        name = item.get("name")
+        if not isinstance(name, str) or not TENANT_NAME.fullmatch(name):
+            raise InvalidInputError(
+                f"{w}: name {name!r} must be 1-63 of a-z, 0-9, '-', starting with a letter or digit"
+            )
+        w = f"{where}: tenant {name!r}"
+        if not isinstance(item.get("socket_dir"), str) or not item["socket_dir"]:
+            raise InvalidInputError(f"{w}: needs socket_dir, the client socket directory its pods mount")
+        socket_dir = Path(item["socket_dir"]).absolute()
+        if admin_socket.parent.resolve().is_relative_to(socket_dir.resolve()):
+            raise InvalidInputError(f"{w}: socket_dir {socket_dir} must not contain the admin socket {admin_socket}")
+        sources = tuple(
+            uris.check_pattern(p, w) for p in _str_list(item.get("client_sources", []), f"{w}: client_sources")
+        )
+        shared = _str_list(item.get("shared_models", []), f"{w}: shared_models")
+        group = item.get("socket_group", default_group)
+        if group is not None and not isinstance(group, str | int):
+            raise InvalidInputError(f"{w}: socket_group must be a group name or gid")
+        lease, lease_pct = _size_or_percent(item.get("lease_quota", DEFAULT_TENANT_LEASE_QUOTA), f"{w}: lease_quota")
+        dl, dl_pct = _size_or_percent(item.get("download_quota", DEFAULT_TENANT_DOWNLOAD_QUOTA), f"{w}: download_quota")
+        counts = {}
+        for key, default in (
+            ("max_downloads", DEFAULT_TENANT_MAX_DOWNLOADS),
+            ("max_clients", DEFAULT_TENANT_MAX_CLIENTS),
+        ):
+            v = item.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidInputError(f"{w}: {key} {v!r} must be a whole number >= 1")
+            counts[key] = v
+        out.append(
+            TenantConfig(
+                name=name,
+                socket_dir=socket_dir,
+                client_sources=sources,
+                shared_models=shared,
+                socket_group=str(group) if group is not None else None,
+                lease_quota=lease,
+                lease_quota_percent=lease_pct,
+                download_quota=dl,
+                download_quota_percent=dl_pct,
+                max_downloads=counts["max_downloads"],
+                max_clients=counts["max_clients"],
+            )
+        )
+    names = [t.name for t in out]
+    dirs = [t.socket_dir.resolve() for t in out]
+    for what, values in (("name", names), ("socket_dir", [str(d) for d in dirs])):
+        dup = {v for v in values if values.count(v) > 1}
+        if dup:
+            raise InvalidInputError(f"{where}: tenants share a {what} ({', '.join(sorted(dup))}); each needs its own")
+    for a in dirs:
+        for b in dirs:
+            if a != b and a.is_relative_to(b):
+                raise InvalidInputError(f"{where}: tenant socket_dir {a} is inside another tenant's {b}")
+    return tuple(out)
 
 
 def _sources(raw: Any, where: str) -> tuple[SourceConfig, ...]:
@@ -378,4 +533,10 @@ def load(
         sources=_sources(data.get("sources", []), where),
         system=system,
         config_file=config_file,
+        declared_tenants=_tenants(
+            data.get("tenants", []),
+            where,
+            admin_socket,
+            str(data["socket_group"]) if "socket_group" in data else None,
+        ),
     )

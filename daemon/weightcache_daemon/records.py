@@ -53,6 +53,21 @@ class ModelRow:
     created: float
     last_used: float
     owner: str = "admin"  # who created the name: one of OWNERS
+    # The namespace: "" for shared (admin, models.d, the default tenant) names; a declared
+    # tenant's names are stored as "<tenant>:<name>" (qualified_name) with tenant set.
+    tenant: str = ""
+
+
+def qualified_name(tenant: str, name: str) -> str:
+    """The index key of `name` in `tenant`'s namespace. ':' is never part of a model name
+    (naming.check_name), so a tenant's key can never equal a shared name or another tenant's."""
+    return f"{tenant}:{name}" if tenant else name
+
+
+def split_name(key: str) -> tuple[str, str]:
+    """(tenant, name) of an index key; ("", key) for a shared name."""
+    tenant, sep, name = key.partition(":")
+    return (tenant, name) if sep else ("", key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +175,8 @@ class Lease:
     uid: int
     gid: int
     since: float
-    size: int = 0  # bytes of the snapshot's files, for the per-uid quota
+    size: int = 0  # bytes of the snapshot's files, for the lease quota
+    tenant: str = ""  # the tenant whose socket it came in on ("" = the default tenant)
 
 
 @dataclass(frozen=True, slots=True)

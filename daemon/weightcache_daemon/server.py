@@ -26,7 +26,7 @@ from weightcache_daemon.cache.core import Core
 from weightcache_daemon.cache.declarative import ModelsDir
 from weightcache_daemon.cache.leases import Leases
 from weightcache_daemon.cache.reconcile import reconcile
-from weightcache_daemon.config import Config, capacity_bytes
+from weightcache_daemon.config import Config, TenantConfig, capacity_bytes
 from weightcache_daemon.edges.fdserver import FdServer, raise_nofile_limit
 from weightcache_daemon.edges.handlers import AdminService, CacheService
 from weightcache_daemon.ingest.jobs import Fetcher
@@ -124,17 +124,33 @@ def private_files(index_db: Path) -> None:
             pass
 
 
-def lease_quota(cfg: Config) -> int:
-    """Bytes one uid may lease (docs/security.md, "Leases and disk"); 0 = no bound."""
-    if cfg.lease_quota:
-        return cfg.lease_quota
-    if not cfg.lease_quota_percent:
+def share_of_capacity(cfg: Config, nbytes: int, percent: float) -> int:
+    """A bound given as bytes, or as a percentage of the capacity (of the store's filesystem
+    when the capacity is unlimited); 0 = no bound."""
+    if nbytes:
+        return nbytes
+    if not percent:
         return 0
     base = capacity_bytes(cfg)
     if not base:
         st = os.statvfs(cfg.cache_dir)
         base = st.f_blocks * st.f_frsize
-    return int(base * cfg.lease_quota_percent / 100)
+    return int(base * percent / 100)
+
+
+def lease_quota(cfg: Config) -> int:
+    """Bytes one uid may lease (docs/security.md, "Leases and disk"); 0 = no bound."""
+    return share_of_capacity(cfg, cfg.lease_quota, cfg.lease_quota_percent)
+
+
+def tenant_lease_quotas(cfg: Config) -> dict[str, int]:
+    """Bytes each declared tenant may lease, all its uids together (docs/security.md, "Tenants")."""
+    return {t.name: share_of_capacity(cfg, t.lease_quota, t.lease_quota_percent) for t in cfg.declared_tenants}
+
+
+def download_quota(cfg: Config, tenant: TenantConfig) -> int:
+    """Bytes a declared tenant's own names may take in the store; 0 = no bound."""
+    return share_of_capacity(cfg, tenant.download_quota, tenant.download_quota_percent)
 
 
 def check_places(cfg: Config, env: dict[str, str] | None = None) -> None:
@@ -145,7 +161,7 @@ def check_places(cfg: Config, env: dict[str, str] | None = None) -> None:
         paths.ensure_private_base(base)
     for what, d in (
         ("store directory", cfg.cache_dir),
-        ("socket directory", cfg.socket_dir),
+        *((f"socket directory of tenant {t.name or 'default'}", t.socket_dir) for t in cfg.tenants()),
         ("admin socket directory", cfg.admin_socket.parent),
     ):
         paths.check_dir_not_foreign(d, what)
@@ -162,27 +178,26 @@ class Daemon:
         except BaseException:
             self.lock.release()
             raise
-        self.leases = Leases(lease_quota(cfg))
+        self.leases = Leases(lease_quota(cfg), tenant_lease_quotas(cfg))
         self.metrics = Metrics()
         self.fetcher = Fetcher(cfg, self.store, self.index, self.metrics)
-        self.core = Core(cfg, self.store, self.index, self.fetcher, self.leases, self.metrics)
+        self.core = Core(cfg, self.store, self.index, self.fetcher, self.leases, self.metrics,
+                         lambda t: download_quota(cfg, t))  # fmt: skip
         self.metrics.watch_sizes(self._sizes)
         self._metrics_server: Any = None
-        self.client_server: grpc.aio.Server | None = None
         self.admin_server: grpc.aio.Server | None = None
-        self.fd_server: FdServer | None = None
+        # One client gRPC server and one fd.sock server per tenant, on its own socket directory.
+        self.client_servers: list[grpc.aio.Server] = []
+        self.fd_servers: list[FdServer] = []
         self.health = health.aio.HealthServicer()
         self._flusher: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
         self.models_dir: ModelsDir | None = None
 
-    @property
-    def client_socket(self) -> Path:
-        return self.cfg.socket_dir / paths.CLIENT_SOCKET_NAME
-
-    @property
-    def fd_socket(self) -> Path:
-        return self.cfg.socket_dir / paths.FD_SOCKET_NAME
+    def _sockets(self) -> list[Path]:
+        return [
+            t.socket_dir / n for t in self.cfg.tenants() for n in (paths.CLIENT_SOCKET_NAME, paths.FD_SOCKET_NAME)
+        ] + [self.cfg.admin_socket]
 
     async def start(self) -> None:
         # Whatever uses the loop's default executor (asyncio.to_thread anywhere) shares the
@@ -190,12 +205,15 @@ class Daemon:
         asyncio.get_running_loop().set_default_executor(self.core.client_io)
         report = await asyncio.to_thread(reconcile, self.store, self.index)
         log.info("reconciled", **report)
-        self.cfg.socket_dir.mkdir(parents=True, exist_ok=True)
-        client_gid = resolve_group(self.cfg.socket_group, "socket_group")
         admin_gid = resolve_group(self.cfg.admin_group, "admin_group")
-        _own(self.cfg.socket_dir, client_gid, self.cfg.socket_dir_mode)
         self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for p in (self.client_socket, self.fd_socket, self.cfg.admin_socket):
+        tenants = self.cfg.tenants()
+        gids = {}
+        for t in tenants:
+            t.socket_dir.mkdir(parents=True, exist_ok=True)
+            gids[t.name] = resolve_group(t.socket_group, f"socket_group of tenant {t.name or 'default'}")
+            _own(t.socket_dir, gids[t.name], self.cfg.socket_dir_mode)
+        for p in self._sockets():
             _claim_socket(p)
         opts = [
             ("grpc.max_receive_message_length", 4 << 20),
@@ -205,35 +223,47 @@ class Daemon:
         # The health service answers SERVING for "" from its creation; until start-up is done
         # it must say otherwise, or a probe (or a test) would send work to a daemon not ready.
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.client_server = grpc.aio.server(options=opts)
-        pb_grpc.add_CacheServicer_to_server(CacheService(self.core), self.client_server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
         self.admin_server = grpc.aio.server(options=opts)
         pb_grpc.add_AdminServicer_to_server(AdminService(self.core), self.admin_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.admin_server)
-        self.fd_server = FdServer(
-            self.core,
-            str(self.fd_socket),
-            self.cfg.max_clients,
-            max_per_uid=self.cfg.max_clients_per_uid,
-            frame_timeout=self.cfg.fd_frame_timeout,
-            idle_timeout=self.cfg.fd_idle_timeout,
-            on_health=self._fd_health,
-        )
+        for t in tenants:
+            # A connection's tenant is the socket it came in on: each tenant's sockets are
+            # served by their own servers, bound to that tenant's scope.
+            scope = self.core.scopes[t.name]
+            server = grpc.aio.server(options=opts)
+            pb_grpc.add_CacheServicer_to_server(CacheService(self.core, scope), server)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            self.client_servers.append(server)
+            self.fd_servers.append(
+                FdServer(
+                    self.core,
+                    str(t.socket_dir / paths.FD_SOCKET_NAME),
+                    t.max_clients,
+                    max_per_uid=self.cfg.max_clients_per_uid,
+                    frame_timeout=self.cfg.fd_frame_timeout,
+                    idle_timeout=self.cfg.fd_idle_timeout,
+                    on_health=self._fd_health,
+                    scope=scope,
+                )
+            )
         # Every socket is created 0600 and widened only after its group is set: never, even
         # briefly, reachable by someone the configuration does not name.
         old = os.umask(0o177)
         try:
-            self.client_server.add_insecure_port(f"unix://{self.client_socket}")
             self.admin_server.add_insecure_port(f"unix://{self.cfg.admin_socket}")
+            for t, server in zip(tenants, self.client_servers, strict=True):
+                server.add_insecure_port(f"unix://{t.socket_dir / paths.CLIENT_SOCKET_NAME}")
             await self.admin_server.start()
-            await self.client_server.start()
-            await self.fd_server.start()
+            for server in self.client_servers:
+                await server.start()
+            for fd_server in self.fd_servers:
+                await fd_server.start()
         finally:
             os.umask(old)
-        _own(self.client_socket, client_gid, self.cfg.socket_mode)
         _own(self.cfg.admin_socket, admin_gid, 0o660 if admin_gid is not None else ADMIN_SOCKET_MODE)
-        _own(self.fd_socket, client_gid, self.cfg.socket_mode)
+        for t in tenants:
+            for n in (paths.CLIENT_SOCKET_NAME, paths.FD_SOCKET_NAME):
+                _own(t.socket_dir / n, gids[t.name], self.cfg.socket_mode)
         if self.cfg.metrics_address:
             try:
                 self._metrics_server = self.metrics.serve(self.cfg.metrics_address)
@@ -253,7 +283,7 @@ class Daemon:
         log.info(
             "ready",
             cache_dir=str(self.cfg.cache_dir),
-            socket_dir=str(self.cfg.socket_dir),
+            socket_dirs={t.name or "default": str(t.socket_dir) for t in tenants},
             admin_socket=str(self.cfg.admin_socket),
             pid=os.getpid(),
         )
@@ -293,12 +323,12 @@ class Daemon:
             self._metrics_server.shutdown()
         await self.health.enter_graceful_shutdown()
         await self.fetcher.shutdown()
-        if self.fd_server:
-            await self.fd_server.stop()
-        for srv in (self.client_server, self.admin_server):
+        for fd_server in self.fd_servers:
+            await fd_server.stop()
+        for srv in (*self.client_servers, self.admin_server):
             if srv is not None:
                 await srv.stop(grace=2)
-        for p in (self.client_socket, self.fd_socket, self.cfg.admin_socket):
+        for p in self._sockets():
             p.unlink(missing_ok=True)
         for pool in (self.core.client_io, self.core.admin_io):
             pool.shutdown(wait=False, cancel_futures=True)  # queued work is moot now; never holds up SIGTERM

@@ -14,22 +14,32 @@ interrupted downloads, and granting a snapshot's files over fd.sock.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import functools
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
-from weightcache.contract.errors import InvalidInputError, NotFoundError, PermissionDeniedError, WeightcacheError
+from weightcache.contract.errors import (
+    BusyError,
+    InternalError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    WeightcacheError,
+)
 from weightcache_daemon import uris
 from weightcache_daemon.cache.admission import Admission
 from weightcache_daemon.cache.catalog import Catalog
 from weightcache_daemon.cache.eviction import Evictor, EvictPlan, GCPlan
 from weightcache_daemon.cache.leases import Leases
-from weightcache_daemon.cache.naming import Names, check_name, default_name
+from weightcache_daemon.cache.naming import Names, check_name, default_name, snapshot_not_found
+from weightcache_daemon.cache.tenants import Ledger, Scope
 from weightcache_daemon.cache.verify import Verifier
-from weightcache_daemon.config import Config
+from weightcache_daemon.config import Config, TenantConfig
 from weightcache_daemon.ingest.early import EarlySnapshot
 from weightcache_daemon.ingest.jobs import TICK, Fetcher, Job
 from weightcache_daemon.ingest.resume import IngestState
@@ -37,6 +47,7 @@ from weightcache_daemon.observe.metrics import Metrics
 from weightcache_daemon.records import (
     ActiveDownload,
     FileRow,
+    JobKey,
     Lease,
     Manifest,
     ModelRow,
@@ -46,6 +57,8 @@ from weightcache_daemon.records import (
     Span,
     Stats,
     layer_spans,
+    qualified_name,
+    split_name,
 )
 from weightcache_daemon.storage.blobs import LocalBlobStore
 from weightcache_daemon.storage.index import Index
@@ -79,7 +92,14 @@ class Grant:
 
 class Core:
     def __init__(
-        self, cfg: Config, store: LocalBlobStore, index: Index, fetcher: Fetcher, leases: Leases, metrics: Metrics
+        self,
+        cfg: Config,
+        store: LocalBlobStore,
+        index: Index,
+        fetcher: Fetcher,
+        leases: Leases,
+        metrics: Metrics,
+        download_quota: Callable[[TenantConfig], int] = lambda tenant: 0,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
@@ -93,7 +113,12 @@ class Core:
         self.admission = Admission(cfg, store, index, leases, fetcher, metrics, self.evictor)
         self.verifier = Verifier(store, index, self.names)
         self.capacity = self.admission.capacity
-        fetcher.make_room = self.admission.make_room
+        # Every tenant whose sockets are bound, by namespace ("" = the default tenant).
+        self.scopes = {t.name: Scope(t, index) for t in cfg.tenants()}
+        self.ledger = Ledger(self.scopes, store, index, leases, fetcher, self.evictor, metrics, download_quota)
+        # Client names being fetched, with the source and filters they are fetched for (_claim).
+        self._claims: dict[str, JobKey] = {}
+        fetcher.make_room = self._make_room
         # The job names its snapshot itself: an accepted prefetch ends named even when its
         # caller has gone away or the daemon crashed and resumed it.
         fetcher.on_commit = self._name_job
@@ -118,6 +143,7 @@ class Core:
         pin: bool | None = None,
         owner: str | None = None,
         early: bool = False,
+        scope: Scope | None = None,
     ) -> AsyncIterator[ProgressState | Manifest | Readiness]:
         """Ensure (client) and Prefetch (admin): progress events, then the Manifest.
 
@@ -127,17 +153,32 @@ class Core:
 
         `owner` is who names the model (index.OWNERS): "client" for Ensure, "admin" for
         Prefetch by default, "models.d" for declared models. See Index.set_model for what each
-        may name."""
+        may name. `scope` (required for a client): the tenant whose socket the request came
+        in on; it sees, names and downloads only as tenants.py says."""
+        if not admin and scope is None:
+            raise InternalError("a client fetch needs its tenant's scope")
         owner = owner or ("admin" if admin else "client")
+        shown: list[str] = []  # the name a declared tenant's manifests carry (its namespace, unprefixed)
+        async for ev in self._fetch(model, name, include, exclude, admin, pin, owner, early, scope, shown):
+            if scope is not None and scope.ns and isinstance(ev, Manifest):
+                # A download this tenant joined may carry another tenant's name: never shown.
+                ev = replace(ev, model=shown[-1] if shown else "")
+            yield ev
+
+    async def _fetch(self, model: str, name: str, include: Sequence[str], exclude: Sequence[str], admin: bool,
+                     pin: bool | None, owner: str, early: bool, scope: Scope | None,
+                     shown: list[str]) -> AsyncIterator[ProgressState | Manifest | Readiness]:  # fmt: skip
         if "://" not in model:
             if name or include or exclude:
                 raise InvalidInputError(f"model {model[:200]!r}: name/include/exclude apply to source URIs only")
-            job = self._downloading(model) if early else None
+            job = self._downloading(model, scope) if early else None
             if job is not None:  # a name whose first download is running: read it as it arrives
+                if scope is not None:
+                    shown.append(scope.display(job.label))
                 async for ev in self._stream_job(job, job.label, None):
                     yield ev
                 return
-            snapshot, row = self.names.resolve(model)
+            snapshot, row = self.names.resolve(model, scope)
             if row is not None and self.verifier.damaged(snapshot):
                 # A blob failed verification or vanished: fetch the model again, then go on.
                 log.warning("refetching_damaged_model", model=row.name, snapshot=snapshot)
@@ -151,50 +192,122 @@ class Core:
                 self.index.touch(row.name)
                 if pin is not None:
                     self.index.set_pinned(row.name, pin)
+                if scope is not None:
+                    shown.append(scope.display(row.name))
             yield await self.manifest_async(snapshot, row.name if row else "")
             return
         # Everything below sees the canonical URI only (uris.py): the allow-list, the job key,
         # the index and the source.
         uri = uris.normalize(model)
         key = self.names.key(uri, include, exclude)
-        if not admin:
+        if scope is not None:
             pin = None  # a client never pins
-            if not uris.allowed(uri, self.cfg.client_sources):
+            if not uris.allowed(uri, scope.tenant.client_sources):
                 raise PermissionDeniedError(
                     f"source {uri}: clients may not trigger this download (not in the daemon's client_sources "
                     f"allow-list); an admin can run: cachectl prefetch {uri}"
                 )
             # A client asks for presence, not freshness: a cached copy of the same source answers at once.
-            same = self.index.models_by_source(key.uri, key.filters)
-            cached = [r for r in same if r.name == name] if name else same
+            same = [r for r in self.index.models_by_source(key.uri, key.filters) if scope.sees(r)]
+            if name:
+                target = scope.find(name)
+                cached = [r for r in same if target is not None and r.name == target.name]
+            else:
+                cached = same
             if cached:
                 self.metrics.hits.labels("ensure").inc()
                 self.index.touch(cached[0].name)
+                shown.append(scope.display(cached[0].name))
                 yield await self.manifest_async(cached[0].snapshot_id, cached[0].name)
                 return
-            name = check_name(name) if name else self.names.client_default_name(key)
+            if name:
+                check_name(name)
+                shared = self.index.model(name) if scope.ns else None
+                if shared is not None and scope.sees(shared):
+                    raise PermissionDeniedError(
+                        f"model name {name!r} is a shared model's name (source {shared.source}); a tenant's name never "
+                        "shadows a shared one: use another name"
+                    )
+                name = scope.key(name)
+            else:
+                name = self.names.client_default_name(key, scope, self._claims.get)
             self.names.check_owner(name, key, owner)
+            shown.append(scope.display(name))
         else:
-            name = check_name(name or default_name(uri))
+            tenant, bare = split_name(name or default_name(uri))
+            check_name(bare)
+            if tenant and tenant not in self.scopes:
+                raise InvalidInputError(
+                    f"model name {name!r}: no tenant {tenant[:80]!r} is declared in the daemon's config (a name "
+                    "'<tenant>:<name>' puts a model in that tenant's namespace)"
+                )
+            name = qualified_name(tenant, bare)
         self.metrics.misses.labels("prefetch" if admin else "ensure").inc()
-        with self.admission.fetching(name):
-            job = self.fetcher.start(key, name, pin, owner)
-            if early:
-                async for ev in self._stream_job(job, name, (pin, owner)):
-                    yield ev
-                return
-            async for p in job.watch():
-                if not job.result.done():
-                    yield p
-            snapshot = await asyncio.shield(job.result)
-            self.names.name_model(name, key, snapshot, pin, owner)
-            yield await self.manifest_async(snapshot, name)
+        claimed = self._claim(name, key) if scope is not None else False
+        try:
+            with self.ledger.downloading(scope) if scope is not None else nullcontext(), self.admission.fetching(name):
+                await self._after_same_source(key)
+                job = self.fetcher.start(key, name, pin, owner)
+                if claimed:
+                    job.result.add_done_callback(functools.partial(self._unclaimed, name, key))
+                    claimed = False
+                if early:
+                    async for ev in self._stream_job(job, name, (pin, owner)):
+                        yield ev
+                    return
+                async for p in job.watch():
+                    if not job.result.done():
+                        yield p
+                snapshot = await asyncio.shield(job.result)
+                self.names.name_model(name, key, snapshot, pin, owner)
+                yield await self.manifest_async(snapshot, name)
+        finally:
+            if claimed:  # no job was started for it
+                self._unclaim(name, key)
 
-    def _downloading(self, name: str) -> Job | None:
-        """The running job that will record `name`, if its name is not in the index yet."""
-        if self.index.model(name) is not None:
-            return None
-        return next((j for j in list(self.fetcher.jobs.values()) if j.label == name), None)
+    def _claim(self, name: str, key: JobKey) -> bool:
+        """Reserve a client's name for its source and filters until the download ends, so a
+        concurrent request for the same name with other filters fails now, before any byte is
+        fetched, instead of after its download. True if this call made the claim."""
+        other = self._claims.get(name)
+        if other is not None and other != key:
+            raise BusyError(
+                f"model name {split_name(name)[1]!r} is being fetched right now from {other.uri} with other "
+                "include/exclude filters; wait for that download, or use another name"
+            )
+        if other is None:
+            self._claims[name] = key
+            return True
+        return False
+
+    def _unclaimed(self, name: str, key: JobKey, _done: asyncio.Future[str]) -> None:
+        self._unclaim(name, key)
+
+    def _unclaim(self, name: str, key: JobKey) -> None:
+        if self._claims.get(name) == key:
+            del self._claims[name]
+
+    async def _after_same_source(self, key: JobKey) -> None:
+        """Filter variants of one source share the bytes already fetched: a download waits for
+        running downloads of the same source with other filters, then starts and reuses every
+        file they fetched (index.known_object), instead of fetching the same files at once."""
+        while key not in self.fetcher.jobs:
+            others = [j.result for j in list(self.fetcher.jobs.values()) if j.key.uri == key.uri and j.key != key]
+            if not others:
+                return
+            await asyncio.wait(others)
+
+    def _downloading(self, name: str, scope: Scope | None = None) -> Job | None:
+        """The running job that will record `name`, if its name is not in the index yet (for a
+        tenant: one it would resolve `name` to)."""
+        keys = [name] if scope is None else scope.candidates(name)
+        for k in keys:
+            if self.index.model(k) is not None:
+                return None
+            job = next((j for j in list(self.fetcher.jobs.values()) if j.label == k), None)
+            if job is not None:
+                return job
+        return None
 
     async def _stream_job(
         self, job: Job, name: str, naming: tuple[bool | None, str] | None
@@ -266,6 +379,11 @@ class Core:
         async for _ in self._refetch(row):
             pass
 
+    def _make_room(self, need: int, label: str) -> None:
+        """Admission of a download's bytes: its tenant's share first, then the cache's capacity."""
+        self.ledger.admit(need, label)
+        self.admission.make_room(need, label)
+
     def _name_job(self, job: Job, snapshot: str) -> None:
         """Name a committed job's snapshot (from the job's thread). A client's name taken by an
         admin meanwhile fails only that client (its own fetch() names again and reports it);
@@ -313,10 +431,14 @@ class Core:
         return self.catalog.manifest(snapshot_id, model, with_tensors)
 
     async def read_spans(
-        self, snapshot_id: str, file: tuple[str, int, int] | None = None, layers: tuple[int, int] | None = None
+        self,
+        snapshot_id: str,
+        file: tuple[str, int, int] | None = None,
+        layers: tuple[int, int] | None = None,
+        scope: Scope | None = None,
     ) -> list[Span]:
         """What a ReadRange reads: a (path, offset, length) file range or a (first, last) layer range."""
-        sid, live = self._live_or_committed(snapshot_id)
+        sid, live = self._visible(snapshot_id, scope)
         if live is not None:
             if file is not None:
                 return [live.file_span(*file)]
@@ -363,9 +485,20 @@ class Core:
             return ended, None
         return self.names.check_snapshot(snapshot_id), None
 
+    def _visible(self, snapshot_id: str, scope: Scope | None) -> tuple[str, EarlySnapshot | None]:
+        """_live_or_committed, for a tenant: a committed snapshot no name it sees points at is
+        answered exactly like one that does not exist. A provisional id (of a download in
+        flight, or just ended) is unguessable and told only to those who asked for that download,
+        so holding one is the right to read it."""
+        sid, live = self._live_or_committed(snapshot_id)
+        if scope is not None and live is None and sid == snapshot_id and not scope.sees_snapshot(sid):
+            raise snapshot_not_found(sid)
+        return sid, live
+
     # ---------------------------------------------------------------- fd.sock
 
-    def open_snapshot_for(self, pid: int, uid: int, gid: int, snapshot_id: str, lease: Lease | None = None) -> Grant:
+    def open_snapshot_for(self, pid: int, uid: int, gid: int, snapshot_id: str, lease: Lease | None = None,
+                          scope: Scope | None = None) -> Grant:  # fmt: skip
         """Grant a snapshot to a peer: validate, lease, check every blob is usable, mark use.
 
         The lease comes first: from then on eviction sees the snapshot as in use (or, if it
@@ -375,13 +508,14 @@ class Core:
 
         A provisional id of a download in flight grants the files being written (live.py);
         the lease moves to the content id when the download commits."""
-        sid, live = self._live_or_committed(snapshot_id)
+        sid, live = self._visible(snapshot_id, scope)
+        tenant = scope.ns if scope is not None else ""
         if live is not None:
-            return self._grant_live(pid, uid, gid, live, lease)
+            return self._grant_live(pid, uid, gid, live, lease, tenant)
         files = self.index.files(sid)
         new = lease is None
         if lease is None:
-            lease = self.leases.acquire(sid, pid, uid, gid, sum(f.size for f in files))
+            lease = self.leases.acquire(sid, pid, uid, gid, sum(f.size for f in files), tenant)
         try:
             self.names.check_snapshot(sid)  # evicted between the lookup and the lease?
             self.verifier.check_usable(sid, files)
@@ -399,10 +533,11 @@ class Core:
         if moved:
             log.info("streaming_leases_moved", provisional=provisional, snapshot=real, leases=moved)
 
-    def _grant_live(self, pid: int, uid: int, gid: int, live: EarlySnapshot, lease: Lease | None) -> Grant:
+    def _grant_live(self, pid: int, uid: int, gid: int, live: EarlySnapshot, lease: Lease | None,
+                    tenant: str = "") -> Grant:  # fmt: skip
         new = lease is None
         if lease is None:
-            lease = self.leases.acquire(live.snapshot_id, pid, uid, gid, live.bytes_total)
+            lease = self.leases.acquire(live.snapshot_id, pid, uid, gid, live.bytes_total, tenant)
         if live.committed is not None:  # committed while we leased: the lease protects the content id
             self.leases.rename(live.snapshot_id, live.committed)
         if live.error is not None:
@@ -427,8 +562,13 @@ class Core:
             raise NotFoundError(f"model {name!r} is not in the cache")
         return self.catalog.view(row)
 
-    def list_models(self) -> list[ModelView]:
-        return self.catalog.list_models()
+    def list_models(self, scope: Scope | None = None) -> list[ModelView]:
+        """Every model (the admin), or those a tenant sees, under the names it knows them by."""
+        if scope is None:
+            return self.catalog.list_models()
+        return [
+            replace(v, row=replace(v.row, name=scope.display(v.row.name))) for v in map(self.catalog.view, scope.rows())
+        ]
 
     def show(self, model: str) -> tuple[ModelView | None, Manifest, ActiveDownload | None]:
         """A model's record and manifest; for a name whose first download is in flight, its

@@ -98,17 +98,21 @@ def _sockets(core: Core) -> list[Result]:
                     "" if ok else "the admin socket must not be reachable by clients"))  # fmt: skip
     except OSError as exc:
         out.append(("admin socket", FAIL, f"{cfg.admin_socket}: {exc.strerror}", "restart the daemon"))
-    if cfg.admin_socket.parent.resolve() == cfg.socket_dir.resolve():
-        out.append(("admin socket placement", FAIL, "inside the client socket directory", "move admin_socket"))
-    for name in ("weightcache.sock", "fd.sock"):
-        p = cfg.socket_dir / name
-        try:
-            mode = stat.S_IMODE(os.stat(p).st_mode)
-            ok = mode & 0o007 == 0
-            out.append((f"client socket {name}", PASS if ok else WARN, f"{p} mode {oct(mode)}",
-                        "" if ok else "others can connect: set socket_mode"))  # fmt: skip
-        except OSError as exc:
-            out.append((f"client socket {name}", FAIL, f"{p}: {exc.strerror}", "restart the daemon"))
+    for t in cfg.tenants():
+        # Each tenant's socket directory (the default one when none are declared).
+        tenant = f" of tenant {t.name}" if t.name else ""
+        if cfg.admin_socket.parent.resolve() == t.socket_dir.resolve():
+            out.append((f"admin socket placement{tenant}", FAIL, "inside the client socket directory",
+                        "move admin_socket"))  # fmt: skip
+        for name in ("weightcache.sock", "fd.sock"):
+            p = t.socket_dir / name
+            try:
+                mode = stat.S_IMODE(os.stat(p).st_mode)
+                ok = mode & 0o007 == 0
+                out.append((f"client socket {name}{tenant}", PASS if ok else WARN, f"{p} mode {oct(mode)}",
+                            "" if ok else "others can connect: set socket_mode"))  # fmt: skip
+            except OSError as exc:
+                out.append((f"client socket {name}{tenant}", FAIL, f"{p}: {exc.strerror}", "restart the daemon"))
     return out
 
 

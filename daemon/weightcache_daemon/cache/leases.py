@@ -28,16 +28,28 @@ __all__ = ["Lease", "Leases"]
 
 
 class Leases:
-    def __init__(self, quota: int = 0) -> None:
+    def __init__(self, quota: int = 0, tenant_quotas: dict[str, int] | None = None) -> None:
         self.quota = quota  # bytes of distinct leased snapshots per uid; 0 = no quota
+        # Declared tenants: bytes of distinct snapshots per tenant (all its uids together),
+        # instead of per uid; a container picks its uid, not the socket it was given.
+        self.tenant_quotas = dict(tenant_quotas or {})
         self._by_token: dict[int, Lease] = {}
         self._held: dict[str, int] = {}  # snapshot -> bytes unlinked while leased
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
-    def acquire(self, snapshot_id: str, pid: int, uid: int, gid: int, size: int = 0) -> Lease:
+    def acquire(self, snapshot_id: str, pid: int, uid: int, gid: int, size: int = 0, tenant: str = "") -> Lease:
         with self._lock:
-            if self.quota:
+            if tenant in self.tenant_quotas:
+                quota = self.tenant_quotas[tenant]
+                ours = {le.snapshot_id: le.size for le in self._by_token.values() if le.tenant == tenant}
+                if quota and snapshot_id not in ours and sum(ours.values()) + size > quota:
+                    raise ExhaustedError(
+                        f"tenant {tenant} leases {len(ours)} snapshot(s) of {human(sum(ours.values()))}; snapshot "
+                        f"{snapshot_id} ({human(size)}) would pass its lease quota of {human(quota)} (all its uids "
+                        "together): close models this tenant no longer uses"
+                    )
+            elif self.quota:
                 mine = {le.snapshot_id: le.size for le in self._by_token.values() if le.uid == uid}
                 if snapshot_id not in mine and sum(mine.values()) + size > self.quota:
                     raise ExhaustedError(
@@ -45,7 +57,7 @@ class Leases:
                         f"{snapshot_id} ({human(size)}) would pass the per-uid lease quota of {human(self.quota)}: "
                         "close models this uid no longer uses"
                     )
-            lease = Lease(next(self._ids), snapshot_id, pid, uid, gid, time.time(), size)
+            lease = Lease(next(self._ids), snapshot_id, pid, uid, gid, time.time(), size, tenant)
             self._by_token[lease.token] = lease
             return lease
 

@@ -37,7 +37,7 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -54,6 +54,7 @@ from weightcache.contract.errors import (
 from weightcache.contract.fdproto import MAX_FDS_PER_MSG, MAX_REQUEST_FRAME, pack
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache_daemon.cache.core import Core, Grant
+from weightcache_daemon.cache.tenants import Scope
 from weightcache_daemon.records import FileRow, Lease
 
 log = structlog.get_logger("weightcached.fd")
@@ -120,14 +121,18 @@ class _Conn:
     pid: int
     uid: int
     gid: int
+    tenant: str = ""  # the tenant whose fd.sock it came in on ("" = the default tenant)
     held: dict[str, Lease] = field(default_factory=dict)
     # Descriptors sent since the client was last seen to have read everything (its send
     # queue empty): an upper bound on what is in flight in its receive queue.
     unread_fds: int = 0
 
     @property
-    def peer(self) -> dict[str, int]:
-        return {"peer_pid": self.pid, "peer_uid": self.uid, "peer_gid": self.gid}
+    def peer(self) -> dict[str, int | str]:
+        peer: dict[str, int | str] = {"peer_pid": self.pid, "peer_uid": self.uid, "peer_gid": self.gid}
+        if self.tenant:
+            peer["tenant"] = self.tenant
+        return peer
 
     def in_flight(self) -> int:
         """Descriptors possibly unread by the client. The kernel frees a message's buffer
@@ -155,8 +160,12 @@ class FdServer:
         frame_timeout: float = 10.0,
         idle_timeout: float = 60.0,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
+        scope: Scope | None = None,
     ) -> None:
         self.core = core
+        # The tenant of every connection accepted here: the socket is the identity (the peer
+        # uid is only logged). None: the admin's view (tests of the server alone).
+        self.scope = scope
         self.path = path
         self.max_clients = max_clients
         self.max_per_uid = max_per_uid
@@ -232,7 +241,7 @@ class FdServer:
             if refusal is not None:
                 self._refuse(conn, refusal[0], refusal[1], {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid})
                 continue
-            c = _Conn(conn, pid, uid, gid)
+            c = _Conn(conn, pid, uid, gid, self.scope.ns if self.scope is not None else "")
             self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
             task = loop.create_task(self._serve(c))
             self._conns[task] = c
@@ -260,7 +269,7 @@ class FdServer:
         return None
 
     def _refuse(
-        self, sock: socket.socket, exc: WeightcacheError, reason: str, peer: dict[str, int], close: bool = True
+        self, sock: socket.socket, exc: WeightcacheError, reason: str, peer: Mapping[str, int | str], close: bool = True
     ) -> None:
         """Send the reason without waiting (an abuser may not read), then close."""
         try:
@@ -348,7 +357,7 @@ class FdServer:
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop, c: _Conn, sid: str) -> None:
         new = sid not in c.held
-        grant = self.core.open_snapshot_for(c.pid, c.uid, c.gid, sid, c.held.get(sid))
+        grant = self.core.open_snapshot_for(c.pid, c.uid, c.gid, sid, c.held.get(sid), self.scope)
         c.held[sid] = grant.lease
         try:
             await self._send_grant(loop, c, sid, grant)

@@ -27,6 +27,7 @@ from weightcache.contract.errors import (
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 from weightcache_daemon.cache.core import Core
+from weightcache_daemon.cache.tenants import Scope
 from weightcache_daemon.edges import convert
 from weightcache_daemon.records import Manifest, ProgressState, Readiness
 
@@ -131,8 +132,10 @@ class CacheService(pb_grpc.CacheServicer):
 
     SERVICE = "Cache"
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, scope: Scope) -> None:
         self.core = core
+        # The tenant of every request on this server's socket (one server per tenant socket).
+        self.scope = scope
 
     @streaming
     async def Ensure(self, request: pb.EnsureRequest, context: Any) -> AsyncIterator[pb.EnsureResponse]:
@@ -143,6 +146,7 @@ class CacheService(pb_grpc.CacheServicer):
             _strings(request.exclude, "exclude"),
             admin=False,
             early=request.early,
+            scope=self.scope,
         )
         async for ev in events:
             if isinstance(ev, Manifest):
@@ -157,7 +161,8 @@ class CacheService(pb_grpc.CacheServicer):
         # Clients see names and snapshots, not who else holds them. Built off the loop, so a
         # slow index read (another client's huge manifest) never stalls the others' requests.
         def build() -> pb.ListResponse:
-            return pb.ListResponse(models=[convert.model(v, with_leases=False) for v in self.core.list_models()])
+            views = self.core.list_models(self.scope)
+            return pb.ListResponse(models=[convert.model(v, with_leases=False) for v in views])
 
         return await _in(self.core.client_io, build)
 
@@ -170,6 +175,7 @@ class CacheService(pb_grpc.CacheServicer):
             _str(request.snapshot_id, "snapshot_id"),
             file=(rf.path, rf.offset, rf.length) if kind == "file" else None,
             layers=(rl.first, rl.last) if kind == "layers" else None,
+            scope=self.scope,
         )
         sid = request.snapshot_id
         for sp in spans:

@@ -18,14 +18,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from weightcache.contract.errors import CorruptedError, NotFoundError, PermissionDeniedError
-from weightcache_daemon.records import FileRow, Filters, ModelRow, NewFile
+from weightcache_daemon.records import FileRow, Filters, ModelRow, NewFile, split_name
 from weightcache_daemon.safetensors_format import TensorInfo
 
 # 2: models.owner (who created the name: admin, models.d or client); a version-1 index is
 # migrated in place at open, its names becoming admin-owned (clients can never re-point them).
-SCHEMA_VERSION = 2
+# 3: models.tenant (the namespace: "" shared, else a declared tenant whose names are keyed
+# "<tenant>:<name>"); a version-2 index is migrated in place, its names all shared.
+SCHEMA_VERSION = 3
 OWNERS = ("admin", "models.d", "client")
-_MODEL_SELECT = "SELECT name, source, snapshot_id, filters, pinned, created, last_used, owner FROM models"
+_MODEL_SELECT = "SELECT name, source, snapshot_id, filters, pinned, created, last_used, owner, tenant FROM models"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS blobs (
@@ -44,7 +46,8 @@ CREATE INDEX IF NOT EXISTS snapshot_files_blob ON snapshot_files(sha256);
 CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY, source TEXT NOT NULL, snapshot_id TEXT NOT NULL REFERENCES snapshots(id),
     filters TEXT NOT NULL, pinned INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL, last_used REAL NOT NULL, owner TEXT NOT NULL DEFAULT 'admin');
+    created REAL NOT NULL, last_used REAL NOT NULL, owner TEXT NOT NULL DEFAULT 'admin',
+    tenant TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS quarantine (
     sha256 TEXT PRIMARY KEY, since REAL NOT NULL, reason TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS source_objects (
@@ -72,6 +75,9 @@ class Index:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) == 1:
             self._migrate_1_to_2()
+            self._migrate_2_to_3()
+        elif int(row[0]) == 2:
+            self._migrate_2_to_3()
         elif int(row[0]) != SCHEMA_VERSION:
             raise CorruptedError(f"index {path} has schema {row[0]}, this daemon expects {SCHEMA_VERSION}")
         # Reads get their own connection: in WAL mode they never wait for the writer's fsync,
@@ -88,6 +94,14 @@ class Index:
             if "owner" not in cols:
                 db.execute("ALTER TABLE models ADD COLUMN owner TEXT NOT NULL DEFAULT 'admin'")
             db.execute("UPDATE meta SET value='2' WHERE key='schema'")
+
+    def _migrate_2_to_3(self) -> None:
+        """Add models.tenant; names that existed before are shared (the namespace they were in)."""
+        with self._tx() as db:
+            cols = {str(r[1]) for r in db.execute("PRAGMA table_info(models)").fetchall()}
+            if "tenant" not in cols:
+                db.execute("ALTER TABLE models ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
+            db.execute("UPDATE meta SET value='3' WHERE key='schema'")
 
     def close(self) -> None:
         self.flush_uses()
@@ -181,8 +195,8 @@ class Index:
             keep_pin = bool(row[0]) if row is not None else False
             new_owner = str(row[4]) if row is not None and owner == "client" else owner
             db.execute(
-                "INSERT OR REPLACE INTO models (name, source, snapshot_id, filters, pinned, created, last_used, owner) "
-                "VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO models (name, source, snapshot_id, filters, pinned, created, last_used, owner, "
+                "tenant) VALUES (?,?,?,?,?,?,?,?,?)",
                 (
                     name,
                     source,
@@ -192,6 +206,7 @@ class Index:
                     row[1] if row else now,
                     now,
                     new_owner,
+                    split_name(name)[0],
                 ),
             )
 
@@ -283,6 +298,6 @@ class Index:
 
 
 def _model(r: tuple[object, ...]) -> ModelRow:
-    name, source, snap, filters, pinned, created, last_used, owner = r
+    name, source, snap, filters, pinned, created, last_used, owner, tenant = r
     return ModelRow(str(name), str(source), str(snap), Filters.from_json(str(filters)), bool(pinned), float(created), float(last_used),  # type: ignore[arg-type]
-                    str(owner))  # fmt: skip
+                    str(owner), str(tenant))  # fmt: skip

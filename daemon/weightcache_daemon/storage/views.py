@@ -12,12 +12,17 @@ import shutil
 import uuid
 from pathlib import Path
 
-from weightcache_daemon.records import FileRow
+from weightcache_daemon.records import FileRow, split_name
 from weightcache_daemon.storage.blobs import LocalBlobStore, fsync_dir
 
 
 def view_path(store: LocalBlobStore, model: str, snapshot_id: str) -> Path:
-    return store.snapshots / model / snapshot_id
+    """snapshots/<name>/<snapshot> for a shared name; snapshots/@<tenant>/<name>/<snapshot> for
+    a tenant's ("<tenant>:<name>"): no model name starts with '@', so tenants' views never land
+    inside a shared model's directory or each other's."""
+    tenant, name = split_name(model)
+    base = store.snapshots / f"@{tenant}" if tenant else store.snapshots
+    return base / name / snapshot_id
 
 
 def build_view(store: LocalBlobStore, model: str, snapshot_id: str, files: list[FileRow]) -> Path:
