@@ -102,7 +102,7 @@ class Manifest:
     tensors: list[TensorEntry]
     layers: list[str]
     path: str
-    streaming: bool = False  # files still being downloaded (live.py); snapshot_id is provisional
+    streaming: bool = False  # files still being downloaded (early.py); snapshot_id is provisional
 
 
 def file_span(snapshot_id: str, files: Sequence[FileRow], path: str, offset: int, length: int) -> Span:

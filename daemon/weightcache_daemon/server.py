@@ -275,8 +275,8 @@ class Daemon:
             "leases": s.leases,
             "models": s.models,
             "active_downloads": s.active_downloads,
-            "streaming_snapshots": len(self.core.fetcher.live),
-            "streaming_readers": sum(self.core.fetcher.readers(sid) for sid in list(self.core.fetcher.live)),
+            "streaming_snapshots": len(self.core.fetcher.early),
+            "streaming_readers": sum(self.core.fetcher.readers(sid) for sid in list(self.core.fetcher.early)),
         }
 
     async def _flush_uses(self) -> None:

@@ -68,12 +68,12 @@ class Grant:
     lease: Lease
     # A snapshot still being downloaded: its files are the ingest files being written (or
     # blobs already in the store), opened through it instead of by digest.
-    live: EarlySnapshot | None = None
+    early: EarlySnapshot | None = None
 
     def open(self, store: LocalBlobStore, f: FileRow) -> int:
         """A read-only descriptor of one granted file."""
-        if self.live is not None:
-            return self.live.open(f.path)
+        if self.early is not None:
+            return self.early.open(f.path)
         return store.open(f.sha256)
 
 
@@ -199,7 +199,7 @@ class Core:
     async def _stream_job(
         self, job: Job, name: str, naming: tuple[bool | None, str] | None
     ) -> AsyncIterator[ProgressState | Manifest | Readiness]:
-        """Follow a job for an early Ensure: progress until its live snapshot is published, the
+        """Follow a job for an early Ensure: progress until its early snapshot is published, the
         streaming manifest, then every change of readiness (coalesced: a slow reader gets the
         merged state) and progress now and then, then the committed manifest or the job's error.
         The job never depends on this caller: one that goes away leaves the download going.
@@ -210,15 +210,15 @@ class Core:
         announced: EarlySnapshot | None = None
         last_progress = 0.0
         while True:
-            live = job.live
-            pulse = live.pulse() if live is not None else None  # taken before the state is read
+            early = job.early
+            pulse = early.pulse() if early is not None else None  # taken before the state is read
             if announced is not None and announced.error is not None:
                 # Revoked (a file changed at the source mid-download): what this reader was told
                 # is void even if the job goes on and commits the new version.
                 raise announced.error
-            if live is not None and announced is None and live.error is None and not job.result.done():
-                announced = live
-                yield live.manifest
+            if early is not None and announced is None and early.error is None and not job.result.done():
+                announced = early
+                yield early.manifest
             if announced is not None:
                 ready = announced.changes(seen)
                 if ready is not None:
@@ -228,13 +228,13 @@ class Core:
             if loop.time() - last_progress >= TICK:
                 last_progress = loop.time()
                 yield ProgressState(**vars(job.progress))
-            # Wake at the next readiness change, the live snapshot's publication, the job's end,
+            # Wake at the next readiness change, the early snapshot's publication, the job's end,
             # or the next progress tick, whichever comes first.
             waits: list[asyncio.Future[Any]] = []
             if pulse is not None:
                 waits.append(asyncio.ensure_future(pulse.wait()))
-            if announced is None and not job.live_set.is_set():
-                waits.append(asyncio.ensure_future(job.live_set.wait()))
+            if announced is None and not job.early_set.is_set():
+                waits.append(asyncio.ensure_future(job.early_set.wait()))
             try:
                 await asyncio.wait([*waits, job.result], timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -251,8 +251,8 @@ class Core:
         """Downloads in flight, with their streaming readers."""
         out = []
         for job in list(self.fetcher.jobs.values()):
-            live = job.live
-            sid = live.snapshot_id if live is not None else ""
+            early = job.early
+            sid = early.snapshot_id if early is not None else ""
             out.append(ActiveDownload(job.label, job.key.uri, sid, ProgressState(**vars(job.progress)),
                                 self.fetcher.readers(sid) if sid else 0, job.started))  # fmt: skip
         return sorted(out, key=lambda d: d.name)
@@ -316,12 +316,12 @@ class Core:
         self, snapshot_id: str, file: tuple[str, int, int] | None = None, layers: tuple[int, int] | None = None
     ) -> list[Span]:
         """What a ReadRange reads: a (path, offset, length) file range or a (first, last) layer range."""
-        sid, live = self._live_or_committed(snapshot_id)
-        if live is not None:
+        sid, early = self._early_or_committed(snapshot_id)
+        if early is not None:
             if file is not None:
-                return [live.file_span(*file)]
+                return [early.file_span(*file)]
             if layers is not None:
-                return layer_spans(live.manifest, *layers)
+                return layer_spans(early.manifest, *layers)
         elif file is not None:
             return [self.catalog.file_span(sid, *file)]
         elif layers is not None:
@@ -330,11 +330,11 @@ class Core:
 
     def open_span(self, snapshot_id: str, span: Span) -> int:
         """A read-only descriptor of the file a span reads (a blob, or a file still downloading)."""
-        live = self.fetcher.live.get(snapshot_id)
-        if live is not None:
-            return live.open(span.path)
-        if not span.sha256:  # a live span whose download committed since: the blob has the bytes
-            sid, _ = self._live_or_committed(snapshot_id)
+        early = self.fetcher.early.get(snapshot_id)
+        if early is not None:
+            return early.open(span.path)
+        if not span.sha256:  # an early span whose download committed since: the blob has the bytes
+            sid, _ = self._early_or_committed(snapshot_id)
             digest = next((f.sha256 for f in self.index.files(sid) if f.path == span.path), None)
             if digest is None:
                 raise NotFoundError(f"file {span.path[:200]!r} of snapshot {sid} is no longer in the cache")
@@ -344,18 +344,18 @@ class Core:
     async def wait_span(self, snapshot_id: str, path: str, offset: int, length: int) -> None:
         """Return once bytes [offset, offset+length) of `path` are on disk (at once for a
         committed snapshot); raises the download's error if it failed meanwhile."""
-        live = self.fetcher.live.get(snapshot_id)
-        if live is not None:
-            await live.wait_ready(path, offset, offset + length)
+        early = self.fetcher.early.get(snapshot_id)
+        if early is not None:
+            await early.wait_ready(path, offset, offset + length)
         else:
-            self._live_or_committed(snapshot_id)  # ended in failure: raise it
+            self._early_or_committed(snapshot_id)  # ended in failure: raise it
 
-    def _live_or_committed(self, snapshot_id: str) -> tuple[str, EarlySnapshot | None]:
-        """A snapshot id as clients may hold it: a live (downloading) snapshot; a provisional id
+    def _early_or_committed(self, snapshot_id: str) -> tuple[str, EarlySnapshot | None]:
+        """A snapshot id as clients may hold it: an early (downloading) snapshot; a provisional id
         whose download ended (its content id, or its error); or a committed snapshot."""
-        live = self.fetcher.live.get(snapshot_id)
-        if live is not None:
-            return snapshot_id, live
+        early = self.fetcher.early.get(snapshot_id)
+        if early is not None:
+            return snapshot_id, early
         ended = self.fetcher.ended.get(snapshot_id)
         if isinstance(ended, WeightcacheError):
             raise ended
@@ -373,11 +373,11 @@ class Core:
         accounted. `lease` is the connection's existing lease on this snapshot, kept as it
         is; a new one is released again if the snapshot cannot be granted.
 
-        A provisional id of a download in flight grants the files being written (live.py);
+        A provisional id of a download in flight grants the files being written (early.py);
         the lease moves to the content id when the download commits."""
-        sid, live = self._live_or_committed(snapshot_id)
-        if live is not None:
-            return self._grant_live(pid, uid, gid, live, lease)
+        sid, early = self._early_or_committed(snapshot_id)
+        if early is not None:
+            return self._grant_early(pid, uid, gid, early, lease)
         files = self.index.files(sid)
         new = lease is None
         if lease is None:
@@ -399,18 +399,18 @@ class Core:
         if moved:
             log.info("streaming_leases_moved", provisional=provisional, snapshot=real, leases=moved)
 
-    def _grant_live(self, pid: int, uid: int, gid: int, live: EarlySnapshot, lease: Lease | None) -> Grant:
+    def _grant_early(self, pid: int, uid: int, gid: int, early: EarlySnapshot, lease: Lease | None) -> Grant:
         new = lease is None
         if lease is None:
-            lease = self.leases.acquire(live.snapshot_id, pid, uid, gid, live.bytes_total)
-        if live.committed is not None:  # committed while we leased: the lease protects the content id
-            self.leases.rename(live.snapshot_id, live.committed)
-        if live.error is not None:
+            lease = self.leases.acquire(early.snapshot_id, pid, uid, gid, early.bytes_total)
+        if early.committed is not None:  # committed while we leased: the lease protects the content id
+            self.leases.rename(early.snapshot_id, early.committed)
+        if early.error is not None:
             if new:
                 self.leases.release(lease.token)
-            raise live.error
+            raise early.error
         self.metrics.grants.inc()
-        return Grant(live.snapshot_id, tuple(live.file_rows()), lease, live)
+        return Grant(early.snapshot_id, tuple(early.file_rows()), lease, early)
 
     # ---------------------------------------------------------------- the parts, for the edges
 
@@ -434,8 +434,8 @@ class Core:
         """A model's record and manifest; for a name whose first download is in flight, its
         streaming manifest and where the download stands."""
         job = self._downloading(model)
-        if job is not None and job.live is not None:
-            return None, job.live.manifest, next((d for d in self.downloads() if d.name == job.label), None)
+        if job is not None and job.early is not None:
+            return None, job.early.manifest, next((d for d in self.downloads() if d.name == job.label), None)
         view, manifest = self.catalog.show(model)
         return view, manifest, None
 

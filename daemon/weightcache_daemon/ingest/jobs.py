@@ -81,9 +81,9 @@ class Job:
     bytes_fetched: int = 0
     started: float = field(default_factory=time.time)
     # Set (from the job's thread) once every header is known and the ingest files exist: from
-    # then on clients may open the snapshot while it downloads (live.py). `live_set` wakes them.
-    live: EarlySnapshot | None = None
-    live_set: asyncio.Event = field(default_factory=asyncio.Event)
+    # then on clients may open the snapshot while it downloads (early.py). `early_set` wakes them.
+    early: EarlySnapshot | None = None
+    early_set: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def watch(self) -> Any:
@@ -206,8 +206,8 @@ class Fetcher:
         self._tasks: set[asyncio.Task[None]] = set()
         # Snapshots being downloaded, by provisional id, and how recent ones ended (the real id,
         # or the error): a client told a provisional id just before its job ended still gets an
-        # answer. Set by the core: moves a live snapshot's leases to its content id at commit.
-        self.live: dict[str, EarlySnapshot] = {}
+        # answer. Set by the core: moves an early snapshot's leases to its content id at commit.
+        self.early: dict[str, EarlySnapshot] = {}
         self.ended: OrderedDict[str, str | WeightcacheError] = OrderedDict()
         self.on_snapshot_id: Callable[[str, str], None] = lambda provisional, real: None
         self.count_readers: Callable[[str], int] = lambda provisional: 0  # set by the core (leases)
@@ -294,7 +294,7 @@ class Fetcher:
             ticker.cancel()
             del self.jobs[job.key]
             self.in_use.pop(job.id, None)
-            self._end_live(job)
+            self._end_early(job)
             async with job.changed:
                 job.version += 1
                 job.changed.notify_all()
@@ -313,39 +313,39 @@ class Fetcher:
                 job.version += 1
                 job.changed.notify_all()
 
-    def _end_live(self, job: Job) -> None:
-        """A job's live snapshot ends with the job: committed (its readers now hold the content
+    def _end_early(self, job: Job) -> None:
+        """A job's early snapshot ends with the job: committed (its readers now hold the content
         snapshot) or failed (every reader gets the error, counted and logged)."""
-        live = job.live
-        if live is None:
+        early = job.early
+        if early is None:
             return
-        self.live.pop(live.snapshot_id, None)
+        self.early.pop(early.snapshot_id, None)
         outcome: str | WeightcacheError
         if job.result.cancelled() or job.result.exception() is not None:
             exc = None if job.result.cancelled() else job.result.exception()
             err = exc if isinstance(exc, WeightcacheError) else InternalError(f"download of {job.label} failed")
-            live.fail(err)
-            outcome = live.error or err
-            readers = self.readers(live.snapshot_id)
+            early.fail(err)
+            outcome = early.error or err
+            readers = self.readers(early.snapshot_id)
             self.metrics.streaming_failures.labels(type(outcome).__name__).inc()
-            log.warning("streaming_readers_failed", model=job.label, snapshot=live.snapshot_id, readers=readers,
+            log.warning("streaming_readers_failed", model=job.label, snapshot=early.snapshot_id, readers=readers,
                         error=str(outcome))  # fmt: skip
-        elif live.error is not None:  # revoked: the job committed a newer version; its readers failed
-            outcome = live.error
-            log.warning("streaming_readers_failed", model=job.label, snapshot=live.snapshot_id,
-                        readers=self.readers(live.snapshot_id), error=str(outcome))  # fmt: skip
+        elif early.error is not None:  # revoked: the job committed a newer version; its readers failed
+            outcome = early.error
+            log.warning("streaming_readers_failed", model=job.label, snapshot=early.snapshot_id,
+                        readers=self.readers(early.snapshot_id), error=str(outcome))  # fmt: skip
         else:
             outcome = job.result.result()
-            live.commit(outcome)
+            early.commit(outcome)
             # Leases taken between the commit's rename (job thread) and now (the loop) are still
             # on the provisional id: move them too, or eviction would see the snapshot unleased.
-            self.on_snapshot_id(live.snapshot_id, outcome)
-        self.ended[live.snapshot_id] = outcome
+            self.on_snapshot_id(early.snapshot_id, outcome)
+        self.ended[early.snapshot_id] = outcome
         while len(self.ended) > 1024:
             self.ended.popitem(last=False)
 
     def readers(self, provisional: str) -> int:
-        """Processes holding a live snapshot over fd.sock."""
+        """Processes holding an early snapshot over fd.sock."""
         return self.count_readers(provisional)
 
     # ---------------------------------------------------------------- in a worker thread
@@ -429,7 +429,7 @@ class Fetcher:
                 # Every header first (a small ranged read each): a malformed file fails the job
                 # before its bytes are fetched, the download runs in layer order, and clients may
                 # use the snapshot while it arrives.
-                live, priority, headers, heads = self._prepare_live(job, source, objects, known, todo, ingest)
+                early, priority, headers, heads = self._prepare_early(job, source, objects, known, todo, ingest)
 
                 # ingest (made with the job's record in start()) is removed by _fetch
                 resume = load_resume(ingest, key, todo, self.cfg.download.part_size)
@@ -491,7 +491,7 @@ class Fetcher:
                                  read_back=d.read_back, restarts=d.restarts)  # fmt: skip
 
                     def published() -> None:
-                        self._publish(job, live)
+                        self._publish(job, early)
 
                     got = download(
                         source,
@@ -506,8 +506,8 @@ class Fetcher:
                         resume,
                         on_state,
                         priority=priority if self.cfg.download.order == "layer" else None,
-                        on_written=lambda obj, start, end: live.mark(obj.relpath, start, end),
-                        on_restart=lambda obj: live.revoke(obj.relpath),
+                        on_written=lambda obj, start, end: early.mark(obj.relpath, start, end),
+                        on_restart=lambda obj: early.revoke(obj.relpath),
                         on_started=published,
                         heads=heads,
                     )
@@ -518,7 +518,7 @@ class Fetcher:
         finally:
             source.close()
 
-    def _prepare_live(
+    def _prepare_early(
         self,
         job: Job,
         source: Source,
@@ -542,7 +542,7 @@ class Fetcher:
             data_offset[rel], tensors[rel], heads[rel] = h.data_offset, h.tensors, h.head
         files = sorted((FileRow(o.relpath, known.get(o.relpath, ""), o.size) for o in objects), key=lambda f: f.path)
         manifest = build_manifest(label, EarlySnapshot.new_id(), job.key.uri, files, tensors, streaming=True)
-        live_files = [
+        early_files = [
             EarlyFile(
                 o.relpath,
                 o.size,
@@ -558,9 +558,9 @@ class Fetcher:
         def first() -> None:
             self.metrics.time_to_first_group.observe(time.time() - job.started)
 
-        live = EarlySnapshot(manifest, live_files, first_group, self._loop, first)
+        early = EarlySnapshot(manifest, early_files, first_group, self._loop, first)
         for rel in known:
-            live.mark_whole(rel)
+            early.mark_whole(rel)
         rank = group_ranks(manifest.layers)
         layer_of: dict[str, list[tuple[int, int, int]]] = {}
         for t in manifest.tensors:
@@ -576,17 +576,17 @@ class Fetcher:
             else:  # configs, tokenizers: small, and a loader reads them first
                 priority[o.relpath] = other_file_ranks(o.size, part)
         if not todo:
-            self._publish(job, live)
-        return live, priority, {rel: list(tensors[rel]) for rel in data_offset}, heads
+            self._publish(job, early)
+        return early, priority, {rel: list(tensors[rel]) for rel in data_offset}, heads
 
-    def _publish(self, job: Job, live: EarlySnapshot) -> None:
+    def _publish(self, job: Job, early: EarlySnapshot) -> None:
         """Let clients in (from the job's thread): the ingest files exist at full size."""
-        self.live[live.snapshot_id] = live
-        job.live = live
-        log.info("fetch_live", model=job.label, snapshot=live.snapshot_id, files=len(live.files),
-                 tensors=len(live.manifest.tensors))  # fmt: skip
+        self.early[early.snapshot_id] = early
+        job.early = early
+        log.info("fetch_early", model=job.label, snapshot=early.snapshot_id, files=len(early.files),
+                 tensors=len(early.manifest.tensors))  # fmt: skip
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(job.live_set.set)
+        self._loop.call_soon_threadsafe(job.early_set.set)
 
     def _commit(
         self,
@@ -616,15 +616,15 @@ class Fetcher:
                 raise InvalidInputError(
                     f"file {o.relpath} of model {job.label}: expected {d.obj.size} bytes, got {size}"
                 )
-            if job.live is not None:
-                job.live.moved(o.relpath, self.store.path(d.sha256))
+            if job.early is not None:
+                job.early.moved(o.relpath, self.store.path(d.sha256))
             self.store.commit(d.path, d.sha256)
             files.append(NewFile(o.relpath, d.sha256, d.obj.size, tensors.get(o.relpath, ())))
         snapshot = snapshot_id_of([(f.path, f.sha256) for f in files])
-        if job.live is not None:
+        if job.early is not None:
             # Before the snapshot exists: its streaming readers' leases must protect it from
             # the moment eviction can see it.
-            self.on_snapshot_id(job.live.snapshot_id, snapshot)
+            self.on_snapshot_id(job.early.snapshot_id, snapshot)
         digests = {f.path: f.sha256 for f in files}
         objs = [(o.uri, o.version, o.size, digests[o.relpath]) for o in objects]
         self.index.add_snapshot(snapshot, job.key.uri, files, objs)
