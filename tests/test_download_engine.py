@@ -19,7 +19,7 @@ from tests_helpers import st_bytes
 
 from weightcache.errors import DeadlineError
 from weightcache_daemon.config import Config, DownloadConfig, SourceConfig
-from weightcache_daemon.ingest.engine import WRITE_PIECE, BufferPool, Downloaded, RateLimiter, download, ingest_name
+from weightcache_daemon.ingest.engine import WRITE_PIECE, BufferPool, HashedFile, RateLimiter, download, ingest_name
 from weightcache_daemon.ingest.schedule import (
     HEADER_RANK,
     OTHER_FILE_RANK,
@@ -103,7 +103,7 @@ def _run(
     then: Callable[[], None] | None = None,
     part: int = PART,
     **kw: Any,
-) -> list[Downloaded]:
+) -> list[HashedFile]:
     """download() every object of source into ingest; with `check`, each on_written range is
     read back from the ingest file in the callback and compared with those bytes; `then` runs
     after each report."""
@@ -145,7 +145,7 @@ def _covers_exactly(log: list[tuple[str, str, int, int]], relpath: str, size: in
     assert at == size, f"{relpath}: reports {ranges} end at {at}, not {size}"
 
 
-def _check_hashes(got: list[Downloaded], data: dict[str, bytes]) -> None:
+def _check_hashes(got: list[HashedFile], data: dict[str, bytes]) -> None:
     assert {d.obj.relpath: d.sha256 for d in got} == {n: hashlib.sha256(b).hexdigest() for n, b in data.items()}
     for d in got:
         assert d.path.read_bytes() == data[d.obj.relpath]

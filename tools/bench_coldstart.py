@@ -216,7 +216,7 @@ class Recorder:
                         if ready(ranges):
                             self.ready[g] = t
                     pending = [(g, r) for g, r in pending if g not in self.ready]
-                if model.manifest.streaming:
+                if model.manifest.early:
                     backing.wait_complete()
                     self.complete = now()
             except Exception:  # noqa: BLE001 - the forward pass reports the failure itself
@@ -345,7 +345,7 @@ def child(strategy: str, ctx: dict[str, Any]) -> dict[str, Any]:
     else:
         m = client.open(ctx["uri"], verified=strategy == "reference")
         t["opened"] = now()
-        streamed = m.manifest.streaming  # False: the daemon answered with the committed snapshot
+        streamed = m.manifest.early  # False: the daemon answered with the committed snapshot
         rec.attach(m)
         rec.watch(m)
         rec.hook_want(module)

@@ -10,7 +10,7 @@ them knows whether the bytes are a shared mapping, private memory, or something 
 
 The protocol also carries readiness (``ready``/``wait_ready``) and completion
 (``complete``/``wait_complete``) for a backing whose bytes arrive range by range while the
-daemon downloads them (``_streaming``): ``read_into`` and ``view`` return only once their range
+daemon downloads them (``_early``): ``read_into`` and ``view`` return only once their range
 is on disk; ``complete`` says every file is verified and committed. A ready byte may still
 fail verification, so a user that hands out a whole-model result (``state_dict``, a path, the
 final layer group of a stream) calls ``wait_complete()`` first. Once such a download failed,

@@ -13,7 +13,7 @@ issues ``non_blocking`` copies on a side stream and records one event per group.
 consumer's current stream waits on that event only, so layer i+1 is copied while layer i
 computes; tensors are marked with ``record_stream`` for the caching allocator.
 
-A model still downloading (a streaming open): the reader waits for exactly each group's byte
+A model still downloading (an early open): the reader waits for exactly each group's byte
 ranges, each piece of a copy read as soon as its own bytes are on disk; while a group's bytes
 are still arriving, a later group that is wholly on disk is read meanwhile (see
 ``_start_early``; handed over in order all the same). ``__next__`` delivers the final group

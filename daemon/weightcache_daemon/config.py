@@ -87,7 +87,7 @@ class DownloadConfig:
     rate_limit: int = 0  # bytes/second for the whole daemon; 0 = unlimited
     max_restarts: int = 3  # per file, when the object changes under us (If-Match fails)
     # "layer": parts in layer-group order across all files, so clients can compute while the
-    # rest arrives (docs/streaming.md); "file": file by file, in file order.
+    # rest arrives (docs/early.md); "file": file by file, in file order.
     order: str = "layer"
 
 

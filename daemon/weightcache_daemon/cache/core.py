@@ -397,7 +397,7 @@ class Core:
     def _lease_content_id(self, provisional: str, real: str) -> None:
         moved = self.leases.rename(provisional, real)
         if moved:
-            log.info("streaming_leases_moved", provisional=provisional, snapshot=real, leases=moved)
+            log.info("early_leases_moved", provisional=provisional, snapshot=real, leases=moved)
 
     def _grant_early(self, pid: int, uid: int, gid: int, early: EarlySnapshot, lease: Lease | None) -> Grant:
         new = lease is None

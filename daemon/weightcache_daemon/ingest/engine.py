@@ -42,7 +42,7 @@ name order puts ``lm_head``, of the last group, first in its shard) can only be 
 they land, so its hashing becomes a tail of (bytes behind them / sha256 speed) after the last
 fetch, one thread per such file. On a 2.1 GiB two-shard Llama-shaped checkpoint stored in name
 order (240 MiB read back), from a local S3 server at 300 MB/s, that tail is about 0.2 s (0.6 s
-when the parts read back came from the disk). ``Downloaded.read_back`` counts those bytes.
+when the parts read back came from the disk). ``HashedFile.read_back`` counts those bytes.
 
 Failures. A transient error retries that part from the byte where it stopped; an object that
 changed (If-Match failed) voids the file at once (``on_restart``; nothing more of that version
@@ -72,7 +72,7 @@ from weightcache_daemon.config import DownloadConfig
 from weightcache_daemon.ingest.schedule import part_count
 from weightcache_daemon.sources import ObjectChanged, RemoteObject, Source
 
-__all__ = ["BufferPool", "Downloaded", "RateLimiter", "download", "ingest_name"]
+__all__ = ["BufferPool", "HashedFile", "RateLimiter", "download", "ingest_name"]
 
 PART_RETRIES = 5
 ALIGN = 4096
@@ -195,7 +195,10 @@ class BufferPool:
 
 
 @dataclass
-class Downloaded:
+class HashedFile:
+    """One object downloaded whole into its ingest file, with the sha256 of those bytes (checked
+    against nothing yet: the job verifies and commits it)."""
+
     obj: RemoteObject
     path: Path
     sha256: str
@@ -533,7 +536,7 @@ def download(
     pool: BufferPool,
     limiter: RateLimiter,
     on_bytes: Callable[[int], None],
-    on_file: Callable[[Downloaded], None],
+    on_file: Callable[[HashedFile], None],
     cancelled: threading.Event,
     resume: dict[str, set[int]] | None = None,
     on_state: Callable[[list[tuple[RemoteObject, str, list[int]]]], None] | None = None,
@@ -543,7 +546,7 @@ def download(
     on_written: Callable[[RemoteObject, int, int], None] | None = None,
     on_restart: Callable[[RemoteObject], None] | None = None,
     heads: Mapping[str, bytes] | None = None,
-) -> list[Downloaded]:
+) -> list[HashedFile]:
     """Fetch every object into ingest_dir; return them hashed and fsynced, in the order given.
 
     ``resume`` maps relative paths to parts already written by an earlier run into the same
@@ -609,7 +612,7 @@ def download(
                 if on_written is not None:
                     on_written(f.obj, 0, len(head))
         _run(source, job, cfg, limiter, on_bytes, on_file, on_state, on_restart)
-        return [Downloaded(f.obj, f.path, f.digest or "", f.restarts, f.read_back) for f in files]
+        return [HashedFile(f.obj, f.path, f.digest or "", f.restarts, f.read_back) for f in files]
     finally:
         if job is not None:
             pool.remove_reclaimer(job.evict)
@@ -660,7 +663,7 @@ def _run(
     cfg: DownloadConfig,
     limiter: RateLimiter,
     on_bytes: Callable[[int], None],
-    on_file: Callable[[Downloaded], None],
+    on_file: Callable[[HashedFile], None],
     on_state: Callable[[list[tuple[RemoteObject, str, list[int]]]], None] | None,
     on_restart: Callable[[RemoteObject], None] | None,
 ) -> None:
@@ -766,7 +769,7 @@ def _run(
                 for f in [f for f in queue_ if f.digest is not None and f.in_flight == 0 and not f.hashing]:
                     queue_.remove(f)
                     f.finish()
-                    on_file(Downloaded(f.obj, f.path, f.digest or "", f.restarts, f.read_back))
+                    on_file(HashedFile(f.obj, f.path, f.digest or "", f.restarts, f.read_back))
                 if not queue_:
                     return
                 record_state()

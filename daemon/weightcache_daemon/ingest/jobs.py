@@ -38,7 +38,7 @@ from weightcache.contract.errors import (
 )
 from weightcache_daemon.config import Config
 from weightcache_daemon.ingest.early import EarlyFile, EarlySnapshot
-from weightcache_daemon.ingest.engine import BufferPool, Downloaded, RateLimiter, download, ingest_name
+from weightcache_daemon.ingest.engine import BufferPool, HashedFile, RateLimiter, download, ingest_name
 from weightcache_daemon.ingest.headers import read_headers
 from weightcache_daemon.ingest.resume import IngestFile, IngestState
 from weightcache_daemon.ingest.schedule import group_ranks, other_file_ranks, safetensors_ranks
@@ -328,11 +328,11 @@ class Fetcher:
             outcome = early.error or err
             readers = self.readers(early.snapshot_id)
             self.metrics.streaming_failures.labels(type(outcome).__name__).inc()
-            log.warning("streaming_readers_failed", model=job.label, snapshot=early.snapshot_id, readers=readers,
+            log.warning("early_readers_failed", model=job.label, snapshot=early.snapshot_id, readers=readers,
                         error=str(outcome))  # fmt: skip
         elif early.error is not None:  # revoked: the job committed a newer version; its readers failed
             outcome = early.error
-            log.warning("streaming_readers_failed", model=job.label, snapshot=early.snapshot_id,
+            log.warning("early_readers_failed", model=job.label, snapshot=early.snapshot_id,
                         readers=self.readers(early.snapshot_id), error=str(outcome))  # fmt: skip
         else:
             outcome = job.result.result()
@@ -437,7 +437,7 @@ class Fetcher:
                     log.info(
                         "fetch_resume", source=key.uri, model=job.label, parts=sum(len(v) for v in resume.values())
                     )
-                got: list[Downloaded] = []
+                got: list[HashedFile] = []
                 if todo:
                     p.phase = "DOWNLOADING"
 
@@ -461,7 +461,7 @@ class Fetcher:
                     def on_state(files: list[tuple[RemoteObject, str, list[int]]]) -> None:
                         save_resume(ingest, key, job, self.cfg.download.part_size, files)
 
-                    def on_file(d: Downloaded) -> None:
+                    def on_file(d: HashedFile) -> None:
                         p.current_file = d.obj.relpath
                         want = expected.get(d.obj.relpath)
                         if want is not None and d.sha256 != want:
@@ -541,7 +541,7 @@ class Fetcher:
         for rel, h in read_headers(source, shards, label, self.cfg.download.concurrency).items():
             data_offset[rel], tensors[rel], heads[rel] = h.data_offset, h.tensors, h.head
         files = sorted((FileRow(o.relpath, known.get(o.relpath, ""), o.size) for o in objects), key=lambda f: f.path)
-        manifest = build_manifest(label, EarlySnapshot.new_id(), job.key.uri, files, tensors, streaming=True)
+        manifest = build_manifest(label, EarlySnapshot.new_id(), job.key.uri, files, tensors, early=True)
         early_files = [
             EarlyFile(
                 o.relpath,
@@ -593,7 +593,7 @@ class Fetcher:
         job: Job,
         objects: list[RemoteObject],
         known: dict[str, str],
-        got: list[Downloaded],
+        got: list[HashedFile],
         tensors: dict[str, tuple[TensorInfo, ...]],
     ) -> str:
         files: list[NewFile] = []
