@@ -24,7 +24,7 @@ DOC = ROOT / "docs" / "test-report.md"
 START, END = "<!-- suite-report:start -->", "<!-- suite-report:end -->"
 TESTS = ["tests/test_lifecycle.py", "tests/test_faults.py", "tests/test_hostile.py", "tests/test_validation.py",
          "tests/test_access.py", "tests/test_service.py", "tests/test_load.py",
-         "tests/test_hostile_sources.py", "tests/test_hostile_fd.py", "tests/test_cold_stream.py"]  # fmt: skip
+         "tests/test_hostile_sources.py", "tests/test_hostile_fd.py", "tests/test_early_cold_node.py"]  # fmt: skip
 ORDER = ["crash", "full disk", "disk", "corruption", "network", "early", "hostile files", "hostile requests",
          "access", "load"]  # fmt: skip
 

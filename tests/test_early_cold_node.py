@@ -241,7 +241,7 @@ def _expected_tensors(model_dir: Path) -> dict[str, str]:
     return out
 
 
-def test_sixteen_processes_stream_one_cold_download(tmp_path: Path, model_dir: Path, report) -> None:  # type: ignore[no-untyped-def]
+def test_sixteen_processes_read_one_early_download(tmp_path: Path, model_dir: Path, report) -> None:  # type: ignore[no-untyped-def]
     d = _slow_daemon(tmp_path / "d", rate="16MiB")
     uri = f"file://{model_dir}/"
     try:
@@ -296,7 +296,7 @@ def test_usr2_shows_where_each_stream_waits(tmp_path: Path, model_dir: Path) -> 
         d.stop()
 
 
-def test_a_client_killed_mid_stream_leaves_the_download_going(tmp_path: Path, model_dir: Path) -> None:
+def test_an_early_client_killed_mid_download_leaves_the_download_going(tmp_path: Path, model_dir: Path) -> None:
     d = _slow_daemon(tmp_path / "d", rate="8MiB")
     uri = f"file://{model_dir}/"
     try:
@@ -313,7 +313,7 @@ def test_a_client_killed_mid_stream_leaves_the_download_going(tmp_path: Path, mo
         d.stop()
 
 
-def test_daemon_killed_mid_stream_errors_every_client_then_resumes(tmp_path: Path, model_dir: Path, report) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_killed_mid_download_fails_early_clients_resumes(tmp_path: Path, model_dir: Path, report) -> None:  # type: ignore[no-untyped-def]
     d = _slow_daemon(tmp_path / "d", rate="4MiB")
     uri = f"file://{model_dir}/"
     kids = [_spawn(d, uri) for _ in range(3)]
@@ -451,7 +451,7 @@ def test_a_byte_flipped_in_transit_fails_every_reader_and_publishes_nothing(  # 
         d.stop()
 
 
-def test_a_file_changed_at_the_source_mid_download_fails_its_streaming_readers(tmp_path: Path, model_dir: Path) -> None:
+def test_a_file_changed_at_the_source_mid_download_fails_its_early_readers(tmp_path: Path, model_dir: Path) -> None:
     """The engine restarts a file whose source changed: what the readers were told of the old
     version is void, so they get CorruptedError (never a final group), while the download goes on
     and commits the new version."""
