@@ -19,7 +19,15 @@ from tests_helpers import st_bytes
 
 from weightcache.errors import DeadlineError
 from weightcache_daemon.config import Config, DownloadConfig, SourceConfig
-from weightcache_daemon.ingest.engine import WRITE_PIECE, BufferPool, HashedFile, RateLimiter, download, ingest_name
+from weightcache_daemon.ingest.engine import (
+    WRITE_PIECE,
+    BufferPool,
+    HashedFile,
+    IgnoredEvents,
+    RateLimiter,
+    download,
+    ingest_name,
+)
 from weightcache_daemon.ingest.schedule import (
     HEADER_RANK,
     OTHER_FILE_RANK,
@@ -124,10 +132,25 @@ def _run(
         if then is not None:
             then()
 
+    on_state = kw.pop("on_state", None)
+    on_restart = kw.pop("on_restart", None)
+
+    class Events(IgnoredEvents):
+        def written(self, obj: RemoteObject, start: int, end: int) -> None:
+            on_written(obj, start, end)
+
+        def resume_state(self, files: list[tuple[RemoteObject, str, list[int]]]) -> None:
+            if on_state is not None:
+                on_state(files)
+
+        def restarted(self, obj: RemoteObject) -> None:
+            if on_restart is not None:
+                on_restart(obj)
+
     cfg = DownloadConfig(concurrency=concurrency, part_size=part)
     pool = kw.pop("pool", None) or BufferPool(buffers, part)
-    return download(source, objects, ingest, cfg, pool, RateLimiter(0), lambda n: None, lambda d: None,
-                    kw.pop("cancelled", threading.Event()), priority=priority, on_written=on_written, **kw)  # fmt: skip
+    return download(source, objects, ingest, cfg, pool, RateLimiter(0), Events(), kw.pop("cancelled", threading.Event()),
+                    priority=priority, **kw)  # fmt: skip
 
 
 def _expected_order(sizes: dict[str, int], priority: dict[str, list[int]]) -> list[tuple[str, int]]:

@@ -26,12 +26,14 @@ from weightcache_daemon import uris
 from weightcache_daemon.cache.admission import Admission
 from weightcache_daemon.cache.catalog import Catalog
 from weightcache_daemon.cache.eviction import Evictor, EvictPlan, GCPlan
+from weightcache_daemon.cache.ingest_links import IngestLinks
 from weightcache_daemon.cache.leases import Leases
 from weightcache_daemon.cache.naming import Names, check_name, default_name
 from weightcache_daemon.cache.verify import Verifier
 from weightcache_daemon.config import Config
 from weightcache_daemon.ingest.early import EarlySnapshot
-from weightcache_daemon.ingest.jobs import TICK, Fetcher, Job
+from weightcache_daemon.ingest.jobs import TICK, Job, JobRegistry, Jobs
+from weightcache_daemon.ingest.ledger import Ledger
 from weightcache_daemon.ingest.resume import IngestState
 from weightcache_daemon.observe.metrics import Metrics
 from weightcache_daemon.records import (
@@ -47,7 +49,7 @@ from weightcache_daemon.records import (
     Stats,
     layer_spans,
 )
-from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
 
 __all__ = ["Core", "Grant"]
@@ -70,7 +72,7 @@ class Grant:
     # blobs already in the store), opened through it instead of by digest.
     early: EarlySnapshot | None = None
 
-    def open(self, store: LocalBlobStore, f: FileRow) -> int:
+    def open(self, store: BlobStore, f: FileRow) -> int:
         """A read-only descriptor of one granted file."""
         if self.early is not None:
             return self.early.open(f.path)
@@ -78,29 +80,24 @@ class Grant:
 
 
 class Core:
-    def __init__(
-        self, cfg: Config, store: LocalBlobStore, index: Index, fetcher: Fetcher, leases: Leases, metrics: Metrics
-    ) -> None:
+    def __init__(self, cfg: Config, store: BlobStore, index: Index, leases: Leases, metrics: Metrics) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.store = store
         self.index = index
-        self.fetcher = fetcher
         self.leases = leases
         self.names = Names(cfg, store, index)
         self.catalog = Catalog(store, index, leases, self.names)
-        self.evictor = Evictor(store, index, leases, fetcher, self.names.resolve)
-        self.admission = Admission(cfg, store, index, leases, fetcher, metrics, self.evictor)
+        ledger = Ledger()  # what running downloads hold: admission and eviction read it
+        self.evictor = Evictor(store, index, leases, ledger, self.names.resolve)
+        self.admission = Admission(cfg, store, index, leases, ledger, metrics, self.evictor)
         self.verifier = Verifier(store, index, self.names)
         self.capacity = self.admission.capacity
-        fetcher.make_room = self.admission.make_room
-        # The job names its snapshot itself: an accepted prefetch ends named even when its
-        # caller has gone away or the daemon crashed and resumed it.
-        fetcher.on_commit = self._name_job
-        fetcher.on_snapshot_id = lambda provisional, real: self._lease_content_id(provisional, real)
-        fetcher.count_readers = lambda sid: len(leases.of(sid))
+        self.jobs: Jobs = JobRegistry(
+            cfg, store, index, metrics, ledger, self.admission, IngestLinks(self.names, leases)
+        )
         # Client-serving work (manifests, listings, ReadRange; also the loop's default executor)
-        # has its own threads: downloads run in the fetcher's pool and admin work (verify,
+        # has its own threads: downloads run in the job registry's pool and admin work (verify,
         # doctor) in another, so none waits on the others.
         self.client_io = ThreadPoolExecutor(max_workers=CLIENT_IO_THREADS, thread_name_prefix="wc-client-io")
         self.admin_io = ThreadPoolExecutor(max_workers=ADMIN_IO_THREADS, thread_name_prefix="wc-admin-io")
@@ -178,7 +175,7 @@ class Core:
             name = check_name(name or default_name(uri))
         self.metrics.misses.labels("prefetch" if admin else "ensure").inc()
         with self.admission.fetching(name):
-            job = self.fetcher.start(key, name, pin, owner)
+            job = self.jobs.start(key, name, pin, owner)
             if early:
                 async for ev in self._stream_job(job, name, (pin, owner)):
                     yield ev
@@ -194,7 +191,7 @@ class Core:
         """The running job that will record `name`, if its name is not in the index yet."""
         if self.index.model(name) is not None:
             return None
-        return next((j for j in list(self.fetcher.jobs.values()) if j.label == name), None)
+        return next((j for j in self.jobs.running() if j.label == name), None)
 
     async def _stream_job(
         self, job: Job, name: str, naming: tuple[bool | None, str] | None
@@ -250,11 +247,11 @@ class Core:
     def downloads(self) -> list[ActiveDownload]:
         """Downloads in flight, with their streaming readers."""
         out = []
-        for job in list(self.fetcher.jobs.values()):
+        for job in self.jobs.running():
             early = job.early
             sid = early.snapshot_id if early is not None else ""
             out.append(ActiveDownload(job.label, job.key.uri, sid, ProgressState(**vars(job.progress)),
-                                self.fetcher.readers(sid) if sid else 0, job.started))  # fmt: skip
+                                self.jobs.readers(sid) if sid else 0, job.started))  # fmt: skip
         return sorted(out, key=lambda d: d.name)
 
     def _refetch(self, row: ModelRow) -> AsyncIterator[ProgressState | Manifest | Readiness]:
@@ -265,17 +262,6 @@ class Core:
     async def _repair_one(self, row: ModelRow) -> None:
         async for _ in self._refetch(row):
             pass
-
-    def _name_job(self, job: Job, snapshot: str) -> None:
-        """Name a committed job's snapshot (from the job's thread). A client's name taken by an
-        admin meanwhile fails only that client (its own fetch() names again and reports it);
-        everyone else waiting on the job still gets the snapshot."""
-        try:
-            self.names.name_model(job.label, job.key, snapshot, job.pin, job.owner)
-        except PermissionDeniedError as exc:
-            if job.owner != "client":
-                raise
-            log.warning("client_name_refused", model=job.label, source=job.key.uri, error=str(exc))
 
     async def run_prefetch(self, uri: str, name: str, include: Sequence[str], exclude: Sequence[str], pin: bool | None,
                            why: str, owner: str = "admin") -> None:  # fmt: skip
@@ -330,7 +316,7 @@ class Core:
 
     def open_span(self, snapshot_id: str, span: Span) -> int:
         """A read-only descriptor of the file a span reads (a blob, or a file still downloading)."""
-        early = self.fetcher.early.get(snapshot_id)
+        early = self.jobs.early_snapshot(snapshot_id)
         if early is not None:
             return early.open(span.path)
         if not span.sha256:  # an early span whose download committed since: the blob has the bytes
@@ -344,7 +330,7 @@ class Core:
     async def wait_span(self, snapshot_id: str, path: str, offset: int, length: int) -> None:
         """Return once bytes [offset, offset+length) of `path` are on disk (at once for a
         committed snapshot); raises the download's error if it failed meanwhile."""
-        early = self.fetcher.early.get(snapshot_id)
+        early = self.jobs.early_snapshot(snapshot_id)
         if early is not None:
             await early.wait_ready(path, offset, offset + length)
         else:
@@ -353,10 +339,10 @@ class Core:
     def _early_or_committed(self, snapshot_id: str) -> tuple[str, EarlySnapshot | None]:
         """A snapshot id as clients may hold it: an early (downloading) snapshot; a provisional id
         whose download ended (its content id, or its error); or a committed snapshot."""
-        early = self.fetcher.early.get(snapshot_id)
+        early = self.jobs.early_snapshot(snapshot_id)
         if early is not None:
             return snapshot_id, early
-        ended = self.fetcher.ended.get(snapshot_id)
+        ended = self.jobs.ended_as(snapshot_id)
         if isinstance(ended, WeightcacheError):
             raise ended
         if isinstance(ended, str):
@@ -393,11 +379,6 @@ class Core:
             self.index.touch(row.name)
         self.metrics.grants.inc()  # counted when granted, before the client can act on it
         return Grant(sid, tuple(files), lease)
-
-    def _lease_content_id(self, provisional: str, real: str) -> None:
-        moved = self.leases.rename(provisional, real)
-        if moved:
-            log.info("early_leases_moved", provisional=provisional, snapshot=real, leases=moved)
 
     def _grant_early(self, pid: int, uid: int, gid: int, early: EarlySnapshot, lease: Lease | None) -> Grant:
         new = lease is None

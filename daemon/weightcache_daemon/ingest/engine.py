@@ -10,7 +10,7 @@ flight, each fetched into a buffer of a fixed pool (memory does not grow with mo
 fresh memory is touched per part) and written at its offset with O_DIRECT (on this class of
 machine, buffered writes of a new file spend their time faulting in fresh page-cache memory;
 direct writes run at disk speed). A part is written in pieces of ``WRITE_PIECE`` as its bytes
-arrive, and ``on_written`` reports each piece once its write returned, so readers of the
+arrive, and ``DownloadEvents.written`` reports each piece once its write returned, so readers of the
 in-progress file may use it without waiting for the rest of the part. Bytes known before the
 download (``heads``: the headers the job read for the manifest) are written and reported
 before any part is fetched.
@@ -45,7 +45,7 @@ order (240 MiB read back), from a local S3 server at 300 MB/s, that tail is abou
 when the parts read back came from the disk). ``HashedFile.read_back`` counts those bytes.
 
 Failures. A transient error retries that part from the byte where it stopped; an object that
-changed (If-Match failed) voids the file at once (``on_restart``; nothing more of that version
+changed (If-Match failed) voids the file at once (``DownloadEvents.restarted``; nothing more of that version
 is reported) and restarts it, at the same ranks, once no part of it is in flight, so two
 versions are never spliced. Filesystems without O_DIRECT (tmpfs) get buffered writes.
 """
@@ -65,6 +65,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from weightcache.contract.errors import DeadlineError, ExhaustedError, SourceError, WeightcacheError
 from weightcache.contract.readahead import willneed
@@ -72,7 +73,7 @@ from weightcache_daemon.config import DownloadConfig
 from weightcache_daemon.ingest.schedule import part_count
 from weightcache_daemon.sources import ObjectChanged, RemoteObject, Source
 
-__all__ = ["BufferPool", "HashedFile", "RateLimiter", "download", "ingest_name"]
+__all__ = ["BufferPool", "DownloadEvents", "HashedFile", "IgnoredEvents", "RateLimiter", "download", "ingest_name"]
 
 PART_RETRIES = 5
 ALIGN = 4096
@@ -204,6 +205,56 @@ class HashedFile:
     sha256: str
     restarts: int
     read_back: int = 0  # bytes hashed by reading them back from the ingest file (resumed or out of order)
+
+
+ResumeState = list[tuple[RemoteObject, str, list[int]]]  # (object, ingest file name, parts on disk)
+
+
+class DownloadEvents(Protocol):
+    """What a download reports, through one object instead of a callback each. Called from the
+    engine's threads (the scheduler, workers, hashing): keep each call cheap. Per download:
+    ``started`` once; then ``written``/``received`` as bytes land, ``restarted`` when an object
+    changed at the source, ``resume_state`` now and then; ``hashed`` once per file, last."""
+
+    def started(self) -> None:
+        """Every ingest file exists at its full size: readers may open and map them."""
+
+    def received(self, n: int) -> None:
+        """n more bytes came from the source (counted as they arrive, before they are written)."""
+
+    def written(self, obj: RemoteObject, start: int, end: int) -> None:
+        """Bytes [start, end) of obj are on disk (the write returned): readers may use them."""
+
+    def restarted(self, obj: RemoteObject) -> None:
+        """obj changed at the source: everything reported of it is void; it starts over."""
+
+    def hashed(self, f: HashedFile) -> None:
+        """Every byte of one file is on disk and hashed; raising fails the download."""
+
+    def resume_state(self, files: ResumeState) -> None:
+        """Which parts are on disk (fsynced), for a resume after a crash."""
+
+
+class IgnoredEvents:
+    """A DownloadEvents that ignores everything: subclass it and override what you need."""
+
+    def started(self) -> None:
+        pass
+
+    def received(self, n: int) -> None:
+        pass
+
+    def written(self, obj: RemoteObject, start: int, end: int) -> None:
+        pass
+
+    def restarted(self, obj: RemoteObject) -> None:
+        pass
+
+    def hashed(self, f: HashedFile) -> None:
+        pass
+
+    def resume_state(self, files: ResumeState) -> None:
+        pass
 
 
 def _space_error(exc: OSError, obj: RemoteObject) -> WeightcacheError | OSError:
@@ -341,12 +392,12 @@ class _Job:
         files: list[_File],
         pool: BufferPool,
         cancelled: threading.Event,
-        on_written: Callable[[RemoteObject, int, int], None] | None,
+        report: DownloadEvents,
     ) -> None:
         self.files = files
         self.pool = pool
         self.cancelled = cancelled
-        self.on_written = on_written
+        self.report = report
         self.lock = threading.Lock()
         # Finished tasks and returned buffers: what the scheduler waits for.
         self.events: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -355,8 +406,8 @@ class _Job:
         """Bytes [start, end) of f, inside a part still arriving, are on disk: report them."""
         with self.lock:
             # Under the lock: once a file is voided, no report of its old version follows.
-            if gen == f.generation and self.on_written is not None and end > start:
-                self.on_written(f.obj, start, end)
+            if gen == f.generation and end > start:
+                self.report.written(f.obj, start, end)
 
     def landed(self, f: _File, i: int, gen: int, buf: mmap.mmap, n: int, reported: int = 0) -> None:
         """Part i (n bytes, the first ``reported`` of them reported by ``wrote`` already) of f is
@@ -368,10 +419,10 @@ class _Job:
                 return
             f.state[i] = ON_DISK
             f.written.add(i)
-            if self.on_written is not None and n > reported:
+            if n > reported:
                 start = i * f.part_size
                 try:
-                    self.on_written(f.obj, start + reported, start + n)
+                    self.report.written(f.obj, start + reported, start + n)
                 except BaseException:
                     self.pool.put(buf)
                     raise
@@ -535,38 +586,33 @@ def download(
     cfg: DownloadConfig,
     pool: BufferPool,
     limiter: RateLimiter,
-    on_bytes: Callable[[int], None],
-    on_file: Callable[[HashedFile], None],
+    events: DownloadEvents,
     cancelled: threading.Event,
-    resume: dict[str, set[int]] | None = None,
-    on_state: Callable[[list[tuple[RemoteObject, str, list[int]]]], None] | None = None,
     *,
-    on_started: Callable[[], None] | None = None,
+    resume: dict[str, set[int]] | None = None,
     priority: Mapping[str, Sequence[int]] | None = None,
-    on_written: Callable[[RemoteObject, int, int], None] | None = None,
-    on_restart: Callable[[RemoteObject], None] | None = None,
     heads: Mapping[str, bytes] | None = None,
 ) -> list[HashedFile]:
     """Fetch every object into ingest_dir; return them hashed and fsynced, in the order given.
 
     ``resume`` maps relative paths to parts already written by an earlier run into the same
     ingest_dir at the same object version; those are not fetched (the hash reads them back).
-    ``on_state`` receives [(object, ingest file name, parts written)] now and then, after those
-    parts are on disk, so a crash can resume from it.
+    ``events.resume_state`` receives [(object, ingest file name, parts written)] now and then,
+    after those parts are on disk, so a crash can resume from it.
 
     ``priority`` maps relative paths to a rank per part (``pool.size`` bytes each, as
     schedule.part_ranks makes them): parts are fetched lowest (rank, position in ``objects``,
     part index) first, across files; a file without ranks ranks at its position (file order).
-    ``on_started`` is called once every ingest file exists at its full size, before any part is
-    fetched. ``on_written(obj, start, end)`` is called (from worker threads: keep it cheap)
-    once bytes [start, end) of obj are on disk: for resumed parts first, before anything is
-    fetched. ``on_restart(obj)`` is called when obj (the version listed or last restarted at)
+    ``events.started()`` is called once every ingest file exists at its full size, before any
+    part is fetched. ``events.written(obj, start, end)`` is called (from worker threads: keep it
+    cheap) once bytes [start, end) of obj are on disk: for resumed parts first, before anything
+    is fetched. ``events.restarted(obj)`` is called when obj (the version listed or last restarted at)
     changed at the source: what was reported of it is void, and it starts over at its new
     version; nothing of that file is fetched or reported between the two.
 
     ``heads`` maps relative paths to bytes [0, n) of the object at the version listed, already
     read (the safetensors headers the manifest was built from): they are written and reported
-    (``on_written``) before any part is fetched, so every file's header is on disk from the
+    (``events.written``) before any part is fetched, so every file's header is on disk from the
     start, whatever its part's rank. The part holding them is still fetched, for the hash.
     """
     heads = heads or {}
@@ -594,24 +640,21 @@ def download(
             f = _File(obj, pos, path, fd, rfd, direct, pool.size, (priority or {}).get(obj.relpath))
             files.append(f)
             f.reset(obj, (resume or {}).get(obj.relpath))
-        job = _Job(files, pool, cancelled, on_written)
+        job = _Job(files, pool, cancelled, events)
         pool.add_reclaimer(job.evict)
-        if on_started is not None:
-            on_started()  # every ingest file exists at its full size: readers may open and map them
-        if on_written is not None:
-            for f in files:
-                for first, end in _runs(sorted(f.written)):
-                    start, _ = f.part_range(first)
-                    stop = min(end * f.part_size, f.obj.size)
-                    if stop > start:
-                        on_written(f.obj, start, stop)
+        events.started()  # every ingest file exists at its full size: readers may open and map them
+        for f in files:
+            for first, end in _runs(sorted(f.written)):
+                start, _ = f.part_range(first)
+                stop = min(end * f.part_size, f.obj.size)
+                if stop > start:
+                    events.written(f.obj, start, stop)
         for f in files:
             head = heads.get(f.obj.relpath, b"")
             if head and 0 not in f.written:  # a resumed part 0 holds these bytes already
                 f.write_head(head)
-                if on_written is not None:
-                    on_written(f.obj, 0, len(head))
-        _run(source, job, cfg, limiter, on_bytes, on_file, on_state, on_restart)
+                events.written(f.obj, 0, len(head))
+        _run(source, job, cfg, limiter, events)
         return [HashedFile(f.obj, f.path, f.digest or "", f.restarts, f.read_back) for f in files]
     finally:
         if job is not None:
@@ -662,17 +705,14 @@ def _run(
     job: _Job,
     cfg: DownloadConfig,
     limiter: RateLimiter,
-    on_bytes: Callable[[int], None],
-    on_file: Callable[[HashedFile], None],
-    on_state: Callable[[list[tuple[RemoteObject, str, list[int]]]], None] | None,
-    on_restart: Callable[[RemoteObject], None] | None,
+    events: DownloadEvents,
 ) -> None:
     files, pool, cancelled = job.files, job.pool, job.cancelled
     last_state = 0.0
 
     def record_state(force: bool = False) -> None:
         nonlocal last_state
-        if on_state is None or (not force and time.monotonic() - last_state < STATE_EVERY):
+        if not force and time.monotonic() - last_state < STATE_EVERY:
             return
         last_state = time.monotonic()
         snapshot = []
@@ -682,7 +722,7 @@ def _run(
             if not f.direct and written:
                 os.fdatasync(f.fd)  # buffered writes must be on disk before they are recorded
             snapshot.append((f.obj, f.path.name, written))
-        on_state(snapshot)
+        events.resume_state(snapshot)
 
     def fetch(f: _File, i: int, gen: int, buf: mmap.mmap, ticket: int) -> None:
         start, length = f.part_range(i)
@@ -694,7 +734,7 @@ def _run(
             if cancelled.is_set():
                 raise _Cancelled()
             limiter.take(n, ticket, cancelled)
-            on_bytes(n)
+            events.received(n)
             got += n
             upto = got - got % WRITE_PIECE
             if upto > flushed and upto < length:  # the last piece is written below, with the rest
@@ -769,7 +809,7 @@ def _run(
                 for f in [f for f in queue_ if f.digest is not None and f.in_flight == 0 and not f.hashing]:
                     queue_.remove(f)
                     f.finish()
-                    on_file(HashedFile(f.obj, f.path, f.digest or "", f.restarts, f.read_back))
+                    events.hashed(HashedFile(f.obj, f.path, f.digest or "", f.restarts, f.read_back))
                 if not queue_:
                     return
                 record_state()
@@ -792,8 +832,8 @@ def _run(
                         f = fetching.pop(fut)
                         f.in_flight -= 1
                         if isinstance(exc, ObjectChanged):
-                            if job.void(f) and on_restart is not None:
-                                on_restart(f.obj)
+                            if job.void(f):
+                                events.restarted(f.obj)
                             continue
                     else:
                         hashing.pop(fut)
@@ -805,11 +845,10 @@ def _run(
             cancelled.set()
             raise
         finally:
-            if on_state is not None:
-                try:
-                    record_state(force=True)
-                except OSError:
-                    pass
+            try:
+                record_state(force=True)
+            except OSError:
+                pass
 
 
 class _Cancelled(Exception):
