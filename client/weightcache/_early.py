@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from ._backing import MappedFiles, _check_range
+from ._backing import MappedFiles, check_range
 from ._records import Manifest, Progress
 from .contract.errors import (
     CorruptedError,
@@ -155,7 +155,7 @@ class EarlyDownload:
         size = self._sizes.get(file)
         if size is None:
             raise NotFoundError(f"file {file!r} is not in snapshot {self.snapshot_id} (model {self.label})")
-        _check_range(file, size, offset, length)
+        check_range(file, size, offset, length)
 
     def ready(self, file: str, offset: int, length: int) -> bool:
         """Whether [offset, offset + length) of ``file`` is on disk now."""

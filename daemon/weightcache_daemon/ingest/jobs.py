@@ -34,7 +34,7 @@ from weightcache_daemon.ingest.pipeline import Admitter, Parts, Pipeline, store_
 from weightcache_daemon.ingest.resume import ingest_dir_name, record_intent
 from weightcache_daemon.observe.metrics import Metrics, source_label
 from weightcache_daemon.records import JobKey
-from weightcache_daemon.sources import Clients
+from weightcache_daemon.sources import Clients, Source, open_source
 from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
 
@@ -92,7 +92,7 @@ class JobRegistry:
         self.clients = Clients()  # S3 clients kept for the next download from the same source
         self.clients_ready = self.clients.prewarm(cfg.sources, cfg.download.concurrency)
         pool = BufferPool(cfg.download.concurrency + max(4, cfg.download.concurrency // 4), cfg.download.part_size)
-        self.parts = Parts(cfg, store, index, metrics, ledger, admitter, self, self.clients, pool,
+        self.parts = Parts(cfg, store, index, metrics, ledger, admitter, self, self._open_source, pool,
                            RateLimiter(cfg.download.rate_limit))  # fmt: skip
         self._jobs: dict[JobKey, Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -106,6 +106,9 @@ class JobRegistry:
         # (ReadRange, fd.sock helpers) never queue behind downloads. A job past MAX_JOBS waits
         # its turn here (LISTING) rather than taking a thread from everyone else.
         self.job_pool = ThreadPoolExecutor(max_workers=MAX_JOBS, thread_name_prefix="wc-job")
+
+    def _open_source(self, uri: str) -> Source:
+        return open_source(uri, self.cfg, self.clients)
 
     # ---------------------------------------------------------------- Jobs
 

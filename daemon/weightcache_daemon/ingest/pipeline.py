@@ -25,7 +25,7 @@ import errno
 import fnmatch
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -52,7 +52,7 @@ from weightcache_daemon.ingest.schedule import group_ranks, other_file_ranks, sa
 from weightcache_daemon.observe.metrics import Metrics, source_label
 from weightcache_daemon.records import FileRow, JobKey, NewFile, build_manifest
 from weightcache_daemon.safetensors_format import TensorInfo, validate_file
-from weightcache_daemon.sources import Clients, RemoteObject, Source, open_source
+from weightcache_daemon.sources import RemoteObject, Source
 from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
 
@@ -111,7 +111,7 @@ class Parts:
     ledger: Ledger
     admitter: Admitter
     publisher: Publisher
-    clients: Clients
+    open_source: Callable[[str], Source]  # a source for a URI (sources.open_source, kept clients)
     pool: BufferPool
     limiter: RateLimiter
 
@@ -268,7 +268,7 @@ class Pipeline:
         self.loop = loop  # where the early snapshot wakes its readers
 
     def run(self) -> str:
-        source = open_source(self.job.key.uri, self.parts.cfg, self.parts.clients)
+        source = self.parts.open_source(self.job.key.uri)
         try:
             listed = self.list_source(source)
             self.admit(listed)
