@@ -5,10 +5,19 @@ fetching a model (resolve or download, then name it, then its manifest), resumin
 interrupted downloads, and granting a snapshot's files over fd.sock.
 
 - naming.py: model references, names and who may point them (resolve, check_snapshot)
-- manifests.py: manifests and model views; list, show, pin
+- catalog.py: manifests and model views; list, show, pin
 - admission.py: usage and capacity admission for downloads; stats
 - eviction.py: eviction and gc plans (immutable records with their effect) and their execution
 - verify.py: verify, quarantine, the damaged check, repair
+- ingest.jobs: the download jobs (`Jobs`), built here with what they need from the cache
+
+A fetch reads as its steps: resolve (`_fetch_reference` for a name or snapshot id) → cached?
+(`_cached_for_client`) → admit (`Admission.fetching`, then the job's own admission) → start
+or follow (`Jobs.start`) → name → manifest (`_follow`, or `_stream_job` for an early answer).
+
+The one-line methods at the end stay: the edges depend on this one object, which keeps a
+handler's construction and its tests to one collaborator, and the services behind them are
+free to move without touching the edges.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from weightcache_daemon.observe.metrics import Metrics
 from weightcache_daemon.records import (
     ActiveDownload,
     FileRow,
+    JobKey,
     Lease,
     Manifest,
     ModelRow,
@@ -129,26 +139,8 @@ class Core:
         if "://" not in model:
             if name or include or exclude:
                 raise InvalidInputError(f"model {model[:200]!r}: name/include/exclude apply to source URIs only")
-            job = self._downloading(model) if early else None
-            if job is not None:  # a name whose first download is running: read it as it arrives
-                async for ev in self._stream_job(job, job.label, None):
-                    yield ev
-                return
-            snapshot, row = self.names.resolve(model)
-            if row is not None and self.verifier.damaged(snapshot):
-                # A blob failed verification or vanished: fetch the model again, then go on.
-                log.warning("refetching_damaged_model", model=row.name, snapshot=snapshot)
-                async for ev in self._refetch(row):
-                    if isinstance(ev, Manifest):
-                        snapshot = ev.snapshot_id
-                    else:
-                        yield ev
-            self.metrics.hits.labels("prefetch" if admin else "ensure").inc()
-            if row is not None:
-                self.index.touch(row.name)
-                if pin is not None:
-                    self.index.set_pinned(row.name, pin)
-            yield await self.manifest_async(snapshot, row.name if row else "")
+            async for ev in self._fetch_reference(model, admin=admin, pin=pin, early=early):
+                yield ev
             return
         # Everything below sees the canonical URI only (uris.py): the allow-list, the job key,
         # the index and the source.
@@ -156,36 +148,73 @@ class Core:
         key = self.names.key(uri, include, exclude)
         if not admin:
             pin = None  # a client never pins
-            if not uris.allowed(uri, self.cfg.client_sources):
-                raise PermissionDeniedError(
-                    f"source {uri}: clients may not trigger this download (not in the daemon's client_sources "
-                    f"allow-list); an admin can run: cachectl prefetch {uri}"
-                )
-            # A client asks for presence, not freshness: a cached copy of the same source answers at once.
-            same = self.index.models_by_source(key.uri, key.filters)
-            cached = [r for r in same if r.name == name] if name else same
-            if cached:
+            self._check_client_source(uri)
+            cached = self._cached_for_client(key, name)
+            if cached is not None:
                 self.metrics.hits.labels("ensure").inc()
-                self.index.touch(cached[0].name)
-                yield await self.manifest_async(cached[0].snapshot_id, cached[0].name)
+                self.index.touch(cached.name)
+                yield await self.manifest_async(cached.snapshot_id, cached.name)
                 return
             name = check_name(name) if name else self.names.client_default_name(key)
             self.names.check_owner(name, key, owner)
         else:
             name = check_name(name or default_name(uri))
         self.metrics.misses.labels("prefetch" if admin else "ensure").inc()
-        with self.admission.fetching(name):
-            job = self.jobs.start(key, name, pin, owner)
-            if early:
-                async for ev in self._stream_job(job, name, (pin, owner)):
+        with self.admission.fetching(name):  # admitted downloads never evict the name being made
+            job = self.jobs.start(key, name, pin, owner)  # a new job, or the running one to follow
+            follow = self._stream_job(job, name, (pin, owner)) if early else self._follow(job, name, pin, owner)
+            async for ev in follow:
+                yield ev
+
+    async def _fetch_reference(
+        self, model: str, *, admin: bool, pin: bool | None, early: bool
+    ) -> AsyncIterator[ProgressState | Manifest | Readiness]:
+        """A name or snapshot id: its first download if that is still running (early only),
+        else what it resolves to (fetched again first if a blob of it is damaged)."""
+        job = self._downloading(model) if early else None
+        if job is not None:  # a name whose first download is running: read it as it arrives
+            async for ev in self._stream_job(job, job.label, None):
+                yield ev
+            return
+        snapshot, row = self.names.resolve(model)
+        if row is not None and self.verifier.damaged(snapshot):
+            # A blob failed verification or vanished: fetch the model again, then go on.
+            log.warning("refetching_damaged_model", model=row.name, snapshot=snapshot)
+            async for ev in self._refetch(row):
+                if isinstance(ev, Manifest):
+                    snapshot = ev.snapshot_id
+                else:
                     yield ev
-                return
-            async for p in job.watch():
-                if not job.result.done():
-                    yield p
-            snapshot = await asyncio.shield(job.result)
-            self.names.name_model(name, key, snapshot, pin, owner)
-            yield await self.manifest_async(snapshot, name)
+        self.metrics.hits.labels("prefetch" if admin else "ensure").inc()
+        if row is not None:
+            self.index.touch(row.name)
+            if pin is not None:
+                self.index.set_pinned(row.name, pin)
+        yield await self.manifest_async(snapshot, row.name if row else "")
+
+    def _check_client_source(self, uri: str) -> None:
+        if not uris.allowed(uri, self.cfg.client_sources):
+            raise PermissionDeniedError(
+                f"source {uri}: clients may not trigger this download (not in the daemon's client_sources "
+                f"allow-list); an admin can run: cachectl prefetch {uri}"
+            )
+
+    def _cached_for_client(self, key: JobKey, name: str) -> ModelRow | None:
+        """A client asks for presence, not freshness: a cached copy of the same source answers at once."""
+        same = self.index.models_by_source(key.uri, key.filters)
+        cached = [r for r in same if r.name == name] if name else same
+        return cached[0] if cached else None
+
+    async def _follow(
+        self, job: Job, name: str, pin: bool | None, owner: str
+    ) -> AsyncIterator[ProgressState | Manifest | Readiness]:
+        """Progress until the job ends, then name the snapshot for this caller and its manifest."""
+        async for p in job.watch():
+            if not job.result.done():
+                yield p
+        snapshot = await asyncio.shield(job.result)
+        self.names.name_model(name, job.key, snapshot, pin, owner)
+        yield await self.manifest_async(snapshot, name)
 
     def _downloading(self, name: str) -> Job | None:
         """The running job that will record `name`, if its name is not in the index yet."""

@@ -700,41 +700,166 @@ def ingest_name(relpath: str) -> str:
 STATE_EVERY = 0.1  # seconds between resume-state records
 
 
-def _run(
-    source: Source,
-    job: _Job,
-    cfg: DownloadConfig,
-    limiter: RateLimiter,
-    events: DownloadEvents,
-) -> None:
-    files, pool, cancelled = job.files, job.pool, job.cancelled
-    last_state = 0.0
+def _run(source: Source, job: _Job, cfg: DownloadConfig, limiter: RateLimiter, events: DownloadEvents) -> None:
+    _Scheduler(source, job, cfg, limiter, events).run()
 
-    def record_state(force: bool = False) -> None:
-        nonlocal last_state
-        if not force and time.monotonic() - last_state < STATE_EVERY:
+
+class _Scheduler:
+    """The scheduler loop of one download, one step per method: restart changed files, start
+    hashing, submit the lowest-ranked parts, hand finished files over, record the resume state,
+    wait for a task or a buffer, collect what finished."""
+
+    def __init__(self, source: Source, job: _Job, cfg: DownloadConfig, limiter: RateLimiter,
+                 events: DownloadEvents) -> None:  # fmt: skip
+        self.source, self.job, self.cfg, self.limiter, self.events = source, job, cfg, limiter, events
+        self.files, self.pool, self.cancelled = job.files, job.pool, job.cancelled
+        self.last_state = 0.0
+        # Parts not fetched yet, lowest (rank, file position, part) first; an entry of an earlier
+        # generation of its file is stale (the file restarted) and skipped.
+        self.todo: list[tuple[int, int, int, int]] = []
+        self.fetching: dict[Future[None], _File] = {}
+        self.hashing: dict[Future[None], _File] = {}
+        self.queue = list(self.files)  # files not handed over yet
+
+    def run(self) -> None:
+        for f in self.files:
+            self.enqueue(f)
+        with (
+            ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="wc-dl") as ex,
+            ThreadPoolExecutor(max_workers=max(1, min(HASHERS, len(self.files))), thread_name_prefix="wc-hash") as hx,
+        ):
+            try:
+                while True:
+                    self.restart_changed()
+                    self.start_hashing(hx)
+                    self.submit_parts(ex)
+                    for f in self.queue:
+                        self.job.read_ahead(f)
+                    self.hand_over_finished()
+                    if not self.queue:
+                        return
+                    self.record_state()
+                    if self.cancelled.is_set():
+                        raise DeadlineError("download cancelled")
+                    if not self.fetching and not self.hashing and not any(f.restart_pending for f in self.queue):
+                        if self.todo:
+                            self.pool.wait(0.5)  # other jobs hold every buffer: our turn comes when one is put back
+                            continue
+                        raise SourceError(
+                            f"download stalled with {len(self.queue)} file(s) incomplete"
+                        )  # a bug if seen
+                    self.wait()
+                    self.collect_done()
+            except BaseException:
+                self.cancelled.set()
+                raise
+            finally:
+                try:
+                    self.record_state(force=True)
+                except OSError:
+                    pass
+
+    def enqueue(self, f: _File) -> None:
+        for i in range(f.parts_total):
+            if f.state[i] == TODO:
+                heapq.heappush(self.todo, (f.ranks[i], f.pos, i, f.generation))
+
+    def restart_changed(self) -> None:
+        """A file whose object changed starts over at its new version once nothing of it is in flight."""
+        for f in self.queue:
+            if f.restart_pending and f.in_flight == 0 and not f.hashing:
+                if f.restarts >= self.cfg.max_restarts:
+                    raise SourceError(f"{f.obj.uri} changed {f.restarts + 1} times during the download")
+                f.restarts += 1
+                current = self.source.stat(f.obj.relpath)
+                with self.job.lock:
+                    f.reset(current)
+                self.enqueue(f)
+
+    def start_hashing(self, hx: ThreadPoolExecutor) -> None:
+        for f in self.queue:
+            if self.job.start_hashing(f):
+                fut = hx.submit(self.job.advance, f, f.generation)
+                fut.add_done_callback(self.job.wake)
+                self.hashing[fut] = f
+
+    def submit_parts(self, ex: ThreadPoolExecutor) -> None:
+        """The lowest-ranked parts, while a worker and a buffer are free."""
+        while len(self.fetching) < self.cfg.concurrency and self.todo:
+            _, pos, i, gen = self.todo[0]
+            f = self.files[pos]
+            if gen != f.generation:
+                heapq.heappop(self.todo)
+                continue
+            buf = self.pool.try_get()  # a free buffer, else one a job kept for its cursor
+            if buf is None:
+                break
+            heapq.heappop(self.todo)
+            with self.job.lock:
+                f.state[i] = FETCHING
+            f.in_flight += 1
+            fut = ex.submit(self.fetch, f, i, gen, buf, self.limiter.ticket())
+            fut.add_done_callback(self.job.wake)
+            self.fetching[fut] = f
+
+    def hand_over_finished(self) -> None:
+        for f in [f for f in self.queue if f.digest is not None and f.in_flight == 0 and not f.hashing]:
+            self.queue.remove(f)
+            f.finish()
+            self.events.hashed(HashedFile(f.obj, f.path, f.digest or "", f.restarts, f.read_back))
+
+    def wait(self) -> None:
+        try:
+            self.job.events.get(timeout=0.5)  # a task finished or a buffer came back
+            while True:
+                self.job.events.get_nowait()
+        except queue.Empty:
+            pass
+
+    def collect_done(self) -> None:
+        """Finished parts and hashes: a changed object voids its file; any other error ends the download."""
+        for fut in [fut for fut in (*self.fetching, *self.hashing) if fut.done()]:
+            exc = fut.exception()
+            if fut in self.fetching:
+                f = self.fetching.pop(fut)
+                f.in_flight -= 1
+                if isinstance(exc, ObjectChanged):
+                    if self.job.void(f):
+                        self.events.restarted(f.obj)
+                    continue
+            else:
+                self.hashing.pop(fut)
+            if isinstance(exc, _Cancelled):
+                raise DeadlineError("download cancelled")
+            if exc is not None:
+                raise exc
+
+    def record_state(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_state < STATE_EVERY:
             return
-        last_state = time.monotonic()
+        self.last_state = time.monotonic()
         snapshot = []
-        for f in files:
-            with job.lock:
+        for f in self.files:
+            with self.job.lock:
                 written = sorted(f.written)
             if not f.direct and written:
                 os.fdatasync(f.fd)  # buffered writes must be on disk before they are recorded
             snapshot.append((f.obj, f.path.name, written))
-        events.resume_state(snapshot)
+        self.events.resume_state(snapshot)
 
-    def fetch(f: _File, i: int, gen: int, buf: mmap.mmap, ticket: int) -> None:
+    def fetch(self, f: _File, i: int, gen: int, buf: mmap.mmap, ticket: int) -> None:
+        """One part into its buffer, written and reported in WRITE_PIECE pieces as it arrives (a worker thread)."""
         start, length = f.part_range(i)
         got = 0  # bytes of the part in buf (read_retrying fills it in order, retries included)
         flushed = 0  # bytes of it written and reported
+        job, cancelled = self.job, self.cancelled
 
         def landed(n: int) -> None:
             nonlocal got, flushed
             if cancelled.is_set():
                 raise _Cancelled()
-            limiter.take(n, ticket, cancelled)
-            events.received(n)
+            self.limiter.take(n, ticket, cancelled)
+            self.events.received(n)
             got += n
             upto = got - got % WRITE_PIECE
             if upto > flushed and upto < length:  # the last piece is written below, with the rest
@@ -745,110 +870,14 @@ def _run(
         try:
             view = memoryview(buf)[:length]
             try:
-                read_retrying(source, f.obj, start, view, landed)
+                read_retrying(self.source, f.obj, start, view, landed)
             finally:
                 view.release()
             f.write(buf, start, length, flushed)
         except BaseException:
-            pool.put(buf)
+            self.pool.put(buf)
             raise
         job.landed(f, i, gen, buf, length, flushed)
-
-    # Parts not fetched yet, lowest (rank, file position, part) first; an entry of an earlier
-    # generation of its file is stale (the file restarted) and skipped.
-    todo: list[tuple[int, int, int, int]] = []
-
-    def enqueue(f: _File) -> None:
-        for i in range(f.parts_total):
-            if f.state[i] == TODO:
-                heapq.heappush(todo, (f.ranks[i], f.pos, i, f.generation))
-
-    for f in files:
-        enqueue(f)
-    fetching: dict[Future[None], _File] = {}
-    hashing: dict[Future[None], _File] = {}
-    queue_ = list(files)
-    with (
-        ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="wc-dl") as ex,
-        ThreadPoolExecutor(max_workers=max(1, min(HASHERS, len(files))), thread_name_prefix="wc-hash") as hx,
-    ):
-        try:
-            while True:
-                for f in queue_:
-                    if f.restart_pending and f.in_flight == 0 and not f.hashing:
-                        if f.restarts >= cfg.max_restarts:
-                            raise SourceError(f"{f.obj.uri} changed {f.restarts + 1} times during the download")
-                        f.restarts += 1
-                        current = source.stat(f.obj.relpath)
-                        with job.lock:
-                            f.reset(current)
-                        enqueue(f)
-                for f in queue_:
-                    if job.start_hashing(f):
-                        fut = hx.submit(job.advance, f, f.generation)
-                        fut.add_done_callback(job.wake)
-                        hashing[fut] = f
-                while len(fetching) < cfg.concurrency and todo:
-                    _, pos, i, gen = todo[0]
-                    f = files[pos]
-                    if gen != f.generation:
-                        heapq.heappop(todo)
-                        continue
-                    buf = pool.try_get()  # a free buffer, else one a job kept for its cursor
-                    if buf is None:
-                        break
-                    heapq.heappop(todo)
-                    with job.lock:
-                        f.state[i] = FETCHING
-                    f.in_flight += 1
-                    fut = ex.submit(fetch, f, i, gen, buf, limiter.ticket())
-                    fut.add_done_callback(job.wake)
-                    fetching[fut] = f
-                for f in queue_:
-                    job.read_ahead(f)
-                for f in [f for f in queue_ if f.digest is not None and f.in_flight == 0 and not f.hashing]:
-                    queue_.remove(f)
-                    f.finish()
-                    events.hashed(HashedFile(f.obj, f.path, f.digest or "", f.restarts, f.read_back))
-                if not queue_:
-                    return
-                record_state()
-                if cancelled.is_set():
-                    raise DeadlineError("download cancelled")
-                if not fetching and not hashing and not any(f.restart_pending for f in queue_):
-                    if todo:
-                        pool.wait(0.5)  # other jobs hold every buffer: our turn comes when one is put back
-                        continue
-                    raise SourceError(f"download stalled with {len(queue_)} file(s) incomplete")  # a bug if seen
-                try:
-                    job.events.get(timeout=0.5)  # a task finished or a buffer came back
-                    while True:
-                        job.events.get_nowait()
-                except queue.Empty:
-                    pass
-                for fut in [fut for fut in (*fetching, *hashing) if fut.done()]:
-                    exc = fut.exception()
-                    if fut in fetching:
-                        f = fetching.pop(fut)
-                        f.in_flight -= 1
-                        if isinstance(exc, ObjectChanged):
-                            if job.void(f):
-                                events.restarted(f.obj)
-                            continue
-                    else:
-                        hashing.pop(fut)
-                    if isinstance(exc, _Cancelled):
-                        raise DeadlineError("download cancelled")
-                    if exc is not None:
-                        raise exc
-        except BaseException:
-            cancelled.set()
-            raise
-        finally:
-            try:
-                record_state(force=True)
-            except OSError:
-                pass
 
 
 class _Cancelled(Exception):
