@@ -129,7 +129,7 @@ class Core:
         """Ensure (client) and Prefetch (admin): progress events, then the Manifest.
 
         `early` (Ensure only): a model that must be downloaded is answered as soon as every
-        header is known, with a streaming Manifest; Readiness and progress events follow, and
+        header is known, with an early Manifest; Readiness and progress events follow, and
         the committed Manifest ends the stream (see _stream_job).
 
         `owner` is who names the model (index.OWNERS): "client" for Ensure, "admin" for
@@ -226,7 +226,7 @@ class Core:
         self, job: Job, name: str, naming: tuple[bool | None, str] | None
     ) -> AsyncIterator[ProgressState | Manifest | Readiness]:
         """Follow a job for an early Ensure: progress until its early snapshot is published, the
-        streaming manifest, then every change of readiness (coalesced: a slow reader gets the
+        early manifest, then every change of readiness (coalesced: a slow reader gets the
         merged state) and progress now and then, then the committed manifest or the job's error.
         The job never depends on this caller: one that goes away leaves the download going.
         `naming` (pin, owner): record `name` for the caller as fetch() does; None when `name`
@@ -274,7 +274,7 @@ class Core:
         yield await self.manifest_async(snapshot, name)
 
     def downloads(self) -> list[ActiveDownload]:
-        """Downloads in flight, with their streaming readers."""
+        """Downloads in flight, with their early readers."""
         out = []
         for job in self.jobs.running():
             early = job.early
@@ -442,7 +442,7 @@ class Core:
 
     def show(self, model: str) -> tuple[ModelView | None, Manifest, ActiveDownload | None]:
         """A model's record and manifest; for a name whose first download is in flight, its
-        streaming manifest and where the download stands."""
+        early manifest and where the download stands."""
         job = self._downloading(model)
         if job is not None and job.early is not None:
             return None, job.early.manifest, next((d for d in self.downloads() if d.name == job.label), None)

@@ -309,7 +309,7 @@ class _File:
         self.hasher = hashlib.sha256()
         self.digest = None
         if not self.written:
-            # To the object's size, never through 0: a streaming reader may have this file
+            # To the object's size, never through 0: an early reader may have this file
             # mapped, and a mapping touched past a shrunken end is SIGBUS, not an error. Stale
             # bytes of an abandoned version are never reported ready (only this generation's
             # writes are) and never hashed (the cursor reads only parts written since).
