@@ -161,7 +161,7 @@ class Recorder:
         self.want: dict[str, float] = {}
         self.start: dict[str, float] = {}
         self.end: dict[str, float] = {}
-        self.complete: float | None = None  # a streaming open: when the committed snapshot arrived
+        self.complete: float | None = None  # an early open: when the committed snapshot arrived
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -664,7 +664,7 @@ def analyse(rate: int, runs: dict[str, dict[str, Any]], total: int, b0: int, hea
 
 def verified_at(strategy: str, t: dict[str, float]) -> float:
     """When the committed (verified) snapshot was there: prefetch returned, open(verified=True)
-    returned, or a streaming handle saw its download complete."""
+    returned, or an early handle saw its download complete."""
     if strategy == "sequential":
         return t["prefetched"]
     return t.get("complete", t["opened"])
@@ -729,7 +729,7 @@ def table(report: dict[str, Any]) -> str:
                     f"- {rl}: CPU floor on {cf['cores']} cores: (download {cf['download_core_s']:.2f} core-s, daemon "
                     f"and S3 server, + open, read and forward {cf['client_core_s']:.2f} core-s, the sequential "
                     f"client) / {cf['cores']} = {cf['floor_s']:.2f} s, **{cf['ratio']:.2f}x** the pure download: "
-                    "the least wall time any schedule of this work takes on this machine. The streaming run kept "
+                    "the least wall time any schedule of this work takes on this machine. The execute-while-downloading run kept "
                     f"{a['strategies']['streaming'].get('busy', 0) * 100:.0f}% of it busy."
                 )
             own = a["strategies"]["streaming"].get("download_layer0_bytes_s")
