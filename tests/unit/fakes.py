@@ -5,6 +5,7 @@
   count the reads).
 - FakeAdmitter: an ingest.pipeline.Admitter that records what it was asked and can refuse.
 - FakePublisher: an ingest.pipeline.Publisher that records the early snapshot and the content id.
+- FakeJobs: an ingest.jobs.Jobs registry whose jobs end when the test ends them.
 
 The blob store and the index are the real ones on tmp_path: a fake of either would only
 restate their code, and both are fast on a temporary directory.
@@ -15,14 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from weightcache.contract.errors import ExhaustedError
+from weightcache.contract.errors import ExhaustedError, WeightcacheError
 from weightcache_daemon import config
 from weightcache_daemon.ingest.early import EarlySnapshot
 from weightcache_daemon.ingest.job import Job
+from weightcache_daemon.ingest.pipeline import snapshot_id_of
+from weightcache_daemon.records import JobKey, NewFile
 from weightcache_daemon.sources import RemoteObject
+from weightcache_daemon.storage.blobs import BlobStore
+from weightcache_daemon.storage.index import Index
 
 __all__ = ["FakeAdmitter", "FakePublisher", "FakeSource", "config_in", "safetensors_bytes"]
 
@@ -112,3 +118,61 @@ class FakePublisher:
     def content_id(self, job: Job, snapshot: str) -> None:
         assert job.early is not None
         self.content_ids.append((job.early.snapshot_id, snapshot))
+
+
+def commit_snapshot(store: BlobStore, index: Index, tmp: Path, uri: str, files: dict[str, bytes]) -> str:
+    """Blobs and a snapshot in the store and index, as a job's commit leaves them (unnamed)."""
+    new = []
+    for rel, data in files.items():
+        digest = hashlib.sha256(data).hexdigest()
+        part = tmp / f"ingest-{digest}"
+        part.write_bytes(data)
+        store.commit(part, digest)
+        new.append(NewFile(rel, digest, len(data), ()))
+    snapshot = snapshot_id_of([(f.path, f.sha256) for f in new])
+    index.add_snapshot(snapshot, uri, new, [(uri + f.path, "v1", f.size, f.sha256) for f in new])
+    return snapshot
+
+
+class FakeJobs:
+    """A job registry that runs nothing: a test ends a job with `finish` or `fail`."""
+
+    def __init__(self) -> None:
+        self.clients_ready = threading.Event()
+        self.started: list[Job] = []
+
+    def start(self, key: JobKey, label: str, pin: bool | None = None, owner: str = "admin") -> Job:
+        for job in self.running():
+            if job.key == key:
+                return job
+        job = Job(key, label, pin, owner=owner)
+        self.started.append(job)
+        return job
+
+    def running(self) -> list[Job]:
+        return [j for j in self.started if not j.result.done()]
+
+    def early_snapshot(self, snapshot_id: str) -> EarlySnapshot | None:
+        return None
+
+    def ended_as(self, snapshot_id: str) -> str | WeightcacheError | None:
+        return None
+
+    def early_ids(self) -> list[str]:
+        return []
+
+    def readers(self, snapshot_id: str) -> int:
+        return 0
+
+    async def shutdown(self) -> None:
+        for job in self.running():
+            job.result.cancel()
+
+    async def finish(self, job: Job, snapshot: str) -> None:
+        job.progress.phase = "DONE"
+        job.result.set_result(snapshot)
+        await job.notify()
+
+    async def fail(self, job: Job, err: WeightcacheError) -> None:
+        job.result.set_exception(err)
+        await job.notify()

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from fakes import config_in
+from fakes import commit_snapshot, config_in
 
 from weightcache.contract.errors import BusyError, ExhaustedError, NotFoundError, PermissionDeniedError
 from weightcache_daemon.cache.admission import Admission
@@ -18,9 +18,7 @@ from weightcache_daemon.cache.eviction import Evictor
 from weightcache_daemon.cache.leases import Leases
 from weightcache_daemon.cache.naming import Names
 from weightcache_daemon.ingest.ledger import Ledger
-from weightcache_daemon.ingest.pipeline import snapshot_id_of
 from weightcache_daemon.observe.metrics import Metrics
-from weightcache_daemon.records import NewFile
 from weightcache_daemon.storage.blobs import LocalBlobStore
 from weightcache_daemon.storage.index import Index
 
@@ -41,16 +39,8 @@ class Cache:
 
     def add(self, name: str, files: dict[str, bytes], owner: str = "admin", pin: bool | None = None) -> str:
         """A committed, named model, as a finished job leaves it."""
-        new = []
-        for rel, data in files.items():
-            digest = hashlib.sha256(data).hexdigest()
-            tmp = self.tmp / f"ingest-{digest}"
-            tmp.write_bytes(data)
-            self.store.commit(tmp, digest)
-            new.append(NewFile(rel, digest, len(data), ()))
-        snapshot = snapshot_id_of([(f.path, f.sha256) for f in new])
         uri = f"file:///models/{name}/"
-        self.index.add_snapshot(snapshot, uri, new, [(uri + f.path, "v1", f.size, f.sha256) for f in new])
+        snapshot = commit_snapshot(self.store, self.index, self.tmp, uri, files)
         self.names.name_model(name, self.names.key(uri, (), ()), snapshot, pin, owner)
         return snapshot
 

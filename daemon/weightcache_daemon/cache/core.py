@@ -90,7 +90,11 @@ class Grant:
 
 
 class Core:
-    def __init__(self, cfg: Config, store: BlobStore, index: Index, leases: Leases, metrics: Metrics) -> None:
+    def __init__(
+        self, cfg: Config, store: BlobStore, index: Index, leases: Leases, metrics: Metrics, jobs: Jobs | None = None
+    ) -> None:
+        """`jobs`: the download jobs; by default the daemon's own registry, built here with what it
+        needs from the cache (tests pass a fake)."""
         self.cfg = cfg
         self.metrics = metrics
         self.store = store
@@ -103,9 +107,9 @@ class Core:
         self.admission = Admission(cfg, store, index, leases, ledger, metrics, self.evictor)
         self.verifier = Verifier(store, index, self.names)
         self.capacity = self.admission.capacity
-        self.jobs: Jobs = JobRegistry(
-            cfg, store, index, metrics, ledger, self.admission, IngestLinks(self.names, leases)
-        )
+        if jobs is None:
+            jobs = JobRegistry(cfg, store, index, metrics, ledger, self.admission, IngestLinks(self.names, leases))
+        self.jobs = jobs
         # Client-serving work (manifests, listings, ReadRange; also the loop's default executor)
         # has its own threads: downloads run in the job registry's pool and admin work (verify,
         # doctor) in another, so none waits on the others.
