@@ -86,7 +86,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # ---------------------------------------------------------------- the suite's own report
 # Tests that put the daemon through something call report(case, what, result, figures); at the
 # end of the session the rows are written to $WC_SUITE_REPORT (tools/suite_report.py turns them
-# into the README's table), so the table is the suite's output, not a hand-written claim.
+# into docs/test-report.md), so the table is the suite's output, not a hand-written claim.
 _REPORT: list[dict[str, str]] = []
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from weightcache.errors import InvalidInputError, NotFoundError
 from weightcache_daemon import config
-from weightcache_daemon.ingest.jobs import select, snapshot_id_of
+from weightcache_daemon.ingest.pipeline import select, snapshot_id_of
 from weightcache_daemon.sources import RemoteObject, check_relpath, parse_uri
 from weightcache_daemon.sources.local import LocalSource
 

@@ -19,7 +19,15 @@ from tests_helpers import st_bytes
 
 from weightcache.errors import DeadlineError
 from weightcache_daemon.config import Config, DownloadConfig, SourceConfig
-from weightcache_daemon.ingest.engine import WRITE_PIECE, BufferPool, Downloaded, RateLimiter, download, ingest_name
+from weightcache_daemon.ingest.engine import (
+    WRITE_PIECE,
+    BufferPool,
+    HashedFile,
+    IgnoredEvents,
+    RateLimiter,
+    download,
+    ingest_name,
+)
 from weightcache_daemon.ingest.schedule import (
     HEADER_RANK,
     OTHER_FILE_RANK,
@@ -103,7 +111,7 @@ def _run(
     then: Callable[[], None] | None = None,
     part: int = PART,
     **kw: Any,
-) -> list[Downloaded]:
+) -> list[HashedFile]:
     """download() every object of source into ingest; with `check`, each on_written range is
     read back from the ingest file in the callback and compared with those bytes; `then` runs
     after each report."""
@@ -124,10 +132,25 @@ def _run(
         if then is not None:
             then()
 
+    on_state = kw.pop("on_state", None)
+    on_restart = kw.pop("on_restart", None)
+
+    class Events(IgnoredEvents):
+        def written(self, obj: RemoteObject, start: int, end: int) -> None:
+            on_written(obj, start, end)
+
+        def resume_state(self, files: list[tuple[RemoteObject, str, list[int]]]) -> None:
+            if on_state is not None:
+                on_state(files)
+
+        def restarted(self, obj: RemoteObject) -> None:
+            if on_restart is not None:
+                on_restart(obj)
+
     cfg = DownloadConfig(concurrency=concurrency, part_size=part)
     pool = kw.pop("pool", None) or BufferPool(buffers, part)
-    return download(source, objects, ingest, cfg, pool, RateLimiter(0), lambda n: None, lambda d: None,
-                    kw.pop("cancelled", threading.Event()), priority=priority, on_written=on_written, **kw)  # fmt: skip
+    return download(source, objects, ingest, cfg, pool, RateLimiter(0), Events(), kw.pop("cancelled", threading.Event()),
+                    priority=priority, **kw)  # fmt: skip
 
 
 def _expected_order(sizes: dict[str, int], priority: dict[str, list[int]]) -> list[tuple[str, int]]:
@@ -145,7 +168,7 @@ def _covers_exactly(log: list[tuple[str, str, int, int]], relpath: str, size: in
     assert at == size, f"{relpath}: reports {ranges} end at {at}, not {size}"
 
 
-def _check_hashes(got: list[Downloaded], data: dict[str, bytes]) -> None:
+def _check_hashes(got: list[HashedFile], data: dict[str, bytes]) -> None:
     assert {d.obj.relpath: d.sha256 for d in got} == {n: hashlib.sha256(b).hexdigest() for n, b in data.items()}
     for d in got:
         assert d.path.read_bytes() == data[d.obj.relpath]

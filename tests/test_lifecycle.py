@@ -195,7 +195,7 @@ def test_models_d_add_change_remove_and_invalid(tmp_path: Path, s3, s3_model: st
         d.stop()
 
 
-ACCEPTED = '"event": "fetch_accepted"'  # logged once the job's record is in ingest/ (jobs.Fetcher.start)
+ACCEPTED = '"event": "fetch_accepted"'  # logged once the job's record is in ingest/ (jobs.JobRegistry.start)
 
 
 def _prefetch_accepted(d: Daemon, uri: str, name: str) -> subprocess.Popen[str]:

@@ -1,5 +1,5 @@
 """Load: many processes opening one cold model at once, a thousand short-lived clients, and
-the client limit. Figures (latencies, fd counts, RSS) are printed for the README's table."""
+the client limit. Figures (latencies, fd counts, RSS) are printed for docs/test-report.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The README's fault table: rows ordered by case, long test names cut with their parameters kept."""
+"""The test report's fault table (docs/test-report.md): rows ordered by case, long test names cut with their parameters kept."""
 
 from __future__ import annotations
 

@@ -28,10 +28,10 @@ and the S3 server used. From those, a CPU floor: the download's CPU work plus th
 client's (read and forward, alone on the machine), over the machine's cores, is the least wall
 time any schedule of that work can take here.
 
-    python tools/bench_coldstart.py --size 2GiB --rates 300MB,0 --svg docs/coldstart.svg --readme
+    python tools/bench_coldstart.py --size 2GiB --rates 300MB,0 --svg docs/coldstart.svg --doc docs/benchmarks.md
     python tools/bench_coldstart.py --size 2GiB --out bench-out/coldstart.json    # raw data kept
     python tools/bench_coldstart.py --size 2GiB --logs bench-out/logs   # each daemon's log kept
-    python tools/bench_coldstart.py --replot bench-out/coldstart.json --svg docs/coldstart.svg --readme
+    python tools/bench_coldstart.py --replot bench-out/coldstart.json --svg docs/coldstart.svg --doc docs/benchmarks.md
     python tools/bench_coldstart.py --size 2GiB --device cuda        # on a GPU machine
 
 Targets (streaming): layer 0 has computed within 1.05x (download time of the bytes layer 0
@@ -62,7 +62,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
-README_START, README_END = "<!-- coldstart:start -->", "<!-- coldstart:end -->"
+DOC_START, DOC_END = "<!-- coldstart:start -->", "<!-- coldstart:end -->"
 STRATEGIES = ("sequential", "reference", "streaming")
 LABELS = {
     "sequential": "sequential: prefetch → open → load_into → forward",
@@ -161,7 +161,7 @@ class Recorder:
         self.want: dict[str, float] = {}
         self.start: dict[str, float] = {}
         self.end: dict[str, float] = {}
-        self.complete: float | None = None  # a streaming open: when the committed snapshot arrived
+        self.complete: float | None = None  # an early open: when the committed snapshot arrived
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -216,7 +216,7 @@ class Recorder:
                         if ready(ranges):
                             self.ready[g] = t
                     pending = [(g, r) for g, r in pending if g not in self.ready]
-                if model.manifest.streaming:
+                if model.manifest.early:
                     backing.wait_complete()
                     self.complete = now()
             except Exception:  # noqa: BLE001 - the forward pass reports the failure itself
@@ -345,7 +345,7 @@ def child(strategy: str, ctx: dict[str, Any]) -> dict[str, Any]:
     else:
         m = client.open(ctx["uri"], verified=strategy == "reference")
         t["opened"] = now()
-        streamed = m.manifest.streaming  # False: the daemon answered with the committed snapshot
+        streamed = m.manifest.early  # False: the daemon answered with the committed snapshot
         rec.attach(m)
         rec.watch(m)
         rec.hook_want(module)
@@ -664,7 +664,7 @@ def analyse(rate: int, runs: dict[str, dict[str, Any]], total: int, b0: int, hea
 
 def verified_at(strategy: str, t: dict[str, float]) -> float:
     """When the committed (verified) snapshot was there: prefetch returned, open(verified=True)
-    returned, or a streaming handle saw its download complete."""
+    returned, or an early handle saw its download complete."""
     if strategy == "sequential":
         return t["prefetched"]
     return t.get("complete", t["opened"])
@@ -729,7 +729,7 @@ def table(report: dict[str, Any]) -> str:
                     f"- {rl}: CPU floor on {cf['cores']} cores: (download {cf['download_core_s']:.2f} core-s, daemon "
                     f"and S3 server, + open, read and forward {cf['client_core_s']:.2f} core-s, the sequential "
                     f"client) / {cf['cores']} = {cf['floor_s']:.2f} s, **{cf['ratio']:.2f}x** the pure download: "
-                    "the least wall time any schedule of this work takes on this machine. The streaming run kept "
+                    "the least wall time any schedule of this work takes on this machine. The execute-while-downloading run kept "
                     f"{a['strategies']['streaming'].get('busy', 0) * 100:.0f}% of it busy."
                 )
             own = a["strategies"]["streaming"].get("download_layer0_bytes_s")
@@ -799,14 +799,13 @@ def picture(report: dict[str, Any]) -> str:
     return str(render(columns, title=title, note=note))
 
 
-def update_readme(text: str) -> None:
-    readme = REPO / "README.md"
-    body = readme.read_text()
-    if README_START not in body or README_END not in body:
-        raise SystemExit(f"README.md has no {README_START} … {README_END} markers to write the table between")
-    pre, rest = body.split(README_START, 1)
-    _, post = rest.split(README_END, 1)
-    readme.write_text(pre + README_START + "\n" + text + README_END + post)
+def update_doc(doc: Path, text: str) -> None:
+    body = doc.read_text()
+    if DOC_START not in body or DOC_END not in body:
+        raise SystemExit(f"{doc} has no {DOC_START} … {DOC_END} markers to write the table between")
+    pre, rest = body.split(DOC_START, 1)
+    _, post = rest.split(DOC_END, 1)
+    doc.write_text(pre + DOC_START + "\n" + text + DOC_END + post)
 
 
 def main() -> None:
@@ -820,8 +819,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the raw measurements and analysis as JSON")
     ap.add_argument("--logs", type=Path, help="keep each strategy's daemon log in this directory")
     ap.add_argument("--svg", type=Path, help="write the timeline picture here (e.g. docs/coldstart.svg)")
-    ap.add_argument("--readme", action="store_true", help="rewrite README.md's table between the coldstart markers")
-    ap.add_argument("--replot", type=Path, help="redraw --svg/--readme from a --out JSON without measuring")
+    ap.add_argument(
+        "--doc", type=Path, help="rewrite the table between the coldstart markers in this file (docs/benchmarks.md)"
+    )
+    ap.add_argument("--replot", type=Path, help="redraw --svg/--doc from a --out JSON without measuring")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ctx", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -842,8 +843,8 @@ def main() -> None:
     if a.svg:
         a.svg.parent.mkdir(parents=True, exist_ok=True)
         a.svg.write_text(picture(report))
-    if a.readme:
-        update_readme(table(report))
+    if a.doc:
+        update_doc(a.doc, table(report))
 
 
 def measure(a: argparse.Namespace) -> dict[str, Any]:

@@ -24,10 +24,10 @@ Scenarios:
   limits              the machine: cold `dd bs=64M`, warm copy (pread from the page cache into
                       touched memory), first touch of fresh memory (settled and recycled)
 
-    python tools/bench_load.py --size 2GiB --rounds 3 [--out bench-out/load.json] [--readme README.md]
-    python tools/bench_load.py --from-json bench-out/load.json --readme README.md
+    python tools/bench_load.py --size 2GiB --rounds 3 [--out bench-out/load.json] [--doc docs/benchmarks.md]
+    python tools/bench_load.py --from-json bench-out/load.json --doc docs/benchmarks.md
 
---readme rewrites the table between the bench-load markers in that file.
+--doc rewrites the table between the bench-load markers in that file.
 """
 
 from __future__ import annotations
@@ -319,8 +319,8 @@ def main() -> None:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset to run")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--readme", type=Path, help="rewrite the table between the bench-load markers in this file")
-    ap.add_argument("--from-json", type=Path, help="no run: print (and --readme) the table of a saved --out report")
+    ap.add_argument("--doc", type=Path, help="rewrite the table between the bench-load markers in this file")
+    ap.add_argument("--from-json", type=Path, help="no run: print (and --doc) the table of a saved --out report")
     ap.add_argument("--child")
     ap.add_argument("--socket-dir", default="")
     ap.add_argument("--tzfile", default="")
@@ -334,8 +334,8 @@ def main() -> None:
     if a.from_json:
         table = _table(json.loads(a.from_json.read_text()))
         print(table)
-        if a.readme:
-            _write_readme(a.readme, table)
+        if a.doc:
+            _write_doc(a.doc, table)
         return
     scenarios = [x for x in a.scenarios.split(",") if x]
     unknown = [x for x in scenarios if x not in SCENARIOS]
@@ -413,8 +413,8 @@ def main() -> None:
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(report, indent=1))
             a.out.with_suffix(".md").write_text(table)
-        if a.readme:
-            _write_readme(a.readme, table)
+        if a.doc:
+            _write_doc(a.doc, table)
     finally:
         daemon.stop()
         if a.work is None:
@@ -424,7 +424,7 @@ def main() -> None:
 START, END = "<!-- bench-load:start -->", "<!-- bench-load:end -->"
 
 
-def _write_readme(path: Path, table: str) -> None:
+def _write_doc(path: Path, table: str) -> None:
     text = path.read_text()
     pat = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
     if not pat.search(text):

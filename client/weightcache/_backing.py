@@ -10,7 +10,7 @@ them knows whether the bytes are a shared mapping, private memory, or something 
 
 The protocol also carries readiness (``ready``/``wait_ready``) and completion
 (``complete``/``wait_complete``) for a backing whose bytes arrive range by range while the
-daemon downloads them (``_streaming``): ``read_into`` and ``view`` return only once their range
+daemon downloads them (``_early``): ``read_into`` and ``view`` return only once their range
 is on disk; ``complete`` says every file is verified and committed. A ready byte may still
 fail verification, so a user that hands out a whole-model result (``state_dict``, a path, the
 final layer group of a stream) calls ``wait_complete()`` first. Once such a download failed,
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ._fd import FdConnection
     from ._records import FileInfo
 
-__all__ = ["Backing", "FetchedFiles", "MappedFiles"]
+__all__ = ["Backing", "FetchedFiles", "MappedFiles", "Prefaulting", "check_range"]
 
 
 @runtime_checkable
@@ -85,7 +85,20 @@ class Backing(Protocol):
         ...
 
 
-def _check_range(file: str, size: int, offset: int, length: int) -> None:
+@runtime_checkable
+class Prefaulting(Backing, Protocol):
+    """A backing whose views are lazily mapped pages and that can fault a range in ahead of
+    use. ``stream(copy=False)`` uses it when the backing has it; without it, a stream of views
+    waits for each whole group instead (see _stream.py)."""
+
+    def prefault(self, file: str, offset: int, length: int) -> None:
+        """Read the range into the page cache and map it now (blocking), so views of it do not
+        fault one page at a time."""
+        ...
+
+
+def check_range(file: str, size: int, offset: int, length: int) -> None:
+    """CorruptedError unless [offset, offset+length) lies inside a file of ``size`` bytes."""
     if offset < 0 or length < 0 or offset + length > size:
         raise CorruptedError(f"bytes {offset}..{offset + length} of {file} are outside the file ({size} bytes)")
 
@@ -111,8 +124,7 @@ def _resident(addr: int, length: int) -> bool:
 class MappedFiles:
     """Descriptors from fd.sock, each file mapped ``MAP_PRIVATE``; ``close()`` ends the lease.
 
-    Besides the ``Backing`` methods it offers ``prefault``, which ``stream(copy=False)`` uses
-    when a backing has it."""
+    Besides the ``Backing`` methods it offers ``prefault`` (it is ``Prefaulting``)."""
 
     zero_copy = True
 
@@ -159,7 +171,7 @@ class MappedFiles:
         # pread from the page cache rather than memcpy from the mapping: one copy either way,
         # but a cold read gets kernel readahead and does not fault page by page.
         fd = self._fd(file)
-        _check_range(file, self._sizes[file], offset, len(dest))
+        check_range(file, self._sizes[file], offset, len(dest))
         done = 0
         while done < len(dest):
             n = os.preadv(fd, [dest[done:]], offset + done)
@@ -171,7 +183,7 @@ class MappedFiles:
         v = self._views.get(file)
         if v is None:
             raise NotFoundError(f"file {file!r} is not in snapshot {self._snapshot_id} (or the handle is closed)")
-        _check_range(file, len(v), offset, length)
+        check_range(file, len(v), offset, length)
         return v[offset : offset + length]
 
     def ready(self, file: str, offset: int, length: int) -> bool:
@@ -203,7 +215,7 @@ class MappedFiles:
         addr = self._addrs.get(file)
         if mm is None or fd < 0 or addr is None or length <= 0:
             return
-        _check_range(file, len(mm), offset, length)
+        check_range(file, len(mm), offset, length)
         if not _resident(addr + offset, length):
             # One call: it queues the first readahead window now, and the faults below carry
             # the readahead on from there. Queuing every window first (``willneed``) was slower
@@ -263,12 +275,12 @@ class FetchedFiles:
 
     def read_into(self, file: str, offset: int, dest: memoryview) -> None:
         buf = self._buf(file)
-        _check_range(file, len(buf), offset, len(dest))
+        check_range(file, len(buf), offset, len(dest))
         dest[:] = memoryview(buf)[offset : offset + len(dest)]
 
     def view(self, file: str, offset: int, length: int) -> memoryview:
         buf = self._buf(file)
-        _check_range(file, len(buf), offset, length)
+        check_range(file, len(buf), offset, length)
         return memoryview(buf)[offset : offset + length]
 
     def ready(self, file: str, offset: int, length: int) -> bool:

@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 
 from ._backing import Backing, FetchedFiles, MappedFiles
+from ._early import EarlyDownload, EarlyFiles, FetchedRanges
 from ._fd import FdConnection
 from ._model import Model, gc_paused
 from ._records import Manifest, ModelInfo, Progress
-from ._streaming import Download, FetchedRanges, StreamingFiles
 from .contract import paths
 from .contract.errors import DaemonUnavailableError, WeightcacheError, from_rpc_error
 from .progress import Bar
@@ -86,7 +86,7 @@ class Client:
 
         verified=True (the default): wait until the snapshot is downloaded, verified and in the
         store. verified=False: answer as soon as the daemon knows every file's header; for a
-        model still downloading that is a streaming manifest (``Manifest.streaming``: a
+        model still downloading that is a early manifest (``Manifest.early``: an
         provisional snapshot id, valid only while the download runs), and the download goes on
         in the daemon after this returns. ``open()`` is what uses such an answer; ensure keeps
         waiting by default because a Manifest outlives its call, and a provisional id does not.
@@ -95,7 +95,7 @@ class Client:
         bar, callback = _progress_sink(progress)
         try:
             first, call = self._first_manifest(self._request(model, name, include, exclude, not verified), callback)
-            if first.streaming:
+            if first.early:
                 call.cancel()  # stop listening; a client leaving never cancels the download itself
             else:
                 self._drain(call)
@@ -128,7 +128,7 @@ class Client:
         fallback=None: map descriptors from fd.sock when it exists, else read over gRPC.
         fallback=True: always read over gRPC (private memory). False: descriptors or fail.
         ``progress``: True draws a bar on stderr; a callable receives ``Progress`` records (for
-        a streaming open, until the download ends, from a background thread).
+        an early open, until the download ends, from a background thread).
         """
         with gc_paused():
             return self._open(model, progress, name, include, exclude, fallback, verified)
@@ -146,7 +146,7 @@ class Client:
         bar, callback = _progress_sink(progress)
         try:
             first, call = self._first_manifest(self._request(model, name, include, exclude, not verified), callback)
-            if not first.streaming:
+            if not first.early:
                 self._drain(call)
         except BaseException:
             if bar is not None:
@@ -156,8 +156,8 @@ class Client:
         fd_path = self.socket_dir / paths.FD_SOCKET_NAME
         use_grpc = fallback or (fallback is None and not fd_path.exists())
         backing: Backing
-        if manifest.streaming:
-            download = Download(
+        if manifest.early:
+            download = EarlyDownload(
                 manifest,
                 manifest.name or model,
                 call,
@@ -170,7 +170,7 @@ class Client:
                 if use_grpc:
                     backing = FetchedRanges(download, self.read_range_into)
                 else:
-                    backing = StreamingFiles(lambda: FdConnection(fd_path), download)
+                    backing = EarlyFiles(lambda: FdConnection(fd_path), download)
             except BaseException:
                 download.close()
                 raise

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._backing import Backing
 from ._dtypes import torch_dtype, torch_module
+from ._early import FollowingBacking
 from ._pathdir import DescriptorDirectory
 from ._records import FileInfo, Layer, Manifest, TensorMeta
-from ._streaming import FollowingBacking
 from .contract.errors import InvalidInputError, NotFoundError, WeightcacheError
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class Model:
     ``close()``; ``store_path`` is the daemon's snapshot view, which exists only where the
     store is visible (and is empty for a snapshot that no name points to).
 
-    Opened while the daemon is still downloading (``manifest.streaming``), the handle is usable
+    Opened while the daemon is still downloading (``manifest.early``), the handle is usable
     at once and each read waits for exactly its bytes: ``get_tensor``/``get_bytes``/``get_slice``
     for the tensor's range only, so their bytes may not be verified yet; ``stream()`` group by
     group, delivering the final group only once the snapshot is verified and committed;
@@ -102,7 +102,7 @@ class Model:
 
     @property
     def manifest(self) -> Manifest:
-        """The manifest it was opened with; the committed one once a streaming open completed."""
+        """The manifest it was opened with; the committed one once an early open completed."""
         return self._following.manifest if self._following is not None else self._manifest
 
     @property
@@ -141,7 +141,7 @@ class Model:
     @property
     def path(self) -> str:
         """A directory with every file of the snapshot, for path-based loaders (built once).
-        Path-based loaders read everything, so a streaming open waits for the committed snapshot."""
+        Path-based loaders read everything, so an early open waits for the committed snapshot."""
         if not self._closed:
             self._backing.wait_complete()  # not under the lock: close() must be able to end the wait
         with self._pathdir_lock:
@@ -204,7 +204,7 @@ class Model:
     def get_tensor(self, name: str) -> Any:
         """A torch tensor viewing the shared pages (copy-on-write: writes stay in this process).
 
-        While a streaming open downloads, this waits for the tensor's bytes only: they are on
+        While an early open downloads, this waits for the tensor's bytes only: they are on
         disk but may not be verified yet (``wait_complete()`` first if that matters)."""
         t = self.meta(name)
         torch = torch_module()
@@ -221,7 +221,7 @@ class Model:
         return _Slice(self, self.meta(name))
 
     def state_dict(self) -> dict[str, Any]:
-        """Every tensor, zero-copy, in layer order (of the verified snapshot: a streaming open
+        """Every tensor, zero-copy, in layer order (of the verified snapshot: an early open
         waits for the download to be committed first)."""
         self._backing.wait_complete()
         with gc_paused():

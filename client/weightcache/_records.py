@@ -65,9 +65,10 @@ class Manifest:
     ``path`` is the daemon's snapshot view on the host (visible only where the store is);
     ``tensors`` are in layer order, ``layers`` the group names in that order.
 
-    ``streaming`` is True for an early answer (``open()``, ``ensure(verified=False)``) while the
+    ``early`` is True for an early answer (``open()``, ``ensure(verified=False)``) while the
     daemon is still downloading: ``snapshot_id`` is then a provisional id, valid only until the
-    download ends, and files still downloading carry no sha256 yet.
+    download ends, and files still downloading carry no sha256 yet. ``streaming`` is its
+    former name, kept for callers written against it.
     """
 
     snapshot_id: str
@@ -77,7 +78,12 @@ class Manifest:
     files: tuple[FileInfo, ...]
     tensors: tuple[TensorMeta, ...]
     layers: tuple[str, ...]
-    streaming: bool = False
+    early: bool = False
+
+    @property
+    def streaming(self) -> bool:
+        """Former name of ``early``."""
+        return self.early
 
     @classmethod
     def from_pb(cls, m: pb.Manifest) -> Manifest:
@@ -89,7 +95,7 @@ class Manifest:
             files=tuple(FileInfo.from_pb(f) for f in m.files),
             tensors=tuple(TensorMeta.from_pb(t) for t in m.tensors),
             layers=tuple(m.layers),
-            streaming=m.streaming,
+            early=m.early,
         )
 
 

@@ -13,7 +13,7 @@ issues ``non_blocking`` copies on a side stream and records one event per group.
 consumer's current stream waits on that event only, so layer i+1 is copied while layer i
 computes; tensors are marked with ``record_stream`` for the caching allocator.
 
-A model still downloading (a streaming open): the reader waits for exactly each group's byte
+A model still downloading (an early open): the reader waits for exactly each group's byte
 ranges, each piece of a copy read as soon as its own bytes are on disk; while a group's bytes
 are still arriving, a later group that is wholly on disk is read meanwhile (see
 ``_start_early``; handed over in order all the same). ``__next__`` delivers the final group
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from ._backing import Prefaulting
 from ._dtypes import torch_dtype, torch_module
 from ._model import _file_ranges
 from .contract.errors import InvalidInputError
@@ -104,7 +105,8 @@ class LayerStream:
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="wc-read")
         self._cuda = self.device.type == "cuda"
         self._views_only = not copy and not self._cuda and not reuse
-        self._prefault = getattr(model.backing, "prefault", None) if self._views_only else None
+        backing = model.backing
+        self._prefault = backing.prefault if self._views_only and isinstance(backing, Prefaulting) else None
         biggest = max((_packed_size(ts) for _, ts in groups), default=0)
         if self._cuda:
             if not torch.cuda.is_available():

@@ -130,7 +130,7 @@ def load_into(module: Any, model: Model, *, strict: bool = True, device: Any = N
     Returns (missing keys, unexpected keys) like ``load_state_dict``; with strict=True any of
     them, or any shape mismatch, is an InvalidInputError that names the tensors.
 
-    A model still downloading (a streaming open) is loaded only once it is verified and
+    A model still downloading (an early open) is loaded only once it is verified and
     committed: eagerly, the whole snapshot is waited for first; with ``device``, group by
     group, the final group after verification (``model.stream``'s rule).
     """
@@ -194,7 +194,7 @@ class JustInTime:
     runs the model holds one copy of it, and nothing is copied. Each group's pages are brought
     in by the stream's reader before its hook runs. ``copy=True`` gives private copies instead.
 
-    A model still downloading (a streaming open): each hook waits for exactly its group's
+    A model still downloading (an early open): each hook waits for exactly its group's
     bytes, and the hook that materialises the last group waits for ``wait_complete()`` first
     (so does the stream), so a forward pass that uses every group cannot finish on bytes that
     fail verification; a failed download raises from the next hook that needs a group.

@@ -87,7 +87,7 @@ class DownloadConfig:
     rate_limit: int = 0  # bytes/second for the whole daemon; 0 = unlimited
     max_restarts: int = 3  # per file, when the object changes under us (If-Match fails)
     # "layer": parts in layer-group order across all files, so clients can compute while the
-    # rest arrives (docs/streaming.md); "file": file by file, in file order.
+    # rest arrives (docs/early.md); "file": file by file, in file order.
     order: str = "layer"
 
 
@@ -363,145 +363,28 @@ def load(
     system = euid == 0
     if config_file is None and env.get("WEIGHTCACHE_CONFIG"):
         config_file = Path(env["WEIGHTCACHE_CONFIG"])
-    data: dict[str, Any] = {}
+    data = _layers(env, config_file, overrides)
     where = str(config_file)
-    if config_file is not None:
-        try:
-            data = tomllib.loads(config_file.read_text())
-        except FileNotFoundError:
-            raise InvalidInputError(f"config file {config_file} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise InvalidInputError(f"config file {config_file}: {exc}") from None
-        unknown = set(data) - _TOP_KEYS
-        if unknown:
-            raise InvalidInputError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    for key, var in (
-        ("cache_dir", "WEIGHTCACHE_CACHE_DIR"),
-        ("socket_dir", "WEIGHTCACHE_SOCKET_DIR"),
-        ("admin_socket", "WEIGHTCACHE_ADMIN_SOCKET"),
-        ("max_size", "WEIGHTCACHE_MAX_SIZE"),
-        ("log_format", "WEIGHTCACHE_LOG_FORMAT"),
-    ):
-        if env.get(var):
-            data[key] = env[var]
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            data[key] = value
-
-    cache_dir = (
-        Path(data["cache_dir"])
-        if "cache_dir" in data
-        else (paths.SYSTEM_CACHE_DIR if system else paths.user_cache_dir(env))
-    )
-    socket_dir = (
-        Path(data["socket_dir"])
-        if "socket_dir" in data
-        else (paths.SYSTEM_SOCKET_DIR if system else paths.user_socket_dir(env))
-    )
-    admin_socket = (
-        Path(data["admin_socket"])
-        if "admin_socket" in data
-        else (paths.SYSTEM_ADMIN_SOCKET if system else paths.user_admin_socket(env))
-    )
-    # Absolute from here on: gRPC reads "unix://rel/x.sock" as a host name, and a daemon that
-    # later changes directory must still find its own store.
-    cache_dir, socket_dir, admin_socket = cache_dir.absolute(), socket_dir.absolute(), admin_socket.absolute()
-    if admin_socket.parent.resolve().is_relative_to(socket_dir.resolve()):
-        raise InvalidInputError(
-            f"admin socket {admin_socket} must not be inside the client socket directory {socket_dir} "
-            "(containers mount that directory)"
-        )
-    # Decision 7: a developer daemon without a config file serves its own user, so clients
-    # may fetch anything; a configured daemon allows only what the config lists.
-    if "client_sources" in data:
-        cs = data["client_sources"]
-        if not isinstance(cs, list) or not all(isinstance(s, str) for s in cs):
-            raise InvalidInputError(f"{where}: client_sources must be a list of URI glob patterns")
-        client_sources = tuple(uris.check_pattern(p, where) for p in cs)
-    else:
-        client_sources = () if config_file is not None else ("*",)
+    cache_dir, socket_dir, admin_socket = _paths(data, env, system)
+    client_sources = _client_sources(data, config_file)
     log_format = str(data.get("log_format", "json" if env.get("JOURNAL_STREAM") else "console"))
     if log_format not in ("json", "console"):
         raise InvalidInputError(f"log_format {log_format!r}: must be 'json' or 'console'")
-    dl_raw = data.get("download", {})
-    if not isinstance(dl_raw, dict):
-        raise InvalidInputError(f"{where}: [download] must be a table")
-    extra = set(dl_raw) - set(DownloadConfig.__dataclass_fields__)
-    if extra:
-        raise InvalidInputError(f"{where}: [download] unknown key(s) {', '.join(sorted(extra))}")
-    download = DownloadConfig(
-        concurrency=int(dl_raw.get("concurrency", DownloadConfig.concurrency)),
-        part_size=parse_size(dl_raw.get("part_size", DownloadConfig.part_size), "download.part_size"),
-        rate_limit=parse_size(dl_raw.get("rate_limit", 0), "download.rate_limit"),
-        max_restarts=int(dl_raw.get("max_restarts", DownloadConfig.max_restarts)),
-        order=str(dl_raw.get("order", DownloadConfig.order)),
-    )
-    if download.order not in ("layer", "file"):
-        raise InvalidInputError(f'download.order {download.order!r}: must be "layer" or "file"')
-    if not 1 <= download.concurrency <= 256:
-        raise InvalidInputError(f"download.concurrency {download.concurrency}: must be 1..256")
-    if download.part_size < 1 << 20 or download.part_size % (1 << 20) or download.part_size > 1 << 30:
-        raise InvalidInputError(f"download.part_size {download.part_size}: must be a whole number of MiB, 1MiB..1GiB")
+    download = _download(data, where)
     include = data.get("include", list(DEFAULT_INCLUDE))
     if not isinstance(include, list) or not all(isinstance(s, str) for s in include):
         raise InvalidInputError(f"{where}: include must be a list of globs")
-    percent = 0.0
-    raw_max = data.get("max_size", 0)
-    if isinstance(raw_max, str) and raw_max.strip().endswith("%"):
-        try:
-            percent = float(raw_max.strip()[:-1])
-        except ValueError:
-            percent = -1
-        if not 0 < percent <= 100:
-            raise InvalidInputError(f"max_size {raw_max!r}: a percentage must be in (0, 100]")
-    high = float(data.get("high_watermark", 0.95))
-    low = float(data.get("low_watermark", 0.85))
-    if not 0 < low < high <= 1:
-        raise InvalidInputError(f"watermarks: need 0 < low_watermark ({low}) < high_watermark ({high}) <= 1")
+    percent, high, low = _capacity(data)
     if "models_dir" in data:
         models_dir: Path | None = Path(data["models_dir"])
     elif config_file is not None:
         models_dir = config_file.parent / "models.d"
     else:
         models_dir = None
-    modes = {}
-    for key, default in (("socket_dir_mode", 0o750), ("socket_mode", 0o660)):
-        raw = data.get(key, default)
-        try:
-            modes[key] = int(raw, 8) if isinstance(raw, str) else int(raw)
-        except ValueError:
-            raise InvalidInputError(f'{key} {raw!r}: an octal mode such as "0750"') from None
-        if not 0 <= modes[key] <= 0o777 or modes[key] & 0o007:
-            raise InvalidInputError(f"{key} {oct(modes[key])}: must grant nothing to others (o=---)")
-    if modes["socket_dir_mode"] & 0o020:
-        # group write on the directory lets any client replace the daemon's sockets with its own
-        raise InvalidInputError(f"socket_dir_mode {oct(modes['socket_dir_mode'])}: must not let the group write (g-w)")
-    for key in ("socket_group", "admin_group"):
-        if key in data and not isinstance(data[key], str | int):
-            raise InvalidInputError(f"{key}: a group name or gid")
+    modes = _socket_modes(data)
     metrics = data.get("metrics_address", "127.0.0.1:9464" if system and config_file is not None else None)
-    fd_bounds = {}
-    for key, lo in (
-        ("max_clients", 1),
-        ("max_clients_per_uid", 1),
-        ("fd_frame_timeout", 0.1),
-        ("fd_idle_timeout", 0.1),
-    ):
-        raw = data.get(key, getattr(Config, key))
-        if isinstance(raw, bool) or not isinstance(raw, int | float) or raw < lo:
-            raise InvalidInputError(f"{key} {raw!r}: must be a number >= {lo}")
-        fd_bounds[key] = raw
-    quota_raw = data.get("lease_quota", "50%")
-    quota, quota_percent = 0, 0.0
-    if isinstance(quota_raw, str) and quota_raw.strip().endswith("%"):
-        try:
-            quota_percent = float(quota_raw.strip()[:-1])
-        except ValueError:
-            quota_percent = -1
-        if not 0 < quota_percent <= 100:
-            raise InvalidInputError(f"lease_quota {quota_raw!r}: a percentage must be in (0, 100]")
-    else:
-        quota = parse_size(quota_raw, "lease_quota")
+    fd_bounds = _fd_bounds(data)
+    quota, quota_percent = _lease_quota(data)
     immutable = data.get("immutable_blobs", False)
     if not isinstance(immutable, bool):
         raise InvalidInputError(f"immutable_blobs {immutable!r}: must be true or false")
@@ -540,3 +423,162 @@ def load(
             str(data["socket_group"]) if "socket_group" in data else None,
         ),
     )
+
+
+def _layers(env: Mapping[str, str], config_file: Path | None, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The TOML file's keys, then WEIGHTCACHE_* variables over them, then flags over those."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text())
+        except FileNotFoundError:
+            raise InvalidInputError(f"config file {config_file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidInputError(f"config file {config_file}: {exc}") from None
+        unknown = set(data) - _TOP_KEYS
+        if unknown:
+            raise InvalidInputError(f"{config_file}: unknown key(s) {', '.join(sorted(unknown))}")
+    for key, var in (
+        ("cache_dir", "WEIGHTCACHE_CACHE_DIR"),
+        ("socket_dir", "WEIGHTCACHE_SOCKET_DIR"),
+        ("admin_socket", "WEIGHTCACHE_ADMIN_SOCKET"),
+        ("max_size", "WEIGHTCACHE_MAX_SIZE"),
+        ("log_format", "WEIGHTCACHE_LOG_FORMAT"),
+    ):
+        if env.get(var):
+            data[key] = env[var]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    return data
+
+
+def _paths(data: dict[str, Any], env: Mapping[str, str], system: bool) -> tuple[Path, Path, Path]:
+    """Store, client socket directory and admin socket: given, else the system or user default."""
+    cache_dir = (
+        Path(data["cache_dir"])
+        if "cache_dir" in data
+        else (paths.SYSTEM_CACHE_DIR if system else paths.user_cache_dir(env))
+    )
+    socket_dir = (
+        Path(data["socket_dir"])
+        if "socket_dir" in data
+        else (paths.SYSTEM_SOCKET_DIR if system else paths.user_socket_dir(env))
+    )
+    admin_socket = (
+        Path(data["admin_socket"])
+        if "admin_socket" in data
+        else (paths.SYSTEM_ADMIN_SOCKET if system else paths.user_admin_socket(env))
+    )
+    # Absolute from here on: gRPC reads "unix://rel/x.sock" as a host name, and a daemon that
+    # later changes directory must still find its own store.
+    cache_dir, socket_dir, admin_socket = cache_dir.absolute(), socket_dir.absolute(), admin_socket.absolute()
+    if admin_socket.parent.resolve().is_relative_to(socket_dir.resolve()):
+        raise InvalidInputError(
+            f"admin socket {admin_socket} must not be inside the client socket directory {socket_dir} "
+            "(containers mount that directory)"
+        )
+    return cache_dir, socket_dir, admin_socket
+
+
+def _client_sources(data: dict[str, Any], config_file: Path | None) -> tuple[str, ...]:
+    # Decision 7: a developer daemon without a config file serves its own user, so clients
+    # may fetch anything; a configured daemon allows only what the config lists.
+    if "client_sources" not in data:
+        return () if config_file is not None else ("*",)
+    where = str(config_file)
+    cs = data["client_sources"]
+    if not isinstance(cs, list) or not all(isinstance(s, str) for s in cs):
+        raise InvalidInputError(f"{where}: client_sources must be a list of URI glob patterns")
+    return tuple(uris.check_pattern(p, where) for p in cs)
+
+
+def _download(data: dict[str, Any], where: str) -> DownloadConfig:
+    dl_raw = data.get("download", {})
+    if not isinstance(dl_raw, dict):
+        raise InvalidInputError(f"{where}: [download] must be a table")
+    extra = set(dl_raw) - set(DownloadConfig.__dataclass_fields__)
+    if extra:
+        raise InvalidInputError(f"{where}: [download] unknown key(s) {', '.join(sorted(extra))}")
+    download = DownloadConfig(
+        concurrency=int(dl_raw.get("concurrency", DownloadConfig.concurrency)),
+        part_size=parse_size(dl_raw.get("part_size", DownloadConfig.part_size), "download.part_size"),
+        rate_limit=parse_size(dl_raw.get("rate_limit", 0), "download.rate_limit"),
+        max_restarts=int(dl_raw.get("max_restarts", DownloadConfig.max_restarts)),
+        order=str(dl_raw.get("order", DownloadConfig.order)),
+    )
+    if download.order not in ("layer", "file"):
+        raise InvalidInputError(f'download.order {download.order!r}: must be "layer" or "file"')
+    if not 1 <= download.concurrency <= 256:
+        raise InvalidInputError(f"download.concurrency {download.concurrency}: must be 1..256")
+    if download.part_size < 1 << 20 or download.part_size % (1 << 20) or download.part_size > 1 << 30:
+        raise InvalidInputError(f"download.part_size {download.part_size}: must be a whole number of MiB, 1MiB..1GiB")
+    return download
+
+
+def _capacity(data: dict[str, Any]) -> tuple[float, float, float]:
+    """max_size as a percentage of the filesystem (0 when given in bytes), and the watermarks."""
+    percent = 0.0
+    raw_max = data.get("max_size", 0)
+    if isinstance(raw_max, str) and raw_max.strip().endswith("%"):
+        try:
+            percent = float(raw_max.strip()[:-1])
+        except ValueError:
+            percent = -1
+        if not 0 < percent <= 100:
+            raise InvalidInputError(f"max_size {raw_max!r}: a percentage must be in (0, 100]")
+    high = float(data.get("high_watermark", 0.95))
+    low = float(data.get("low_watermark", 0.85))
+    if not 0 < low < high <= 1:
+        raise InvalidInputError(f"watermarks: need 0 < low_watermark ({low}) < high_watermark ({high}) <= 1")
+    return percent, high, low
+
+
+def _socket_modes(data: dict[str, Any]) -> dict[str, int]:
+    modes = {}
+    for key, default in (("socket_dir_mode", 0o750), ("socket_mode", 0o660)):
+        raw = data.get(key, default)
+        try:
+            modes[key] = int(raw, 8) if isinstance(raw, str) else int(raw)
+        except ValueError:
+            raise InvalidInputError(f'{key} {raw!r}: an octal mode such as "0750"') from None
+        if not 0 <= modes[key] <= 0o777 or modes[key] & 0o007:
+            raise InvalidInputError(f"{key} {oct(modes[key])}: must grant nothing to others (o=---)")
+    if modes["socket_dir_mode"] & 0o020:
+        # group write on the directory lets any client replace the daemon's sockets with its own
+        raise InvalidInputError(f"socket_dir_mode {oct(modes['socket_dir_mode'])}: must not let the group write (g-w)")
+    for key in ("socket_group", "admin_group"):
+        if key in data and not isinstance(data[key], str | int):
+            raise InvalidInputError(f"{key}: a group name or gid")
+    return modes
+
+
+def _fd_bounds(data: dict[str, Any]) -> dict[str, int | float]:
+    fd_bounds = {}
+    for key, lo in (
+        ("max_clients", 1),
+        ("max_clients_per_uid", 1),
+        ("fd_frame_timeout", 0.1),
+        ("fd_idle_timeout", 0.1),
+    ):
+        raw = data.get(key, getattr(Config, key))
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or raw < lo:
+            raise InvalidInputError(f"{key} {raw!r}: must be a number >= {lo}")
+        fd_bounds[key] = raw
+    return fd_bounds
+
+
+def _lease_quota(data: dict[str, Any]) -> tuple[int, float]:
+    """lease_quota in bytes, or as a percentage of the capacity."""
+    quota_raw = data.get("lease_quota", "50%")
+    quota, quota_percent = 0, 0.0
+    if isinstance(quota_raw, str) and quota_raw.strip().endswith("%"):
+        try:
+            quota_percent = float(quota_raw.strip()[:-1])
+        except ValueError:
+            quota_percent = -1
+        if not 0 < quota_percent <= 100:
+            raise InvalidInputError(f"lease_quota {quota_raw!r}: a percentage must be in (0, 100]")
+    else:
+        quota = parse_size(quota_raw, "lease_quota")
+    return quota, quota_percent

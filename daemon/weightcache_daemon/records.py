@@ -117,7 +117,7 @@ class Manifest:
     tensors: list[TensorEntry]
     layers: list[str]
     path: str
-    streaming: bool = False  # files still being downloaded (live.py); snapshot_id is provisional
+    early: bool = False  # files still being downloaded (early.py); snapshot_id is provisional
 
 
 def file_span(snapshot_id: str, files: Sequence[FileRow], path: str, offset: int, length: int) -> Span:
@@ -223,7 +223,7 @@ def build_manifest(
     files: list[FileRow],
     tensors: dict[str, Sequence[TensorInfo]],
     path: str = "",
-    streaming: bool = False,
+    early: bool = False,
 ) -> Manifest:
     """A manifest from files and each safetensors file's tensors: tensors grouped into layers
     (default_layer_of), in layer order, then file order, then offset."""
@@ -242,5 +242,5 @@ def build_manifest(
         tensors=[TensorEntry(t, fp, layer, pos[layer]) for t, fp, layer in entries],
         layers=layers,
         path=path,
-        streaming=streaming,
+        early=early,
     )

@@ -129,7 +129,14 @@ def read_header(fd: int, file_size: int, label: str) -> tuple[int, bytes]:
 
 def parse_header(header: bytes, file_size: int, label: str) -> tuple[list[TensorInfo], dict[str, str]]:
     """Validate a header against the file size; return tensors in offset order and metadata."""
-    n = len(header)
+    obj = _header_json(header, label)
+    metadata = _metadata(obj.pop("__metadata__", None), label)
+    entries = [_entry(name, entry, f"{label}: tensor {name!r}") for name, entry in obj.items()]
+    return _layout(entries, 8 + len(header), file_size, label), metadata
+
+
+def _header_json(header: bytes, label: str) -> dict[str, Any]:
+    """The header as a JSON object: UTF-8, no duplicate keys, at most MAX_TENSORS entries."""
     if not header.startswith(b"{"):
         raise InvalidInputError(f"{label}: header does not start with '{{' (not a JSON object)")
     try:
@@ -148,54 +155,67 @@ def parse_header(header: bytes, file_size: int, label: str) -> tuple[list[Tensor
         raise InvalidInputError(f"{label}: header is not a JSON object")
     if len(obj) - ("__metadata__" in obj) > MAX_TENSORS:  # the hook above stops only the far-too-many
         raise InvalidInputError(f"{label}: header has more than {MAX_TENSORS} tensors (the limit)")
-    metadata: dict[str, str] = {}
-    raw_meta = obj.pop("__metadata__", None)
-    if raw_meta is not None:
-        if not isinstance(raw_meta, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
-        ):
-            raise InvalidInputError(f"{label}: __metadata__ must map strings to strings")
-        metadata = dict(raw_meta)
-    data_start = 8 + n
+    return obj
+
+
+def _metadata(raw: object, label: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise InvalidInputError(f"{label}: __metadata__ must map strings to strings")
+    return dict(raw)
+
+
+_Entry = tuple[int, int, str, str, tuple[int, ...]]  # begin, end, name, dtype, shape
+
+
+def _entry(name: str, entry: object, where: str) -> _Entry:
+    """One tensor's entry: its fields, dtype, shape, and offsets that span exactly its bytes."""
+    if not isinstance(entry, dict):
+        raise InvalidInputError(f"{where}: entry is not an object")
+    unknown = set(entry) - {"dtype", "shape", "data_offsets"}
+    missing = {"dtype", "shape", "data_offsets"} - set(entry)
+    if missing:
+        raise InvalidInputError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
+    if unknown:
+        raise InvalidInputError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    dtype = entry["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise InvalidInputError(f"{where}: unknown dtype {dtype!r}")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise InvalidInputError(f"{where}: shape {str(shape)[:100]} is not a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise InvalidInputError(f"{where}: {len(shape)} dimensions, more than {MAX_DIMS}")
+    offs = entry["data_offsets"]
+    if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int and o >= 0 for o in offs)):
+        raise InvalidInputError(f"{where}: data_offsets {offs!r} is not [begin, end] of non-negative integers")
+    begin, end = offs
+    if end < begin:
+        raise InvalidInputError(f"{where}: data_offsets end {end} is before begin {begin}")
+    nbytes = _nbytes(shape, dtype, where)
+    if nbytes != end - begin:
+        raise InvalidInputError(
+            f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span {end - begin}"
+        )
+    return begin, end, name, dtype, tuple(shape)
+
+
+def _nbytes(shape: list[int], dtype: str, where: str) -> int:
+    nelem = 0 if 0 in shape else 1
+    for d in shape if nelem else ():
+        nelem *= d  # Python ints: exact, no overflow...
+        if nelem > MAX_ELEMENTS:  # ...and no giant numbers: stop once absurd
+            raise InvalidInputError(f"{where}: shape {shape[:8]} has more than 2**64 elements")
+    bits = nelem * DTYPE_BITS[dtype]
+    if bits % 8:
+        raise InvalidInputError(f"{where}: {nelem} elements of {dtype} do not fill whole bytes")
+    return bits // 8
+
+
+def _layout(entries: list[_Entry], data_start: int, file_size: int, label: str) -> list[TensorInfo]:
+    """Tensors in offset order, contiguous from 0 and covering the data exactly."""
     data_size = file_size - data_start
-    entries: list[tuple[int, int, str, str, tuple[int, ...]]] = []
-    for name, entry in obj.items():
-        where = f"{label}: tensor {name!r}"
-        if not isinstance(entry, dict):
-            raise InvalidInputError(f"{where}: entry is not an object")
-        unknown = set(entry) - {"dtype", "shape", "data_offsets"}
-        missing = {"dtype", "shape", "data_offsets"} - set(entry)
-        if missing:
-            raise InvalidInputError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
-        if unknown:
-            raise InvalidInputError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        dtype = entry["dtype"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-            raise InvalidInputError(f"{where}: unknown dtype {dtype!r}")
-        shape = entry["shape"]
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise InvalidInputError(f"{where}: shape {str(shape)[:100]} is not a list of non-negative integers")
-        if len(shape) > MAX_DIMS:
-            raise InvalidInputError(f"{where}: {len(shape)} dimensions, more than {MAX_DIMS}")
-        offs = entry["data_offsets"]
-        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int and o >= 0 for o in offs)):
-            raise InvalidInputError(f"{where}: data_offsets {offs!r} is not [begin, end] of non-negative integers")
-        begin, end = offs
-        if end < begin:
-            raise InvalidInputError(f"{where}: data_offsets end {end} is before begin {begin}")
-        nelem = 0 if 0 in shape else 1
-        for d in shape if nelem else ():
-            nelem *= d  # Python ints: exact, no overflow...
-            if nelem > MAX_ELEMENTS:  # ...and no giant numbers: stop once absurd
-                raise InvalidInputError(f"{where}: shape {shape[:8]} has more than 2**64 elements")
-        bits = nelem * DTYPE_BITS[dtype]
-        if bits % 8:
-            raise InvalidInputError(f"{where}: {nelem} elements of {dtype} do not fill whole bytes")
-        if bits // 8 != end - begin:
-            raise InvalidInputError(
-                f"{where}: shape {shape} of {dtype} needs {bits // 8} bytes but data_offsets span {end - begin}"
-            )
-        entries.append((begin, end, name, dtype, tuple(shape)))
     entries.sort(key=lambda e: (e[0], e[1]))
     cursor = 0
     tensors: list[TensorInfo] = []
@@ -214,7 +234,7 @@ def parse_header(header: bytes, file_size: int, label: str) -> tuple[list[Tensor
         if cursor > data_size:
             raise InvalidInputError(f"{label}: tensors need {cursor} data bytes but the file has {data_size}")
         raise InvalidInputError(f"{label}: {data_size - cursor} trailing bytes after the last tensor")
-    return tensors, metadata
+    return tensors
 
 
 FIRST_READ = 256 << 10  # one ranged read holds the header of nearly every checkpoint

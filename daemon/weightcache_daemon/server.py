@@ -29,10 +29,9 @@ from weightcache_daemon.cache.reconcile import reconcile
 from weightcache_daemon.config import Config, TenantConfig, capacity_bytes
 from weightcache_daemon.edges.fdserver import FdServer, raise_nofile_limit
 from weightcache_daemon.edges.handlers import AdminService, CacheService
-from weightcache_daemon.ingest.jobs import Fetcher
 from weightcache_daemon.observe import taskdump
 from weightcache_daemon.observe.metrics import Metrics
-from weightcache_daemon.storage.blobs import LocalBlobStore, StoreLock
+from weightcache_daemon.storage.blobs import BlobStore, LocalBlobStore, StoreLock
 from weightcache_daemon.storage.index import Index
 
 log = structlog.get_logger("weightcached")
@@ -84,7 +83,7 @@ def _own(path: Path, gid: int | None, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def open_index(store: LocalBlobStore, rebuild: bool) -> Index:
+def open_index(store: BlobStore, rebuild: bool) -> Index:
     """The index, or a clear refusal: a missing or unreadable index over existing blobs is never
     silently replaced (names, pins and sources live only there); --rebuild-index sets the old
     file aside and start-up reconciliation re-adopts every blob from its bytes."""
@@ -180,9 +179,8 @@ class Daemon:
             raise
         self.leases = Leases(lease_quota(cfg), tenant_lease_quotas(cfg))
         self.metrics = Metrics()
-        self.fetcher = Fetcher(cfg, self.store, self.index, self.metrics)
-        self.core = Core(cfg, self.store, self.index, self.fetcher, self.leases, self.metrics,
-                         lambda t: download_quota(cfg, t))  # fmt: skip
+        self.core = Core(cfg, self.store, self.index, self.leases, self.metrics,
+                         download_quota=lambda t: download_quota(cfg, t))  # fmt: skip
         self.metrics.watch_sizes(self._sizes)
         self._metrics_server: Any = None
         self.admin_server: grpc.aio.Server | None = None
@@ -201,7 +199,7 @@ class Daemon:
 
     async def start(self) -> None:
         # Whatever uses the loop's default executor (asyncio.to_thread anywhere) shares the
-        # client I/O pool, never the downloads' threads (Fetcher.job_pool).
+        # client I/O pool, never the downloads' threads (JobRegistry.job_pool).
         asyncio.get_running_loop().set_default_executor(self.core.client_io)
         report = await asyncio.to_thread(reconcile, self.store, self.index)
         log.info("reconciled", **report)
@@ -277,7 +275,7 @@ class Daemon:
             self.models_dir.start()
         # Ready means a cold open starts fetching at once: the S3 clients (boto3's import and
         # client build, ~0.25 s of CPU) are built by now, not by the first request.
-        await asyncio.to_thread(self.fetcher.clients_ready.wait, CLIENT_WARMUP_SECONDS)
+        await asyncio.to_thread(self.core.jobs.clients_ready.wait, CLIENT_WARMUP_SECONDS)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("weightcache.v1.Cache", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -305,8 +303,8 @@ class Daemon:
             "leases": s.leases,
             "models": s.models,
             "active_downloads": s.active_downloads,
-            "streaming_snapshots": len(self.core.fetcher.live),
-            "streaming_readers": sum(self.core.fetcher.readers(sid) for sid in list(self.core.fetcher.live)),
+            "streaming_snapshots": len(self.core.jobs.early_ids()),
+            "streaming_readers": sum(self.core.jobs.readers(sid) for sid in self.core.jobs.early_ids()),
         }
 
     async def _flush_uses(self) -> None:
@@ -322,7 +320,7 @@ class Daemon:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         await self.health.enter_graceful_shutdown()
-        await self.fetcher.shutdown()
+        await self.core.jobs.shutdown()
         for fd_server in self.fd_servers:
             await fd_server.stop()
         for srv in (*self.client_servers, self.admin_server):

@@ -38,7 +38,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., file: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., layer: _Optional[str] = ..., layer_index: _Optional[int] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("model", "snapshot_id", "source", "files", "tensors", "layers", "path", "streaming")
+    __slots__ = ("model", "snapshot_id", "source", "files", "tensors", "layers", "path", "early")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -46,7 +46,7 @@ class Manifest(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
-    STREAMING_FIELD_NUMBER: _ClassVar[int]
+    EARLY_FIELD_NUMBER: _ClassVar[int]
     model: str
     snapshot_id: str
     source: str
@@ -54,8 +54,8 @@ class Manifest(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     layers: _containers.RepeatedScalarFieldContainer[str]
     path: str
-    streaming: bool
-    def __init__(self, model: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., source: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ..., streaming: _Optional[bool] = ...) -> None: ...
+    early: bool
+    def __init__(self, model: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., source: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ..., early: _Optional[bool] = ...) -> None: ...
 
 class Readiness(_message.Message):
     __slots__ = ("snapshot_id", "files", "bytes_ready", "bytes_total")

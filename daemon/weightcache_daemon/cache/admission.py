@@ -1,7 +1,7 @@
 """Capacity: what the cache uses, and admission of new downloads against `max_size`.
 
-A download is admitted before its first byte is fetched (Fetcher.admit calls `make_room` on
-the job's worker thread): if the bytes it needs take usage past the high watermark, least
+A download is admitted before its first byte is fetched (its pipeline calls `admit` on the
+job's worker thread): if the bytes it needs take usage past the high watermark, least
 recently used models are evicted down to the low watermark; if even that cannot make room,
 the download fails with ExhaustedError and nothing is fetched.
 
@@ -23,27 +23,28 @@ from weightcache.progress import human
 from weightcache_daemon.cache.eviction import Evictor
 from weightcache_daemon.cache.leases import Leases
 from weightcache_daemon.config import Config, capacity_bytes
-from weightcache_daemon.ingest.jobs import Fetcher
+from weightcache_daemon.ingest.ledger import Ledger
 from weightcache_daemon.observe.metrics import Metrics
 from weightcache_daemon.records import Stats
-from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
 
 __all__ = ["Admission", "Stats"]
 
 
 class Admission:
-    def __init__(self, cfg: Config, store: LocalBlobStore, index: Index, leases: Leases, fetcher: Fetcher,
+    def __init__(self, cfg: Config, store: BlobStore, index: Index, leases: Leases, ledger: Ledger,
                  metrics: Metrics, evictor: Evictor) -> None:  # fmt: skip
         self.cfg = cfg
         self.store = store
         self.index = index
         self.leases = leases
-        self.fetcher = fetcher
+        self.ledger = ledger
         self.metrics = metrics
         self.evictor = evictor
         self.capacity = capacity_bytes(cfg)
         self._room = threading.Lock()
+        self._admit = threading.Lock()  # admission and reservation as one step
         # Names a fetch is producing right now (count per name): admission for another
         # download never evicts them, so a model is not evicted between its commit and the
         # manifest its caller is waiting for. Changed and read under _room.
@@ -68,11 +69,22 @@ class Admission:
 
     def usage(self) -> int:
         """Bytes the cache is responsible for: stored blobs, held unlinked ones, admitted downloads."""
-        return sum(self.index.blobs().values()) + self.leases.held_bytes() + self.fetcher.reserved_bytes()
+        return sum(self.index.blobs().values()) + self.leases.held_bytes() + self.ledger.reserved_bytes()
 
     def filesystem_free(self) -> int:
         st = os.statvfs(self.store.root)
         return st.f_bavail * st.f_frsize
+
+    def admit(self, job_id: int, label: str, need: int) -> None:
+        """Admission before the first byte: make room (or ExhaustedError), then reserve the
+        bytes until the job releases them. One step under one lock: two jobs admitted at
+        once would each see the other's bytes as free otherwise."""
+        with self._admit:
+            self.make_room(need, label)
+            self.ledger.reserve(job_id, need)
+
+    def release(self, job_id: int) -> None:
+        self.ledger.release(job_id)
 
     def make_room(self, need: int, label: str) -> None:
         """Admit `need` new bytes for model `label`, evicting least recently used models if that
@@ -111,8 +123,8 @@ class Admission:
             blobs=len(blobs),
             logical_bytes=self.index.logical_bytes(),
             stored_bytes=sum(blobs.values()),
-            bytes_downloaded=self.fetcher.bytes_downloaded,
-            active_downloads=len(self.fetcher.jobs),
+            bytes_downloaded=self.ledger.bytes_downloaded(),
+            active_downloads=self.ledger.running(),
             leases=len(self.leases),
             filesystem_free=self.filesystem_free(),
             held_bytes=self.leases.held_bytes(),

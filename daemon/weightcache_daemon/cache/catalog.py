@@ -14,7 +14,7 @@ from weightcache_daemon.cache.leases import Leases
 from weightcache_daemon.cache.naming import Names
 from weightcache_daemon.records import Manifest, ModelRow, ModelView, Span, build_manifest, file_span
 from weightcache_daemon.safetensors_format import TensorInfo
-from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
 from weightcache_daemon.storage.views import view_path
 
@@ -22,7 +22,7 @@ __all__ = ["Catalog"]
 
 
 class Catalog:
-    def __init__(self, store: LocalBlobStore, index: Index, leases: Leases, names: Names) -> None:
+    def __init__(self, store: BlobStore, index: Index, leases: Leases, names: Names) -> None:
         self.store = store
         self.index = index
         self.leases = leases

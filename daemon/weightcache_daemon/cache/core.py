@@ -5,10 +5,19 @@ fetching a model (resolve or download, then name it, then its manifest), resumin
 interrupted downloads, and granting a snapshot's files over fd.sock.
 
 - naming.py: model references, names and who may point them (resolve, check_snapshot)
-- manifests.py: manifests and model views; list, show, pin
+- catalog.py: manifests and model views; list, show, pin
 - admission.py: usage and capacity admission for downloads; stats
 - eviction.py: eviction and gc plans (immutable records with their effect) and their execution
 - verify.py: verify, quarantine, the damaged check, repair
+- ingest.jobs: the download jobs (`Jobs`), built here with what they need from the cache
+
+A fetch reads as its steps: resolve (`_fetch_reference` for a name or snapshot id) → cached?
+(`_cached_for_client`) → admit (`Admission.fetching`, then the job's own admission) → start
+or follow (`Jobs.start`) → name → manifest (`_follow`, or `_stream_job` for an early answer).
+
+The one-line methods at the end stay: the edges depend on this one object, which keeps a
+handler's construction and its tests to one collaborator, and the services behind them are
+free to move without touching the edges.
 """
 
 from __future__ import annotations
@@ -35,13 +44,15 @@ from weightcache_daemon import uris
 from weightcache_daemon.cache.admission import Admission
 from weightcache_daemon.cache.catalog import Catalog
 from weightcache_daemon.cache.eviction import Evictor, EvictPlan, GCPlan
+from weightcache_daemon.cache.ingest_links import IngestLinks
 from weightcache_daemon.cache.leases import Leases
 from weightcache_daemon.cache.naming import Names, check_name, default_name, snapshot_not_found
-from weightcache_daemon.cache.tenants import Ledger, Scope
+from weightcache_daemon.cache.tenants import Scope, TenantAdmission, TenantQuotas
 from weightcache_daemon.cache.verify import Verifier
 from weightcache_daemon.config import Config, TenantConfig
 from weightcache_daemon.ingest.early import EarlySnapshot
-from weightcache_daemon.ingest.jobs import TICK, Fetcher, Job
+from weightcache_daemon.ingest.jobs import TICK, Job, JobRegistry, Jobs
+from weightcache_daemon.ingest.ledger import Ledger
 from weightcache_daemon.ingest.resume import IngestState
 from weightcache_daemon.observe.metrics import Metrics
 from weightcache_daemon.records import (
@@ -60,7 +71,7 @@ from weightcache_daemon.records import (
     qualified_name,
     split_name,
 )
-from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
 
 __all__ = ["Core", "Grant"]
@@ -81,12 +92,12 @@ class Grant:
     lease: Lease
     # A snapshot still being downloaded: its files are the ingest files being written (or
     # blobs already in the store), opened through it instead of by digest.
-    live: EarlySnapshot | None = None
+    early: EarlySnapshot | None = None
 
-    def open(self, store: LocalBlobStore, f: FileRow) -> int:
+    def open(self, store: BlobStore, f: FileRow) -> int:
         """A read-only descriptor of one granted file."""
-        if self.live is not None:
-            return self.live.open(f.path)
+        if self.early is not None:
+            return self.early.open(f.path)
         return store.open(f.sha256)
 
 
@@ -94,38 +105,39 @@ class Core:
     def __init__(
         self,
         cfg: Config,
-        store: LocalBlobStore,
+        store: BlobStore,
         index: Index,
-        fetcher: Fetcher,
         leases: Leases,
         metrics: Metrics,
+        jobs: Jobs | None = None,
         download_quota: Callable[[TenantConfig], int] = lambda tenant: 0,
     ) -> None:
+        """`jobs`: the download jobs; by default the daemon's own registry, built here with what it
+        needs from the cache (tests pass a fake). `download_quota`: the bytes a tenant's names
+        may take (its download_quota resolved against the capacity; 0 = no quota)."""
         self.cfg = cfg
         self.metrics = metrics
         self.store = store
         self.index = index
-        self.fetcher = fetcher
         self.leases = leases
         self.names = Names(cfg, store, index)
         self.catalog = Catalog(store, index, leases, self.names)
-        self.evictor = Evictor(store, index, leases, fetcher, self.names.resolve)
-        self.admission = Admission(cfg, store, index, leases, fetcher, metrics, self.evictor)
+        ledger = Ledger()  # what running downloads hold: admission and eviction read it
+        self.evictor = Evictor(store, index, leases, ledger, self.names.resolve)
+        self.admission = Admission(cfg, store, index, leases, ledger, metrics, self.evictor)
         self.verifier = Verifier(store, index, self.names)
         self.capacity = self.admission.capacity
         # Every tenant whose sockets are bound, by namespace ("" = the default tenant).
         self.scopes = {t.name: Scope(t, index) for t in cfg.tenants()}
-        self.ledger = Ledger(self.scopes, store, index, leases, fetcher, self.evictor, metrics, download_quota)
+        self.quotas = TenantQuotas(self.scopes, store, index, leases, self.evictor, metrics, download_quota)
         # Client names being fetched, with the source and filters they are fetched for (_claim).
         self._claims: dict[str, JobKey] = {}
-        fetcher.make_room = self._make_room
-        # The job names its snapshot itself: an accepted prefetch ends named even when its
-        # caller has gone away or the daemon crashed and resumed it.
-        fetcher.on_commit = self._name_job
-        fetcher.on_snapshot_id = lambda provisional, real: self._lease_content_id(provisional, real)
-        fetcher.count_readers = lambda sid: len(leases.of(sid))
+        if jobs is None:
+            admitter = TenantAdmission(self.quotas, self.admission)  # its tenant's share first, then capacity
+            jobs = JobRegistry(cfg, store, index, metrics, ledger, admitter, IngestLinks(self.names, leases))
+        self.jobs = jobs
         # Client-serving work (manifests, listings, ReadRange; also the loop's default executor)
-        # has its own threads: downloads run in the fetcher's pool and admin work (verify,
+        # has its own threads: downloads run in the job registry's pool and admin work (verify,
         # doctor) in another, so none waits on the others.
         self.client_io = ThreadPoolExecutor(max_workers=CLIENT_IO_THREADS, thread_name_prefix="wc-client-io")
         self.admin_io = ThreadPoolExecutor(max_workers=ADMIN_IO_THREADS, thread_name_prefix="wc-admin-io")
@@ -148,7 +160,7 @@ class Core:
         """Ensure (client) and Prefetch (admin): progress events, then the Manifest.
 
         `early` (Ensure only): a model that must be downloaded is answered as soon as every
-        header is known, with a streaming Manifest; Readiness and progress events follow, and
+        header is known, with an early Manifest; Readiness and progress events follow, and
         the committed Manifest ends the stream (see _stream_job).
 
         `owner` is who names the model (index.OWNERS): "client" for Ensure, "admin" for
@@ -171,30 +183,8 @@ class Core:
         if "://" not in model:
             if name or include or exclude:
                 raise InvalidInputError(f"model {model[:200]!r}: name/include/exclude apply to source URIs only")
-            job = self._downloading(model, scope) if early else None
-            if job is not None:  # a name whose first download is running: read it as it arrives
-                if scope is not None:
-                    shown.append(scope.display(job.label))
-                async for ev in self._stream_job(job, job.label, None):
-                    yield ev
-                return
-            snapshot, row = self.names.resolve(model, scope)
-            if row is not None and self.verifier.damaged(snapshot):
-                # A blob failed verification or vanished: fetch the model again, then go on.
-                log.warning("refetching_damaged_model", model=row.name, snapshot=snapshot)
-                async for ev in self._refetch(row):
-                    if isinstance(ev, Manifest):
-                        snapshot = ev.snapshot_id
-                    else:
-                        yield ev
-            self.metrics.hits.labels("prefetch" if admin else "ensure").inc()
-            if row is not None:
-                self.index.touch(row.name)
-                if pin is not None:
-                    self.index.set_pinned(row.name, pin)
-                if scope is not None:
-                    shown.append(scope.display(row.name))
-            yield await self.manifest_async(snapshot, row.name if row else "")
+            async for ev in self._fetch_reference(model, admin=admin, pin=pin, early=early, scope=scope, shown=shown):
+                yield ev
             return
         # Everything below sees the canonical URI only (uris.py): the allow-list, the job key,
         # the index and the source.
@@ -202,68 +192,60 @@ class Core:
         key = self.names.key(uri, include, exclude)
         if scope is not None:
             pin = None  # a client never pins
-            if not uris.allowed(uri, scope.tenant.client_sources):
-                raise PermissionDeniedError(
-                    f"source {uri}: clients may not trigger this download (not in the daemon's client_sources "
-                    f"allow-list); an admin can run: cachectl prefetch {uri}"
-                )
-            # A client asks for presence, not freshness: a cached copy of the same source answers at once.
-            same = [r for r in self.index.models_by_source(key.uri, key.filters) if scope.sees(r)]
-            if name:
-                target = scope.find(name)
-                cached = [r for r in same if target is not None and r.name == target.name]
-            else:
-                cached = same
-            if cached:
+            self._check_client_source(uri, scope)
+            cached = self._cached_for_client(key, name, scope)
+            if cached is not None:
                 self.metrics.hits.labels("ensure").inc()
-                self.index.touch(cached[0].name)
-                shown.append(scope.display(cached[0].name))
-                yield await self.manifest_async(cached[0].snapshot_id, cached[0].name)
+                self.index.touch(cached.name)
+                shown.append(scope.display(cached.name))
+                yield await self.manifest_async(cached.snapshot_id, cached.name)
                 return
-            if name:
-                check_name(name)
-                shared = self.index.model(name) if scope.ns else None
-                if shared is not None and scope.sees(shared):
-                    raise PermissionDeniedError(
-                        f"model name {name!r} is a shared model's name (source {shared.source}); a tenant's name never "
-                        "shadows a shared one: use another name"
-                    )
-                name = scope.key(name)
-            else:
-                name = self.names.client_default_name(key, scope, self._claims.get)
+            name = self._client_name(name, key, scope)
             self.names.check_owner(name, key, owner)
             shown.append(scope.display(name))
         else:
-            tenant, bare = split_name(name or default_name(uri))
-            check_name(bare)
-            if tenant and tenant not in self.scopes:
-                raise InvalidInputError(
-                    f"model name {name!r}: no tenant {tenant[:80]!r} is declared in the daemon's config (a name "
-                    "'<tenant>:<name>' puts a model in that tenant's namespace)"
-                )
-            name = qualified_name(tenant, bare)
+            name = self._admin_name(name, uri)
         self.metrics.misses.labels("prefetch" if admin else "ensure").inc()
         claimed = self._claim(name, key) if scope is not None else False
         try:
-            with self.ledger.downloading(scope) if scope is not None else nullcontext(), self.admission.fetching(name):
+            # admitted downloads never evict the name being made; a tenant's downloads are bounded
+            with self.quotas.downloading(scope) if scope is not None else nullcontext(), self.admission.fetching(name):
                 await self._after_same_source(key)
-                job = self.fetcher.start(key, name, pin, owner)
+                job = self.jobs.start(key, name, pin, owner)  # a new job, or the running one to follow
                 if claimed:
                     job.result.add_done_callback(functools.partial(self._unclaimed, name, key))
                     claimed = False
-                if early:
-                    async for ev in self._stream_job(job, name, (pin, owner)):
-                        yield ev
-                    return
-                async for p in job.watch():
-                    if not job.result.done():
-                        yield p
-                snapshot = await asyncio.shield(job.result)
-                self.names.name_model(name, key, snapshot, pin, owner)
-                yield await self.manifest_async(snapshot, name)
+                follow = self._stream_job(job, name, (pin, owner)) if early else self._follow(job, name, pin, owner)
+                async for ev in follow:
+                    yield ev
         finally:
             if claimed:  # no job was started for it
                 self._unclaim(name, key)
+
+    def _client_name(self, name: str, key: JobKey, scope: Scope) -> str:
+        """The index name a client's request makes: its own name in its tenant's namespace (never
+        a shared model's name it sees), or an unpredictable default one."""
+        if not name:
+            return self.names.client_default_name(key, scope, self._claims.get)
+        check_name(name)
+        shared = self.index.model(name) if scope.ns else None
+        if shared is not None and scope.sees(shared):
+            raise PermissionDeniedError(
+                f"model name {name!r} is a shared model's name (source {shared.source}); a tenant's name never "
+                "shadows a shared one: use another name"
+            )
+        return scope.key(name)
+
+    def _admin_name(self, name: str, uri: str) -> str:
+        """An admin's name: shared, or '<tenant>:<name>' in a declared tenant's namespace."""
+        tenant, bare = split_name(name or default_name(uri))
+        check_name(bare)
+        if tenant and tenant not in self.scopes:
+            raise InvalidInputError(
+                f"model name {name!r}: no tenant {tenant[:80]!r} is declared in the daemon's config (a name "
+                "'<tenant>:<name>' puts a model in that tenant's namespace)"
+            )
+        return qualified_name(tenant, bare)
 
     def _claim(self, name: str, key: JobKey) -> bool:
         """Reserve a client's name for its source and filters until the download ends, so a
@@ -291,11 +273,71 @@ class Core:
         """Filter variants of one source share the bytes already fetched: a download waits for
         running downloads of the same source with other filters, then starts and reuses every
         file they fetched (index.known_object), instead of fetching the same files at once."""
-        while key not in self.fetcher.jobs:
-            others = [j.result for j in list(self.fetcher.jobs.values()) if j.key.uri == key.uri and j.key != key]
+        while True:
+            running = self.jobs.running()
+            if any(j.key == key for j in running):
+                return
+            others = [j.result for j in running if j.key.uri == key.uri and j.key != key]
             if not others:
                 return
             await asyncio.wait(others)
+
+    async def _fetch_reference(
+        self, model: str, *, admin: bool, pin: bool | None, early: bool, scope: Scope | None, shown: list[str]
+    ) -> AsyncIterator[ProgressState | Manifest | Readiness]:
+        """A name or snapshot id: its first download if that is still running (early only),
+        else what it resolves to (fetched again first if a blob of it is damaged)."""
+        job = self._downloading(model, scope) if early else None
+        if job is not None:  # a name whose first download is running: read it as it arrives
+            if scope is not None:
+                shown.append(scope.display(job.label))
+            async for ev in self._stream_job(job, job.label, None):
+                yield ev
+            return
+        snapshot, row = self.names.resolve(model, scope)
+        if row is not None and self.verifier.damaged(snapshot):
+            # A blob failed verification or vanished: fetch the model again, then go on.
+            log.warning("refetching_damaged_model", model=row.name, snapshot=snapshot)
+            async for ev in self._refetch(row):
+                if isinstance(ev, Manifest):
+                    snapshot = ev.snapshot_id
+                else:
+                    yield ev
+        self.metrics.hits.labels("prefetch" if admin else "ensure").inc()
+        if row is not None:
+            self.index.touch(row.name)
+            if pin is not None:
+                self.index.set_pinned(row.name, pin)
+            if scope is not None:
+                shown.append(scope.display(row.name))
+        yield await self.manifest_async(snapshot, row.name if row else "")
+
+    def _check_client_source(self, uri: str, scope: Scope) -> None:
+        if not uris.allowed(uri, scope.tenant.client_sources):
+            raise PermissionDeniedError(
+                f"source {uri}: clients may not trigger this download (not in the daemon's client_sources "
+                f"allow-list); an admin can run: cachectl prefetch {uri}"
+            )
+
+    def _cached_for_client(self, key: JobKey, name: str, scope: Scope) -> ModelRow | None:
+        """A client asks for presence, not freshness: a cached copy of the same source that its
+        tenant sees answers at once."""
+        same = [r for r in self.index.models_by_source(key.uri, key.filters) if scope.sees(r)]
+        if name:
+            target = scope.find(name)
+            same = [r for r in same if target is not None and r.name == target.name]
+        return same[0] if same else None
+
+    async def _follow(
+        self, job: Job, name: str, pin: bool | None, owner: str
+    ) -> AsyncIterator[ProgressState | Manifest | Readiness]:
+        """Progress until the job ends, then name the snapshot for this caller and its manifest."""
+        async for p in job.watch():
+            if not job.result.done():
+                yield p
+        snapshot = await asyncio.shield(job.result)
+        self.names.name_model(name, job.key, snapshot, pin, owner)
+        yield await self.manifest_async(snapshot, name)
 
     def _downloading(self, name: str, scope: Scope | None = None) -> Job | None:
         """The running job that will record `name`, if its name is not in the index yet (for a
@@ -304,7 +346,7 @@ class Core:
         for k in keys:
             if self.index.model(k) is not None:
                 return None
-            job = next((j for j in list(self.fetcher.jobs.values()) if j.label == k), None)
+            job = next((j for j in self.jobs.running() if j.label == k), None)
             if job is not None:
                 return job
         return None
@@ -312,8 +354,8 @@ class Core:
     async def _stream_job(
         self, job: Job, name: str, naming: tuple[bool | None, str] | None
     ) -> AsyncIterator[ProgressState | Manifest | Readiness]:
-        """Follow a job for an early Ensure: progress until its live snapshot is published, the
-        streaming manifest, then every change of readiness (coalesced: a slow reader gets the
+        """Follow a job for an early Ensure: progress until its early snapshot is published, the
+        early manifest, then every change of readiness (coalesced: a slow reader gets the
         merged state) and progress now and then, then the committed manifest or the job's error.
         The job never depends on this caller: one that goes away leaves the download going.
         `naming` (pin, owner): record `name` for the caller as fetch() does; None when `name`
@@ -323,15 +365,15 @@ class Core:
         announced: EarlySnapshot | None = None
         last_progress = 0.0
         while True:
-            live = job.live
-            pulse = live.pulse() if live is not None else None  # taken before the state is read
+            early = job.early
+            pulse = early.pulse() if early is not None else None  # taken before the state is read
             if announced is not None and announced.error is not None:
                 # Revoked (a file changed at the source mid-download): what this reader was told
                 # is void even if the job goes on and commits the new version.
                 raise announced.error
-            if live is not None and announced is None and live.error is None and not job.result.done():
-                announced = live
-                yield live.manifest
+            if early is not None and announced is None and early.error is None and not job.result.done():
+                announced = early
+                yield early.manifest
             if announced is not None:
                 ready = announced.changes(seen)
                 if ready is not None:
@@ -341,13 +383,13 @@ class Core:
             if loop.time() - last_progress >= TICK:
                 last_progress = loop.time()
                 yield ProgressState(**vars(job.progress))
-            # Wake at the next readiness change, the live snapshot's publication, the job's end,
+            # Wake at the next readiness change, the early snapshot's publication, the job's end,
             # or the next progress tick, whichever comes first.
             waits: list[asyncio.Future[Any]] = []
             if pulse is not None:
                 waits.append(asyncio.ensure_future(pulse.wait()))
-            if announced is None and not job.live_set.is_set():
-                waits.append(asyncio.ensure_future(job.live_set.wait()))
+            if announced is None and not job.early_set.is_set():
+                waits.append(asyncio.ensure_future(job.early_set.wait()))
             try:
                 await asyncio.wait([*waits, job.result], timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -361,13 +403,13 @@ class Core:
         yield await self.manifest_async(snapshot, name)
 
     def downloads(self) -> list[ActiveDownload]:
-        """Downloads in flight, with their streaming readers."""
+        """Downloads in flight, with their early readers."""
         out = []
-        for job in list(self.fetcher.jobs.values()):
-            live = job.live
-            sid = live.snapshot_id if live is not None else ""
+        for job in self.jobs.running():
+            early = job.early
+            sid = early.snapshot_id if early is not None else ""
             out.append(ActiveDownload(job.label, job.key.uri, sid, ProgressState(**vars(job.progress)),
-                                self.fetcher.readers(sid) if sid else 0, job.started))  # fmt: skip
+                                self.jobs.readers(sid) if sid else 0, job.started))  # fmt: skip
         return sorted(out, key=lambda d: d.name)
 
     def _refetch(self, row: ModelRow) -> AsyncIterator[ProgressState | Manifest | Readiness]:
@@ -378,22 +420,6 @@ class Core:
     async def _repair_one(self, row: ModelRow) -> None:
         async for _ in self._refetch(row):
             pass
-
-    def _make_room(self, need: int, label: str) -> None:
-        """Admission of a download's bytes: its tenant's share first, then the cache's capacity."""
-        self.ledger.admit(need, label)
-        self.admission.make_room(need, label)
-
-    def _name_job(self, job: Job, snapshot: str) -> None:
-        """Name a committed job's snapshot (from the job's thread). A client's name taken by an
-        admin meanwhile fails only that client (its own fetch() names again and reports it);
-        everyone else waiting on the job still gets the snapshot."""
-        try:
-            self.names.name_model(job.label, job.key, snapshot, job.pin, job.owner)
-        except PermissionDeniedError as exc:
-            if job.owner != "client":
-                raise
-            log.warning("client_name_refused", model=job.label, source=job.key.uri, error=str(exc))
 
     async def run_prefetch(self, uri: str, name: str, include: Sequence[str], exclude: Sequence[str], pin: bool | None,
                            why: str, owner: str = "admin") -> None:  # fmt: skip
@@ -438,12 +464,12 @@ class Core:
         scope: Scope | None = None,
     ) -> list[Span]:
         """What a ReadRange reads: a (path, offset, length) file range or a (first, last) layer range."""
-        sid, live = self._visible(snapshot_id, scope)
-        if live is not None:
+        sid, early = self._visible(snapshot_id, scope)
+        if early is not None:
             if file is not None:
-                return [live.file_span(*file)]
+                return [early.file_span(*file)]
             if layers is not None:
-                return layer_spans(live.manifest, *layers)
+                return layer_spans(early.manifest, *layers)
         elif file is not None:
             return [self.catalog.file_span(sid, *file)]
         elif layers is not None:
@@ -452,11 +478,11 @@ class Core:
 
     def open_span(self, snapshot_id: str, span: Span) -> int:
         """A read-only descriptor of the file a span reads (a blob, or a file still downloading)."""
-        live = self.fetcher.live.get(snapshot_id)
-        if live is not None:
-            return live.open(span.path)
-        if not span.sha256:  # a live span whose download committed since: the blob has the bytes
-            sid, _ = self._live_or_committed(snapshot_id)
+        early = self.jobs.early_snapshot(snapshot_id)
+        if early is not None:
+            return early.open(span.path)
+        if not span.sha256:  # an early span whose download committed since: the blob has the bytes
+            sid, _ = self._early_or_committed(snapshot_id)
             digest = next((f.sha256 for f in self.index.files(sid) if f.path == span.path), None)
             if digest is None:
                 raise NotFoundError(f"file {span.path[:200]!r} of snapshot {sid} is no longer in the cache")
@@ -466,19 +492,19 @@ class Core:
     async def wait_span(self, snapshot_id: str, path: str, offset: int, length: int) -> None:
         """Return once bytes [offset, offset+length) of `path` are on disk (at once for a
         committed snapshot); raises the download's error if it failed meanwhile."""
-        live = self.fetcher.live.get(snapshot_id)
-        if live is not None:
-            await live.wait_ready(path, offset, offset + length)
+        early = self.jobs.early_snapshot(snapshot_id)
+        if early is not None:
+            await early.wait_ready(path, offset, offset + length)
         else:
-            self._live_or_committed(snapshot_id)  # ended in failure: raise it
+            self._early_or_committed(snapshot_id)  # ended in failure: raise it
 
-    def _live_or_committed(self, snapshot_id: str) -> tuple[str, EarlySnapshot | None]:
-        """A snapshot id as clients may hold it: a live (downloading) snapshot; a provisional id
+    def _early_or_committed(self, snapshot_id: str) -> tuple[str, EarlySnapshot | None]:
+        """A snapshot id as clients may hold it: an early (downloading) snapshot; a provisional id
         whose download ended (its content id, or its error); or a committed snapshot."""
-        live = self.fetcher.live.get(snapshot_id)
-        if live is not None:
-            return snapshot_id, live
-        ended = self.fetcher.ended.get(snapshot_id)
+        early = self.jobs.early_snapshot(snapshot_id)
+        if early is not None:
+            return snapshot_id, early
+        ended = self.jobs.ended_as(snapshot_id)
         if isinstance(ended, WeightcacheError):
             raise ended
         if isinstance(ended, str):
@@ -486,14 +512,14 @@ class Core:
         return self.names.check_snapshot(snapshot_id), None
 
     def _visible(self, snapshot_id: str, scope: Scope | None) -> tuple[str, EarlySnapshot | None]:
-        """_live_or_committed, for a tenant: a committed snapshot no name it sees points at is
+        """_early_or_committed, for a tenant: a committed snapshot no name it sees points at is
         answered exactly like one that does not exist. A provisional id (of a download in
         flight, or just ended) is unguessable and told only to those who asked for that download,
         so holding one is the right to read it."""
-        sid, live = self._live_or_committed(snapshot_id)
-        if scope is not None and live is None and sid == snapshot_id and not scope.sees_snapshot(sid):
+        sid, early = self._early_or_committed(snapshot_id)
+        if scope is not None and early is None and sid == snapshot_id and not scope.sees_snapshot(sid):
             raise snapshot_not_found(sid)
-        return sid, live
+        return sid, early
 
     # ---------------------------------------------------------------- fd.sock
 
@@ -506,12 +532,12 @@ class Core:
         accounted. `lease` is the connection's existing lease on this snapshot, kept as it
         is; a new one is released again if the snapshot cannot be granted.
 
-        A provisional id of a download in flight grants the files being written (live.py);
+        A provisional id of a download in flight grants the files being written (early.py);
         the lease moves to the content id when the download commits."""
-        sid, live = self._visible(snapshot_id, scope)
+        sid, early = self._visible(snapshot_id, scope)
         tenant = scope.ns if scope is not None else ""
-        if live is not None:
-            return self._grant_live(pid, uid, gid, live, lease, tenant)
+        if early is not None:
+            return self._grant_early(pid, uid, gid, early, lease, tenant)
         files = self.index.files(sid)
         new = lease is None
         if lease is None:
@@ -528,24 +554,19 @@ class Core:
         self.metrics.grants.inc()  # counted when granted, before the client can act on it
         return Grant(sid, tuple(files), lease)
 
-    def _lease_content_id(self, provisional: str, real: str) -> None:
-        moved = self.leases.rename(provisional, real)
-        if moved:
-            log.info("streaming_leases_moved", provisional=provisional, snapshot=real, leases=moved)
-
-    def _grant_live(self, pid: int, uid: int, gid: int, live: EarlySnapshot, lease: Lease | None,
-                    tenant: str = "") -> Grant:  # fmt: skip
+    def _grant_early(self, pid: int, uid: int, gid: int, early: EarlySnapshot, lease: Lease | None,
+                     tenant: str = "") -> Grant:  # fmt: skip
         new = lease is None
         if lease is None:
-            lease = self.leases.acquire(live.snapshot_id, pid, uid, gid, live.bytes_total, tenant)
-        if live.committed is not None:  # committed while we leased: the lease protects the content id
-            self.leases.rename(live.snapshot_id, live.committed)
-        if live.error is not None:
+            lease = self.leases.acquire(early.snapshot_id, pid, uid, gid, early.bytes_total, tenant)
+        if early.committed is not None:  # committed while we leased: the lease protects the content id
+            self.leases.rename(early.snapshot_id, early.committed)
+        if early.error is not None:
             if new:
                 self.leases.release(lease.token)
-            raise live.error
+            raise early.error
         self.metrics.grants.inc()
-        return Grant(live.snapshot_id, tuple(live.file_rows()), lease, live)
+        return Grant(early.snapshot_id, tuple(early.file_rows()), lease, early)
 
     # ---------------------------------------------------------------- the parts, for the edges
 
@@ -572,10 +593,10 @@ class Core:
 
     def show(self, model: str) -> tuple[ModelView | None, Manifest, ActiveDownload | None]:
         """A model's record and manifest; for a name whose first download is in flight, its
-        streaming manifest and where the download stands."""
+        early manifest and where the download stands."""
         job = self._downloading(model)
-        if job is not None and job.live is not None:
-            return None, job.live.manifest, next((d for d in self.downloads() if d.name == job.label), None)
+        if job is not None and job.early is not None:
+            return None, job.early.manifest, next((d for d in self.downloads() if d.name == job.label), None)
         view, manifest = self.catalog.show(model)
         return view, manifest, None
 

@@ -19,10 +19,10 @@ import structlog
 
 from weightcache.contract.errors import BusyError, InvalidInputError, NotFoundError
 from weightcache_daemon.cache.leases import Leases
-from weightcache_daemon.ingest.jobs import Fetcher
+from weightcache_daemon.ingest.ledger import Ledger
 from weightcache_daemon.observe.metrics import Metrics
 from weightcache_daemon.records import ModelRow
-from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
 from weightcache_daemon.storage.views import remove_view
 
@@ -39,7 +39,7 @@ class EvictPlan:
     blobs: tuple[str, ...] = ()  # blobs no remaining snapshot or running download uses
     bytes_freed: int = 0
 
-    def execute(self, index: Index, store: LocalBlobStore, leases: Leases, metrics: Metrics,
+    def execute(self, index: Index, store: BlobStore, leases: Leases, metrics: Metrics,
                 trigger: str = "admin") -> None:  # fmt: skip
         sizes = index.blobs()
         gone = set(self.blobs)
@@ -64,7 +64,7 @@ class GCPlan:
     snapshots: tuple[str, ...] = ()  # snapshots without a name
     bytes_freed: int = 0
 
-    def execute(self, index: Index, store: LocalBlobStore) -> None:
+    def execute(self, index: Index, store: BlobStore) -> None:
         index.delete([], list(self.snapshots), list(self.orphans))
         for s in self.snapshots:
             for d in store.snapshots.glob(f"**/{s}"):
@@ -78,12 +78,12 @@ class GCPlan:
 class Evictor:
     """Plans evictions (by name, all unpinned, least recently used) and gc."""
 
-    def __init__(self, store: LocalBlobStore, index: Index, leases: Leases, fetcher: Fetcher,
+    def __init__(self, store: BlobStore, index: Index, leases: Leases, ledger: Ledger,
                  resolve: Callable[[str], tuple[str, ModelRow | None]]) -> None:  # fmt: skip
         self.store = store
         self.index = index
         self.leases = leases
-        self.fetcher = fetcher
+        self.ledger = ledger
         self.resolve = resolve
 
     def plan_evict(self, models: list[str], all_unpinned: bool, force: bool) -> EvictPlan:
@@ -126,7 +126,7 @@ class Evictor:
             if r.snapshot_id not in kept_snaps and r.snapshot_id not in out_snaps:
                 out_snaps.append(r.snapshot_id)
         kept_blobs = {f.sha256 for s in kept_snaps for f in self.index.files(s)}
-        kept_blobs |= self.fetcher.blobs_in_use()  # a running download reuses them: they stay
+        kept_blobs |= self.ledger.blobs_in_use()  # a running download reuses them: they stay
         sizes = self.index.blobs()
         out_blobs: list[str] = []
         freed = 0
@@ -161,9 +161,9 @@ class Evictor:
         return plan
 
     def plan_gc(self) -> GCPlan:
-        if self.fetcher.jobs:
+        if self.ledger.running():
             # A running job has blobs committed but not yet indexed: they would look orphaned.
-            raise BusyError(f"{len(self.fetcher.jobs)} download(s) in progress; run gc when they finish")
+            raise BusyError(f"{self.ledger.running()} download(s) in progress; run gc when they finish")
         named = {r.snapshot_id for r in self.index.models()}
         snapshots = [s for s in self.index.snapshot_ids() if s not in named]
         keep = {f.sha256 for s in named for f in self.index.files(s)}

@@ -69,7 +69,7 @@ class Leases:
                 self._held.pop(lease.snapshot_id, None)
 
     def rename(self, old: str, new: str) -> int:
-        """Move every lease on snapshot `old` to `new` (a streaming snapshot got its content
+        """Move every lease on snapshot `old` to `new` (an early snapshot got its content
         id at commit: same files, same inodes). Returns how many moved."""
         with self._lock:
             moved = [le for le in self._by_token.values() if le.snapshot_id == old]

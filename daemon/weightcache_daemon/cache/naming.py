@@ -20,7 +20,7 @@ from weightcache_daemon.cache.tenants import Scope
 from weightcache_daemon.config import Config
 from weightcache_daemon.records import JobKey, ModelRow, split_name
 from weightcache_daemon.sources import parse_uri
-from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
 from weightcache_daemon.storage.views import build_view
 
@@ -68,7 +68,7 @@ def default_name(uri: str) -> str:
 
 
 class Names:
-    def __init__(self, cfg: Config, store: LocalBlobStore, index: Index) -> None:
+    def __init__(self, cfg: Config, store: BlobStore, index: Index) -> None:
         self.cfg = cfg
         self.store = store
         self.index = index

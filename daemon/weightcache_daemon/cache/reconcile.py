@@ -21,13 +21,13 @@ from typing import Any
 import structlog
 
 from weightcache_daemon.ingest.resume import IngestState
-from weightcache_daemon.storage.blobs import LocalBlobStore, hash_file
+from weightcache_daemon.storage.blobs import BlobStore, hash_file
 from weightcache_daemon.storage.index import Index
 
 log = structlog.get_logger("weightcached.reconcile")
 
 
-def reconcile(store: LocalBlobStore, index: Index) -> dict[str, Any]:
+def reconcile(store: BlobStore, index: Index) -> dict[str, Any]:
     resumable: list[Path] = []
     stale = 0
     for p in sorted(store.ingest.iterdir()):

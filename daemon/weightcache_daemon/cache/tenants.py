@@ -14,9 +14,11 @@ not visible is answered exactly like something that does not exist (naming.Names
 check_snapshot). The default tenant of a node that declares none is the shared namespace itself
 and sees every shared name: the node behaves as before tenants.
 
-``Ledger`` keeps the per-tenant download bounds: downloads its requests run at once
+``TenantQuotas`` keeps the per-tenant download bounds: downloads its requests run at once
 (max_downloads) and the bytes its own names may take in the store (download_quota), made room
 for by evicting its own least recently used, unleased, unpinned models, never anyone else's.
+``TenantAdmission`` is what the download jobs admit through: the tenant's share first, then
+the cache's capacity (admission.py).
 """
 
 from __future__ import annotations
@@ -30,16 +32,16 @@ import structlog
 
 from weightcache.contract.errors import BusyError, ExhaustedError, NotFoundError
 from weightcache.progress import human
+from weightcache_daemon.cache.admission import Admission
 from weightcache_daemon.cache.eviction import Evictor
 from weightcache_daemon.cache.leases import Leases
 from weightcache_daemon.config import TenantConfig
-from weightcache_daemon.ingest.jobs import Fetcher
 from weightcache_daemon.observe.metrics import Metrics
 from weightcache_daemon.records import ModelRow, qualified_name, split_name
-from weightcache_daemon.storage.blobs import LocalBlobStore
+from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
 
-__all__ = ["Ledger", "Scope"]
+__all__ = ["Scope", "TenantAdmission", "TenantQuotas"]
 
 log = structlog.get_logger("weightcached.tenants")
 
@@ -108,16 +110,15 @@ class Scope:
         return any(self.sees(r) for r in rows)
 
 
-class Ledger:
+class TenantQuotas:
     """Per-tenant download bounds; one lock, shared by the event loop and the job threads."""
 
     def __init__(
         self,
         scopes: dict[str, Scope],
-        store: LocalBlobStore,
+        store: BlobStore,
         index: Index,
         leases: Leases,
-        fetcher: Fetcher,
         evictor: Evictor,
         metrics: Metrics,
         quota_of: Callable[[TenantConfig], int],
@@ -126,12 +127,12 @@ class Ledger:
         self.store = store
         self.index = index
         self.leases = leases
-        self.fetcher = fetcher
         self.evictor = evictor
         self.metrics = metrics
         self.quota_of = quota_of  # bytes a tenant's names may take (download_quota resolved); 0 = none
         self._lock = threading.Lock()
         self._downloads: dict[str, int] = {}
+        self._admitted: dict[int, tuple[str, int]] = {}  # running job id -> (its label, bytes admitted)
 
     @contextmanager
     def downloading(self, scope: Scope) -> Iterator[None]:
@@ -166,19 +167,24 @@ class Ledger:
         return sum(sizes.get(d, 0) for d in digests)
 
     def _in_flight(self, tenant: str, label: str) -> int:
-        """Bytes admitted to this tenant's other running downloads (read under the fetcher's
-        admission lock, which the caller holds)."""
-        return sum(
-            self.fetcher.reserved.get(j.id, 0)
-            for j in list(self.fetcher.jobs.values())
-            if split_name(j.label)[0] == tenant and j.label != label
-        )
+        """Bytes admitted to this tenant's other running downloads (the caller holds the lock)."""
+        return sum(n for lbl, n in self._admitted.values() if split_name(lbl)[0] == tenant and lbl != label)
 
-    def admit(self, need: int, label: str) -> None:
-        """Called before a download's first byte (with the fetcher's admission lock held): a
-        tenant's download that would take its names past its download_quota first evicts its
-        own least recently used models (never leased, never pinned, never another tenant's or
-        a shared one); ExhaustedError, for this tenant only, if that is not enough."""
+    def admit(self, job_id: int, label: str, need: int) -> None:
+        """Called before a download's first byte: a tenant's download that would take its names
+        past its download_quota first evicts its own least recently used models (never leased,
+        never pinned, never another tenant's or a shared one); ExhaustedError, for this tenant
+        only, if that is not enough. The bytes count as the tenant's until release()."""
+        with self._lock:
+            self._admit(label, need)
+            self._admitted[job_id] = (label, need)
+
+    def release(self, job_id: int) -> None:
+        """The job's bytes are committed (then its names count them) or will never be."""
+        with self._lock:
+            self._admitted.pop(job_id, None)
+
+    def _admit(self, label: str, need: int) -> None:
         tenant = split_name(label)[0]
         scope = self.scopes.get(tenant)
         if not tenant or scope is None:
@@ -214,3 +220,24 @@ class Ledger:
             f"take {human(used)} of its download_quota of {human(quota)} and the rest is in use: close or evict "
             "models this tenant no longer uses"
         )
+
+
+class TenantAdmission:
+    """The download jobs' admission (ingest.pipeline.Admitter): a tenant's share first, then the
+    cache's capacity; a download refused by either fetches nothing and holds nothing."""
+
+    def __init__(self, quotas: TenantQuotas, capacity: Admission) -> None:
+        self.quotas = quotas
+        self.capacity = capacity
+
+    def admit(self, job_id: int, label: str, need: int) -> None:
+        self.quotas.admit(job_id, label, need)
+        try:
+            self.capacity.admit(job_id, label, need)
+        except BaseException:
+            self.quotas.release(job_id)
+            raise
+
+    def release(self, job_id: int) -> None:
+        self.capacity.release(job_id)
+        self.quotas.release(job_id)

@@ -15,7 +15,7 @@ import structlog
 from weightcache.contract.errors import CorruptedError
 from weightcache_daemon.cache.naming import Names
 from weightcache_daemon.records import FileRow, ModelRow
-from weightcache_daemon.storage.blobs import LocalBlobStore, check_digest, hash_file
+from weightcache_daemon.storage.blobs import BlobStore, check_digest, hash_file
 from weightcache_daemon.storage.index import Index
 
 __all__ = ["Verifier"]
@@ -24,7 +24,7 @@ log = structlog.get_logger("weightcached.core")
 
 
 class Verifier:
-    def __init__(self, store: LocalBlobStore, index: Index, names: Names) -> None:
+    def __init__(self, store: BlobStore, index: Index, names: Names) -> None:
         self.store = store
         self.index = index
         self.names = names

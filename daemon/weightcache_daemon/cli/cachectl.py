@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin", action="store_true", help="never evict it automatically")
     p.add_argument("--include", action="append", metavar="GLOB", help="only files matching (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip files matching (repeatable)")
-    p = add("ls", "list cached models, and downloads in flight with their streaming readers")
+    p = add("ls", "list cached models, and downloads in flight with their early readers")
     p.add_argument("--downloads", action="store_true", help="with --json: list the downloads in flight instead")
     p = add("show", "show one model (name, source URI or snapshot id)")
     p.add_argument("model")

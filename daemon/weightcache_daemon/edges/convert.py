@@ -40,7 +40,7 @@ def manifest(m: Manifest) -> pb.Manifest:
         ],
         layers=m.layers,
         path=m.path,
-        streaming=m.streaming,
+        early=m.early,
     )
 
 

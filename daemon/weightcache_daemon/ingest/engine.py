@@ -10,7 +10,7 @@ flight, each fetched into a buffer of a fixed pool (memory does not grow with mo
 fresh memory is touched per part) and written at its offset with O_DIRECT (on this class of
 machine, buffered writes of a new file spend their time faulting in fresh page-cache memory;
 direct writes run at disk speed). A part is written in pieces of ``WRITE_PIECE`` as its bytes
-arrive, and ``on_written`` reports each piece once its write returned, so readers of the
+arrive, and ``DownloadEvents.written`` reports each piece once its write returned, so readers of the
 in-progress file may use it without waiting for the rest of the part. Bytes known before the
 download (``heads``: the headers the job read for the manifest) are written and reported
 before any part is fetched.
@@ -42,10 +42,10 @@ name order puts ``lm_head``, of the last group, first in its shard) can only be 
 they land, so its hashing becomes a tail of (bytes behind them / sha256 speed) after the last
 fetch, one thread per such file. On a 2.1 GiB two-shard Llama-shaped checkpoint stored in name
 order (240 MiB read back), from a local S3 server at 300 MB/s, that tail is about 0.2 s (0.6 s
-when the parts read back came from the disk). ``Downloaded.read_back`` counts those bytes.
+when the parts read back came from the disk). ``HashedFile.read_back`` counts those bytes.
 
 Failures. A transient error retries that part from the byte where it stopped; an object that
-changed (If-Match failed) voids the file at once (``on_restart``; nothing more of that version
+changed (If-Match failed) voids the file at once (``DownloadEvents.restarted``; nothing more of that version
 is reported) and restarts it, at the same ranks, once no part of it is in flight, so two
 versions are never spliced. Filesystems without O_DIRECT (tmpfs) get buffered writes.
 """
@@ -65,6 +65,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from weightcache.contract.errors import DeadlineError, ExhaustedError, SourceError, WeightcacheError
 from weightcache.contract.readahead import willneed
@@ -72,7 +73,7 @@ from weightcache_daemon.config import DownloadConfig
 from weightcache_daemon.ingest.schedule import part_count
 from weightcache_daemon.sources import ObjectChanged, RemoteObject, Source
 
-__all__ = ["BufferPool", "Downloaded", "RateLimiter", "download", "ingest_name"]
+__all__ = ["BufferPool", "DownloadEvents", "HashedFile", "IgnoredEvents", "RateLimiter", "download", "ingest_name"]
 
 PART_RETRIES = 5
 ALIGN = 4096
@@ -195,12 +196,65 @@ class BufferPool:
 
 
 @dataclass
-class Downloaded:
+class HashedFile:
+    """One object downloaded whole into its ingest file, with the sha256 of those bytes (checked
+    against nothing yet: the job verifies and commits it)."""
+
     obj: RemoteObject
     path: Path
     sha256: str
     restarts: int
     read_back: int = 0  # bytes hashed by reading them back from the ingest file (resumed or out of order)
+
+
+ResumeState = list[tuple[RemoteObject, str, list[int]]]  # (object, ingest file name, parts on disk)
+
+
+class DownloadEvents(Protocol):
+    """What a download reports, through one object instead of a callback each. Called from the
+    engine's threads (the scheduler, workers, hashing): keep each call cheap. Per download:
+    ``started`` once; then ``written``/``received`` as bytes land, ``restarted`` when an object
+    changed at the source, ``resume_state`` now and then; ``hashed`` once per file, last."""
+
+    def started(self) -> None:
+        """Every ingest file exists at its full size: readers may open and map them."""
+
+    def received(self, n: int) -> None:
+        """n more bytes came from the source (counted as they arrive, before they are written)."""
+
+    def written(self, obj: RemoteObject, start: int, end: int) -> None:
+        """Bytes [start, end) of obj are on disk (the write returned): readers may use them."""
+
+    def restarted(self, obj: RemoteObject) -> None:
+        """obj changed at the source: everything reported of it is void; it starts over."""
+
+    def hashed(self, f: HashedFile) -> None:
+        """Every byte of one file is on disk and hashed; raising fails the download."""
+
+    def resume_state(self, files: ResumeState) -> None:
+        """Which parts are on disk (fsynced), for a resume after a crash."""
+
+
+class IgnoredEvents:
+    """A DownloadEvents that ignores everything: subclass it and override what you need."""
+
+    def started(self) -> None:
+        pass
+
+    def received(self, n: int) -> None:
+        pass
+
+    def written(self, obj: RemoteObject, start: int, end: int) -> None:
+        pass
+
+    def restarted(self, obj: RemoteObject) -> None:
+        pass
+
+    def hashed(self, f: HashedFile) -> None:
+        pass
+
+    def resume_state(self, files: ResumeState) -> None:
+        pass
 
 
 def _space_error(exc: OSError, obj: RemoteObject) -> WeightcacheError | OSError:
@@ -255,7 +309,7 @@ class _File:
         self.hasher = hashlib.sha256()
         self.digest = None
         if not self.written:
-            # To the object's size, never through 0: a streaming reader may have this file
+            # To the object's size, never through 0: an early reader may have this file
             # mapped, and a mapping touched past a shrunken end is SIGBUS, not an error. Stale
             # bytes of an abandoned version are never reported ready (only this generation's
             # writes are) and never hashed (the cursor reads only parts written since).
@@ -338,12 +392,12 @@ class _Job:
         files: list[_File],
         pool: BufferPool,
         cancelled: threading.Event,
-        on_written: Callable[[RemoteObject, int, int], None] | None,
+        report: DownloadEvents,
     ) -> None:
         self.files = files
         self.pool = pool
         self.cancelled = cancelled
-        self.on_written = on_written
+        self.report = report
         self.lock = threading.Lock()
         # Finished tasks and returned buffers: what the scheduler waits for.
         self.events: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -352,8 +406,8 @@ class _Job:
         """Bytes [start, end) of f, inside a part still arriving, are on disk: report them."""
         with self.lock:
             # Under the lock: once a file is voided, no report of its old version follows.
-            if gen == f.generation and self.on_written is not None and end > start:
-                self.on_written(f.obj, start, end)
+            if gen == f.generation and end > start:
+                self.report.written(f.obj, start, end)
 
     def landed(self, f: _File, i: int, gen: int, buf: mmap.mmap, n: int, reported: int = 0) -> None:
         """Part i (n bytes, the first ``reported`` of them reported by ``wrote`` already) of f is
@@ -365,10 +419,10 @@ class _Job:
                 return
             f.state[i] = ON_DISK
             f.written.add(i)
-            if self.on_written is not None and n > reported:
+            if n > reported:
                 start = i * f.part_size
                 try:
-                    self.on_written(f.obj, start + reported, start + n)
+                    self.report.written(f.obj, start + reported, start + n)
                 except BaseException:
                     self.pool.put(buf)
                     raise
@@ -532,38 +586,33 @@ def download(
     cfg: DownloadConfig,
     pool: BufferPool,
     limiter: RateLimiter,
-    on_bytes: Callable[[int], None],
-    on_file: Callable[[Downloaded], None],
+    events: DownloadEvents,
     cancelled: threading.Event,
-    resume: dict[str, set[int]] | None = None,
-    on_state: Callable[[list[tuple[RemoteObject, str, list[int]]]], None] | None = None,
     *,
-    on_started: Callable[[], None] | None = None,
+    resume: dict[str, set[int]] | None = None,
     priority: Mapping[str, Sequence[int]] | None = None,
-    on_written: Callable[[RemoteObject, int, int], None] | None = None,
-    on_restart: Callable[[RemoteObject], None] | None = None,
     heads: Mapping[str, bytes] | None = None,
-) -> list[Downloaded]:
+) -> list[HashedFile]:
     """Fetch every object into ingest_dir; return them hashed and fsynced, in the order given.
 
     ``resume`` maps relative paths to parts already written by an earlier run into the same
     ingest_dir at the same object version; those are not fetched (the hash reads them back).
-    ``on_state`` receives [(object, ingest file name, parts written)] now and then, after those
-    parts are on disk, so a crash can resume from it.
+    ``events.resume_state`` receives [(object, ingest file name, parts written)] now and then,
+    after those parts are on disk, so a crash can resume from it.
 
     ``priority`` maps relative paths to a rank per part (``pool.size`` bytes each, as
     schedule.part_ranks makes them): parts are fetched lowest (rank, position in ``objects``,
     part index) first, across files; a file without ranks ranks at its position (file order).
-    ``on_started`` is called once every ingest file exists at its full size, before any part is
-    fetched. ``on_written(obj, start, end)`` is called (from worker threads: keep it cheap)
-    once bytes [start, end) of obj are on disk: for resumed parts first, before anything is
-    fetched. ``on_restart(obj)`` is called when obj (the version listed or last restarted at)
+    ``events.started()`` is called once every ingest file exists at its full size, before any
+    part is fetched. ``events.written(obj, start, end)`` is called (from worker threads: keep it
+    cheap) once bytes [start, end) of obj are on disk: for resumed parts first, before anything
+    is fetched. ``events.restarted(obj)`` is called when obj (the version listed or last restarted at)
     changed at the source: what was reported of it is void, and it starts over at its new
     version; nothing of that file is fetched or reported between the two.
 
     ``heads`` maps relative paths to bytes [0, n) of the object at the version listed, already
     read (the safetensors headers the manifest was built from): they are written and reported
-    (``on_written``) before any part is fetched, so every file's header is on disk from the
+    (``events.written``) before any part is fetched, so every file's header is on disk from the
     start, whatever its part's rank. The part holding them is still fetched, for the hash.
     """
     heads = heads or {}
@@ -591,25 +640,22 @@ def download(
             f = _File(obj, pos, path, fd, rfd, direct, pool.size, (priority or {}).get(obj.relpath))
             files.append(f)
             f.reset(obj, (resume or {}).get(obj.relpath))
-        job = _Job(files, pool, cancelled, on_written)
+        job = _Job(files, pool, cancelled, events)
         pool.add_reclaimer(job.evict)
-        if on_started is not None:
-            on_started()  # every ingest file exists at its full size: readers may open and map them
-        if on_written is not None:
-            for f in files:
-                for first, end in _runs(sorted(f.written)):
-                    start, _ = f.part_range(first)
-                    stop = min(end * f.part_size, f.obj.size)
-                    if stop > start:
-                        on_written(f.obj, start, stop)
+        events.started()  # every ingest file exists at its full size: readers may open and map them
+        for f in files:
+            for first, end in _runs(sorted(f.written)):
+                start, _ = f.part_range(first)
+                stop = min(end * f.part_size, f.obj.size)
+                if stop > start:
+                    events.written(f.obj, start, stop)
         for f in files:
             head = heads.get(f.obj.relpath, b"")
             if head and 0 not in f.written:  # a resumed part 0 holds these bytes already
                 f.write_head(head)
-                if on_written is not None:
-                    on_written(f.obj, 0, len(head))
-        _run(source, job, cfg, limiter, on_bytes, on_file, on_state, on_restart)
-        return [Downloaded(f.obj, f.path, f.digest or "", f.restarts, f.read_back) for f in files]
+                events.written(f.obj, 0, len(head))
+        _run(source, job, cfg, limiter, events)
+        return [HashedFile(f.obj, f.path, f.digest or "", f.restarts, f.read_back) for f in files]
     finally:
         if job is not None:
             pool.remove_reclaimer(job.evict)
@@ -654,44 +700,166 @@ def ingest_name(relpath: str) -> str:
 STATE_EVERY = 0.1  # seconds between resume-state records
 
 
-def _run(
-    source: Source,
-    job: _Job,
-    cfg: DownloadConfig,
-    limiter: RateLimiter,
-    on_bytes: Callable[[int], None],
-    on_file: Callable[[Downloaded], None],
-    on_state: Callable[[list[tuple[RemoteObject, str, list[int]]]], None] | None,
-    on_restart: Callable[[RemoteObject], None] | None,
-) -> None:
-    files, pool, cancelled = job.files, job.pool, job.cancelled
-    last_state = 0.0
+def _run(source: Source, job: _Job, cfg: DownloadConfig, limiter: RateLimiter, events: DownloadEvents) -> None:
+    _Scheduler(source, job, cfg, limiter, events).run()
 
-    def record_state(force: bool = False) -> None:
-        nonlocal last_state
-        if on_state is None or (not force and time.monotonic() - last_state < STATE_EVERY):
+
+class _Scheduler:
+    """The scheduler loop of one download, one step per method: restart changed files, start
+    hashing, submit the lowest-ranked parts, hand finished files over, record the resume state,
+    wait for a task or a buffer, collect what finished."""
+
+    def __init__(self, source: Source, job: _Job, cfg: DownloadConfig, limiter: RateLimiter,
+                 events: DownloadEvents) -> None:  # fmt: skip
+        self.source, self.job, self.cfg, self.limiter, self.events = source, job, cfg, limiter, events
+        self.files, self.pool, self.cancelled = job.files, job.pool, job.cancelled
+        self.last_state = 0.0
+        # Parts not fetched yet, lowest (rank, file position, part) first; an entry of an earlier
+        # generation of its file is stale (the file restarted) and skipped.
+        self.todo: list[tuple[int, int, int, int]] = []
+        self.fetching: dict[Future[None], _File] = {}
+        self.hashing: dict[Future[None], _File] = {}
+        self.queue = list(self.files)  # files not handed over yet
+
+    def run(self) -> None:
+        for f in self.files:
+            self.enqueue(f)
+        with (
+            ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="wc-dl") as ex,
+            ThreadPoolExecutor(max_workers=max(1, min(HASHERS, len(self.files))), thread_name_prefix="wc-hash") as hx,
+        ):
+            try:
+                while True:
+                    self.restart_changed()
+                    self.start_hashing(hx)
+                    self.submit_parts(ex)
+                    for f in self.queue:
+                        self.job.read_ahead(f)
+                    self.hand_over_finished()
+                    if not self.queue:
+                        return
+                    self.record_state()
+                    if self.cancelled.is_set():
+                        raise DeadlineError("download cancelled")
+                    if not self.fetching and not self.hashing and not any(f.restart_pending for f in self.queue):
+                        if self.todo:
+                            self.pool.wait(0.5)  # other jobs hold every buffer: our turn comes when one is put back
+                            continue
+                        raise SourceError(
+                            f"download stalled with {len(self.queue)} file(s) incomplete"
+                        )  # a bug if seen
+                    self.wait()
+                    self.collect_done()
+            except BaseException:
+                self.cancelled.set()
+                raise
+            finally:
+                try:
+                    self.record_state(force=True)
+                except OSError:
+                    pass
+
+    def enqueue(self, f: _File) -> None:
+        for i in range(f.parts_total):
+            if f.state[i] == TODO:
+                heapq.heappush(self.todo, (f.ranks[i], f.pos, i, f.generation))
+
+    def restart_changed(self) -> None:
+        """A file whose object changed starts over at its new version once nothing of it is in flight."""
+        for f in self.queue:
+            if f.restart_pending and f.in_flight == 0 and not f.hashing:
+                if f.restarts >= self.cfg.max_restarts:
+                    raise SourceError(f"{f.obj.uri} changed {f.restarts + 1} times during the download")
+                f.restarts += 1
+                current = self.source.stat(f.obj.relpath)
+                with self.job.lock:
+                    f.reset(current)
+                self.enqueue(f)
+
+    def start_hashing(self, hx: ThreadPoolExecutor) -> None:
+        for f in self.queue:
+            if self.job.start_hashing(f):
+                fut = hx.submit(self.job.advance, f, f.generation)
+                fut.add_done_callback(self.job.wake)
+                self.hashing[fut] = f
+
+    def submit_parts(self, ex: ThreadPoolExecutor) -> None:
+        """The lowest-ranked parts, while a worker and a buffer are free."""
+        while len(self.fetching) < self.cfg.concurrency and self.todo:
+            _, pos, i, gen = self.todo[0]
+            f = self.files[pos]
+            if gen != f.generation:
+                heapq.heappop(self.todo)
+                continue
+            buf = self.pool.try_get()  # a free buffer, else one a job kept for its cursor
+            if buf is None:
+                break
+            heapq.heappop(self.todo)
+            with self.job.lock:
+                f.state[i] = FETCHING
+            f.in_flight += 1
+            fut = ex.submit(self.fetch, f, i, gen, buf, self.limiter.ticket())
+            fut.add_done_callback(self.job.wake)
+            self.fetching[fut] = f
+
+    def hand_over_finished(self) -> None:
+        for f in [f for f in self.queue if f.digest is not None and f.in_flight == 0 and not f.hashing]:
+            self.queue.remove(f)
+            f.finish()
+            self.events.hashed(HashedFile(f.obj, f.path, f.digest or "", f.restarts, f.read_back))
+
+    def wait(self) -> None:
+        try:
+            self.job.events.get(timeout=0.5)  # a task finished or a buffer came back
+            while True:
+                self.job.events.get_nowait()
+        except queue.Empty:
+            pass
+
+    def collect_done(self) -> None:
+        """Finished parts and hashes: a changed object voids its file; any other error ends the download."""
+        for fut in [fut for fut in (*self.fetching, *self.hashing) if fut.done()]:
+            exc = fut.exception()
+            if fut in self.fetching:
+                f = self.fetching.pop(fut)
+                f.in_flight -= 1
+                if isinstance(exc, ObjectChanged):
+                    if self.job.void(f):
+                        self.events.restarted(f.obj)
+                    continue
+            else:
+                self.hashing.pop(fut)
+            if isinstance(exc, _Cancelled):
+                raise DeadlineError("download cancelled")
+            if exc is not None:
+                raise exc
+
+    def record_state(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_state < STATE_EVERY:
             return
-        last_state = time.monotonic()
+        self.last_state = time.monotonic()
         snapshot = []
-        for f in files:
-            with job.lock:
+        for f in self.files:
+            with self.job.lock:
                 written = sorted(f.written)
             if not f.direct and written:
                 os.fdatasync(f.fd)  # buffered writes must be on disk before they are recorded
             snapshot.append((f.obj, f.path.name, written))
-        on_state(snapshot)
+        self.events.resume_state(snapshot)
 
-    def fetch(f: _File, i: int, gen: int, buf: mmap.mmap, ticket: int) -> None:
+    def fetch(self, f: _File, i: int, gen: int, buf: mmap.mmap, ticket: int) -> None:
+        """One part into its buffer, written and reported in WRITE_PIECE pieces as it arrives (a worker thread)."""
         start, length = f.part_range(i)
         got = 0  # bytes of the part in buf (read_retrying fills it in order, retries included)
         flushed = 0  # bytes of it written and reported
+        job, cancelled = self.job, self.cancelled
 
         def landed(n: int) -> None:
             nonlocal got, flushed
             if cancelled.is_set():
                 raise _Cancelled()
-            limiter.take(n, ticket, cancelled)
-            on_bytes(n)
+            self.limiter.take(n, ticket, cancelled)
+            self.events.received(n)
             got += n
             upto = got - got % WRITE_PIECE
             if upto > flushed and upto < length:  # the last piece is written below, with the rest
@@ -702,111 +870,14 @@ def _run(
         try:
             view = memoryview(buf)[:length]
             try:
-                read_retrying(source, f.obj, start, view, landed)
+                read_retrying(self.source, f.obj, start, view, landed)
             finally:
                 view.release()
             f.write(buf, start, length, flushed)
         except BaseException:
-            pool.put(buf)
+            self.pool.put(buf)
             raise
         job.landed(f, i, gen, buf, length, flushed)
-
-    # Parts not fetched yet, lowest (rank, file position, part) first; an entry of an earlier
-    # generation of its file is stale (the file restarted) and skipped.
-    todo: list[tuple[int, int, int, int]] = []
-
-    def enqueue(f: _File) -> None:
-        for i in range(f.parts_total):
-            if f.state[i] == TODO:
-                heapq.heappush(todo, (f.ranks[i], f.pos, i, f.generation))
-
-    for f in files:
-        enqueue(f)
-    fetching: dict[Future[None], _File] = {}
-    hashing: dict[Future[None], _File] = {}
-    queue_ = list(files)
-    with (
-        ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="wc-dl") as ex,
-        ThreadPoolExecutor(max_workers=max(1, min(HASHERS, len(files))), thread_name_prefix="wc-hash") as hx,
-    ):
-        try:
-            while True:
-                for f in queue_:
-                    if f.restart_pending and f.in_flight == 0 and not f.hashing:
-                        if f.restarts >= cfg.max_restarts:
-                            raise SourceError(f"{f.obj.uri} changed {f.restarts + 1} times during the download")
-                        f.restarts += 1
-                        current = source.stat(f.obj.relpath)
-                        with job.lock:
-                            f.reset(current)
-                        enqueue(f)
-                for f in queue_:
-                    if job.start_hashing(f):
-                        fut = hx.submit(job.advance, f, f.generation)
-                        fut.add_done_callback(job.wake)
-                        hashing[fut] = f
-                while len(fetching) < cfg.concurrency and todo:
-                    _, pos, i, gen = todo[0]
-                    f = files[pos]
-                    if gen != f.generation:
-                        heapq.heappop(todo)
-                        continue
-                    buf = pool.try_get()  # a free buffer, else one a job kept for its cursor
-                    if buf is None:
-                        break
-                    heapq.heappop(todo)
-                    with job.lock:
-                        f.state[i] = FETCHING
-                    f.in_flight += 1
-                    fut = ex.submit(fetch, f, i, gen, buf, limiter.ticket())
-                    fut.add_done_callback(job.wake)
-                    fetching[fut] = f
-                for f in queue_:
-                    job.read_ahead(f)
-                for f in [f for f in queue_ if f.digest is not None and f.in_flight == 0 and not f.hashing]:
-                    queue_.remove(f)
-                    f.finish()
-                    on_file(Downloaded(f.obj, f.path, f.digest or "", f.restarts, f.read_back))
-                if not queue_:
-                    return
-                record_state()
-                if cancelled.is_set():
-                    raise DeadlineError("download cancelled")
-                if not fetching and not hashing and not any(f.restart_pending for f in queue_):
-                    if todo:
-                        pool.wait(0.5)  # other jobs hold every buffer: our turn comes when one is put back
-                        continue
-                    raise SourceError(f"download stalled with {len(queue_)} file(s) incomplete")  # a bug if seen
-                try:
-                    job.events.get(timeout=0.5)  # a task finished or a buffer came back
-                    while True:
-                        job.events.get_nowait()
-                except queue.Empty:
-                    pass
-                for fut in [fut for fut in (*fetching, *hashing) if fut.done()]:
-                    exc = fut.exception()
-                    if fut in fetching:
-                        f = fetching.pop(fut)
-                        f.in_flight -= 1
-                        if isinstance(exc, ObjectChanged):
-                            if job.void(f) and on_restart is not None:
-                                on_restart(f.obj)
-                            continue
-                    else:
-                        hashing.pop(fut)
-                    if isinstance(exc, _Cancelled):
-                        raise DeadlineError("download cancelled")
-                    if exc is not None:
-                        raise exc
-        except BaseException:
-            cancelled.set()
-            raise
-        finally:
-            if on_state is not None:
-                try:
-                    record_state(force=True)
-                except OSError:
-                    pass
 
 
 class _Cancelled(Exception):

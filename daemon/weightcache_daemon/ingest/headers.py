@@ -1,7 +1,7 @@
 """The safetensors headers of a model not downloaded yet, by ranged reads of its source.
 
 A job reads every header before it fetches anything: a malformed file fails it before its
-bytes move, the headers give the manifest streaming readers get and the ranks of the
+bytes move, the headers give the manifest early readers get and the ranks of the
 layer-order download, and their bytes are written to the ingest files first.
 """
 

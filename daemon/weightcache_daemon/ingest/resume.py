@@ -11,15 +11,27 @@ is stale, never an error. Fields that are present but malformed read as "nothing
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from weightcache_daemon.records import JobKey
+from weightcache_daemon.sources import RemoteObject
 from weightcache_daemon.storage.index import OWNERS
 
-__all__ = ["STATE_FILE", "IngestFile", "IngestState"]
+__all__ = [
+    "STATE_FILE",
+    "IngestFile",
+    "IngestState",
+    "JobRecord",
+    "ingest_dir_name",
+    "load_resume",
+    "record_intent",
+    "save_resume",
+]
 
 STATE_FILE = "state.json"
 
@@ -103,3 +115,64 @@ class IngestState:
 
 def _strings(v: object) -> tuple[str, ...]:
     return tuple(str(p) for p in v) if isinstance(v, list) else ()
+
+
+def ingest_dir_name(key: JobKey) -> str:
+    """One ingest directory per source and filters, so a restarted job finds its parts."""
+    return hashlib.sha256(f"{key.uri}\0{key.filters.to_json()}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """What a job's record says about the job itself (its parts aside): who asked, for what."""
+
+    key: JobKey
+    label: str
+    pin: bool | None
+    owner: str
+
+
+def save_resume(ingest: Path, job: JobRecord, part_size: int, files: list[tuple[RemoteObject, str, list[int]]]) -> None:
+    IngestState(
+        uri=job.key.uri,
+        include=job.key.include,
+        exclude=job.key.exclude,
+        name=job.label,
+        pin=job.pin,
+        owner=job.owner,
+        part_size=part_size,
+        files=tuple(IngestFile(o.relpath, o.version, o.size, name, tuple(written)) for o, name, written in files),
+    ).save(ingest)
+
+
+def record_intent(ingest: Path, job: JobRecord, part_size: int) -> bool:
+    """Write the job's record before the job is accepted: from then on a crashed daemon
+    resumes it at its next start, even if not a byte was fetched yet. A record a previous run
+    left for the same job is kept (it says which parts are on disk). True when it was kept."""
+    state = IngestState.load(ingest)
+    if state is not None and state.uri == job.key.uri:
+        return True
+    ingest.mkdir(mode=0o700, exist_ok=True)
+    save_resume(ingest, job, part_size, [])
+    return False
+
+
+def load_resume(ingest: Path, key: JobKey, todo: list[RemoteObject], part_size: int) -> dict[str, set[int]]:
+    """Parts a previous run of this job wrote, for objects whose version is unchanged."""
+    state = IngestState.load(ingest)
+    if state is None or state.uri != key.uri or state.part_size != part_size:
+        return {}
+    current = {o.relpath: o for o in todo}
+    out: dict[str, set[int]] = {}
+    for f in state.files:
+        o = current.get(f.relpath)
+        if o is None or o.version != f.version or o.size != f.size:
+            continue  # changed at the source (or no longer wanted): that file starts over
+        parts = set(f.written)
+        try:
+            on_disk = (ingest / f.file).stat().st_size
+        except OSError:
+            continue
+        if parts and max(min((i + 1) * part_size, o.size) for i in parts) <= on_disk:
+            out[o.relpath] = parts
+    return out

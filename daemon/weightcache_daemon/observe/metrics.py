@@ -70,7 +70,7 @@ class Metrics:
         )
         self.time_to_first_group = Histogram(
             "weightcache_time_to_first_group_seconds",
-            "From the start of a download to the first layer group on disk (readable by streaming clients)",
+            "From the start of a download to the first layer group on disk (readable by early clients)",
             registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )

@@ -122,19 +122,36 @@ def hash_file(path: Path | str, buf: bytearray | None = None) -> str:
 
 
 class BlobStore(Protocol):
-    """Role interface of the store: read, ingest, manage."""
+    """The store as everyone but its constructor sees it: read, ingest, manage (the lifecycle
+    above). Callers type against this, never against LocalBlobStore."""
 
+    root: Path  # the store directory: index.db and lock live here too
+    blobs: Path  # blobs/sha256/<2 hex>/<hex>: reconciliation walks it for strays
+    ingest: Path  # ingest/<job>/: downloads in progress, each job's record beside its files
+    snapshots: Path  # snapshots/<model>/<snapshot>/: views of relative symlinks (views.py)
+
+    # read
     def path(self, digest: str) -> Path: ...
 
     def has(self, digest: str) -> bool: ...
 
+    def check(self, digest: str) -> None: ...
+
     def open(self, digest: str) -> int: ...
 
+    def digests(self) -> Iterator[str]: ...
+
+    # ingest
     def commit(self, tmp: Path, digest: str) -> bool: ...
 
+    def remove_ingest(self, d: Path) -> None: ...
+
+    # manage
     def remove(self, digest: str) -> int: ...
 
-    def digests(self) -> Iterator[str]: ...
+    def quarantine(self, digest: str) -> Path | None: ...
+
+    def unfreeze(self, p: Path) -> None: ...
 
 
 class LocalBlobStore:

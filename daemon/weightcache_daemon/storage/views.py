@@ -13,10 +13,10 @@ import uuid
 from pathlib import Path
 
 from weightcache_daemon.records import FileRow, split_name
-from weightcache_daemon.storage.blobs import LocalBlobStore, fsync_dir
+from weightcache_daemon.storage.blobs import BlobStore, fsync_dir
 
 
-def view_path(store: LocalBlobStore, model: str, snapshot_id: str) -> Path:
+def view_path(store: BlobStore, model: str, snapshot_id: str) -> Path:
     """snapshots/<name>/<snapshot> for a shared name; snapshots/@<tenant>/<name>/<snapshot> for
     a tenant's ("<tenant>:<name>"): no model name starts with '@', so tenants' views never land
     inside a shared model's directory or each other's."""
@@ -25,7 +25,7 @@ def view_path(store: LocalBlobStore, model: str, snapshot_id: str) -> Path:
     return base / name / snapshot_id
 
 
-def build_view(store: LocalBlobStore, model: str, snapshot_id: str, files: list[FileRow]) -> Path:
+def build_view(store: BlobStore, model: str, snapshot_id: str, files: list[FileRow]) -> Path:
     final = view_path(store, model, snapshot_id)
     if final.is_dir():
         return final
@@ -48,7 +48,7 @@ def build_view(store: LocalBlobStore, model: str, snapshot_id: str, files: list[
     return final
 
 
-def remove_view(store: LocalBlobStore, model: str, snapshot_id: str) -> None:
+def remove_view(store: BlobStore, model: str, snapshot_id: str) -> None:
     d = view_path(store, model, snapshot_id)
     if d.is_dir():
         shutil.rmtree(d)

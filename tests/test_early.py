@@ -25,9 +25,9 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
 from weightcache import CorruptedError, DaemonUnavailableError, Model, NotFoundError  # noqa: E402
+from weightcache._early import EarlyDownload, EarlyFiles, FetchedRanges  # noqa: E402
 from weightcache._fd import GrantedFile  # noqa: E402
 from weightcache._records import FileInfo, Manifest, TensorMeta  # noqa: E402
-from weightcache._streaming import Download, FetchedRanges, StreamingFiles  # noqa: E402
 from weightcache.layers import default_layer_of, order_layers  # noqa: E402
 from weightcache.v1 import weightcache_pb2 as pb  # noqa: E402
 
@@ -53,7 +53,7 @@ def _checkpoint(directory: Path, seed: int = 0) -> Path:
     return path
 
 
-def _manifest(source: Path, *, streaming: bool = True) -> Manifest:
+def _manifest(source: Path, *, early: bool = True) -> Manifest:
     """The tensor map of a one-file checkpoint, as the daemon would send it."""
     raw = source.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -68,14 +68,14 @@ def _manifest(source: Path, *, streaming: bool = True) -> Manifest:
         ),
         key=lambda t: (t.layer_index, t.offset),
     )  # fmt: skip
-    sid, sha = (PROVISIONAL, "") if streaming else (COMMITTED, "a" * 64)
+    sid, sha = (PROVISIONAL, "") if early else (COMMITTED, "a" * 64)
     return Manifest(sid, "tiny", "file:///src/", "", (FileInfo(FILE, sha, len(raw)),), tuple(tensors),
-                    tuple(layers), streaming)  # fmt: skip
+                    tuple(layers), early)  # fmt: skip
 
 
 def _committed_pb(m: Manifest) -> pb.EnsureResponse:
     c = _manifest_pb(m)
-    c.manifest.snapshot_id, c.manifest.streaming = COMMITTED, False
+    c.manifest.snapshot_id, c.manifest.early = COMMITTED, False
     for f in c.manifest.files:
         f.sha256 = "a" * 64
     return c
@@ -84,7 +84,7 @@ def _committed_pb(m: Manifest) -> pb.EnsureResponse:
 def _manifest_pb(m: Manifest) -> pb.EnsureResponse:
     return pb.EnsureResponse(
         manifest=pb.Manifest(
-            snapshot_id=m.snapshot_id, model=m.name, source=m.source, streaming=m.streaming, layers=list(m.layers),
+            snapshot_id=m.snapshot_id, model=m.name, source=m.source, early=m.early, layers=list(m.layers),
             files=[pb.FileEntry(path=f.path, sha256=f.sha256, size=f.size) for f in m.files],
             tensors=[pb.Tensor(name=t.name, file=t.file, dtype=t.dtype, shape=list(t.shape), offset=t.offset,
                                length=t.length, layer=t.layer, layer_index=t.layer_index) for t in m.tensors],
@@ -218,23 +218,23 @@ def _merged(ranges: list[tuple[int, int]], s: int, e: int) -> list[tuple[int, in
 
 
 def _open(tmp_path: Path, *, fetched: bool = False, **writer: Any) -> tuple[Model, _Writer, _Feed, Path]:
-    """A streaming Model over a file being written: the client's half exactly as ``open()``
+    """An early Model over a file being written: the client's half exactly as ``open()``
     builds it, with the daemon's half stood in for."""
     source = _checkpoint(tmp_path / "src")
     man = _manifest(source)
     feed = _Feed()
     dest = tmp_path / "ingest.safetensors"
     w = _Writer(source, dest, man, feed, **writer)
-    dl = Download(man, "tiny", feed, feed.cancel)
+    dl = EarlyDownload(man, "tiny", feed, feed.cancel)
     dl.start()
     if fetched:
         backing: Any = FetchedRanges(dl, _fetch_from(dest, dl))
     else:
-        backing = StreamingFiles(_Grants(dest), dl)
+        backing = EarlyFiles(_Grants(dest), dl)
     return Model(man, backing), w, feed, source
 
 
-def _fetch_from(dest: Path, dl: Download) -> Any:
+def _fetch_from(dest: Path, dl: EarlyDownload) -> Any:
     """The daemon's ReadRange: waits until the range is on disk, then reads it."""
 
     def fetch(sid: str, path: str, offset: int, buf: memoryview) -> None:
@@ -262,7 +262,7 @@ def _raw(tensor: Any) -> bytes:
 @pytest.mark.parametrize("fetched", [False, True], ids=["mapped", "fetched"])
 def test_readiness_is_never_ahead_of_the_writer(tmp_path: Path, fetched: bool) -> None:
     m, w, _feed, source = _open(tmp_path, fetched=fetched)
-    assert m.manifest.streaming and not m.complete()
+    assert m.manifest.early and not m.complete()
     w.start()
     seen = 0
     checked: list[str] = []
@@ -325,7 +325,7 @@ def test_fallback_fetches_exactly_the_asked_ranges(tmp_path: Path) -> None:
     man = _manifest(source)
     feed = _Feed()
     w = _Writer(source, tmp_path / "ingest.safetensors", man, feed)
-    dl = Download(man, "tiny", feed, feed.cancel)
+    dl = EarlyDownload(man, "tiny", feed, feed.cancel)
     dl.start()
     log: list[tuple[str, int, int]] = []
     inner = _fetch_from(w.dest, dl)
@@ -624,7 +624,7 @@ def test_open_returns_while_downloading_and_streams_the_source(slow: Any, tmp_pa
         m = c.open(f"file://{src}/", name="llama", progress=events.append)
         opened = time.monotonic() - t0
         early = m.manifest
-        assert early.streaming and not m.complete(), "open() waited for the whole download"
+        assert early.early and not m.complete(), "open() waited for the whole download"
         assert len(early.snapshot_id) == 32 and {t.name for t in early.tensors} == set(ref)
         assert m.zero_copy and m.backing.download.bytes_ready < total
         first_group_at = None
@@ -636,7 +636,7 @@ def test_open_returns_while_downloading_and_streams_the_source(slow: Any, tmp_pa
                 assert torch.equal(_raw_view(t), _raw_view(ref[name])), name
         done = time.monotonic() - t0
         assert gname == "rest" and m.complete()
-        assert m.snapshot_id != early.snapshot_id and not m.manifest.streaming
+        assert m.snapshot_id != early.snapshot_id and not m.manifest.early
         assert all(len(f.sha256) == 64 for f in m.files)
         committed = c.ensure(f"file://{src}/", name="llama")
         assert committed.snapshot_id == m.snapshot_id and committed.files == m.manifest.files
@@ -646,7 +646,7 @@ def test_open_returns_while_downloading_and_streams_the_source(slow: Any, tmp_pa
             assert (Path(m.path) / f.name).read_bytes() == f.read_bytes()
         m.close()
     assert any(e.phase == "downloading" for e in events)
-    report("streaming open", f"{total / 2**20:.1f} MiB at {RATE}/s: open, stream every group",
+    report("early open", f"{total / 2**20:.1f} MiB at {RATE}/s: open, stream every group",
            "tensors equal the source", f"open {opened:.2f} s, first group {first_group_at:.2f} s, "
            f"last group {done:.2f} s")  # fmt: skip
 
@@ -663,9 +663,9 @@ def test_state_dict_and_verified_open_wait_for_the_commit(slow: Any, tmp_path: P
     uri = f"file://{src}/"
     with weightcache.connect(slow.socket_dir) as c:
         early = c.ensure(uri, name="two", verified=False)  # returns; the download goes on
-        assert early.streaming and all(f.sha256 == "" for f in early.files if f.path.endswith(".safetensors"))
+        assert early.early and all(f.sha256 == "" for f in early.files if f.path.endswith(".safetensors"))
         with c.open(uri, name="two") as m:
-            assert m.manifest.streaming and m.snapshot_id == early.snapshot_id  # the same download
+            assert m.manifest.early and m.snapshot_id == early.snapshot_id  # the same download
             first = m.get_tensor("model.embed_tokens.weight")  # its bytes only
             assert torch.equal(_raw_view(first), _raw_view(ref["model.embed_tokens.weight"]))
             sd = m.state_dict()
@@ -673,9 +673,9 @@ def test_state_dict_and_verified_open_wait_for_the_commit(slow: Any, tmp_path: P
             assert all(torch.equal(_raw_view(sd[k]), _raw_view(ref[k])) for k in ref)
             real = m.snapshot_id
         verified = c.ensure(uri, name="two")
-        assert not verified.streaming and verified.snapshot_id == real
+        assert not verified.early and verified.snapshot_id == real
         with c.open(uri, name="two", verified=True) as m2:
-            assert not m2.manifest.streaming and m2.complete() and m2.snapshot_id == real
+            assert not m2.manifest.early and m2.complete() and m2.snapshot_id == real
 
 
 def test_just_in_time_while_downloading_equals_eager(slow: Any, tmp_path: Path, report: Any) -> None:
@@ -691,7 +691,7 @@ def test_just_in_time_while_downloading_equals_eager(slow: Any, tmp_path: Path, 
         lazy = TinyLlama(**BIG)
     seen: dict[str, float] = {}
     with weightcache.connect(slow.socket_dir) as c, c.open(f"file://{src}/", name="jit") as m:
-        assert m.manifest.streaming
+        assert m.manifest.early
         dl = m.backing.download
 
         def computed(*_: Any) -> None:
@@ -702,7 +702,7 @@ def test_just_in_time_while_downloading_equals_eager(slow: Any, tmp_path: Path, 
         got = lazy(tokens)
         assert m.complete() and jit._handles == []
     assert torch.equal(got, expected)
-    report("streaming just in time", "Llama-shaped module on a model still downloading", "logits equal eager",
+    report("early just in time", "Llama-shaped module on a model still downloading", "logits equal eager",
            f"layer 0 computed with {seen['layer0'] * 100:.0f}% of the bytes on disk")  # fmt: skip
 
 
@@ -716,11 +716,11 @@ def test_fallback_over_grpc_while_downloading(slow: Any, tmp_path: Path) -> None
     os.symlink(slow.socket_dir / "weightcache.sock", only_grpc / "weightcache.sock")
     with weightcache.connect(only_grpc) as c, c.open(f"file://{src}/", name="fb") as m:
         early = m.manifest
-        assert early.streaming and not m.zero_copy
+        assert early.early and not m.zero_copy
         for _, group in m.stream("cpu", prefetch=1):
             for name, t in group.items():
                 assert torch.equal(_raw_view(t), _raw_view(ref[name])), name
-        assert m.complete() and m.snapshot_id != early.snapshot_id and not m.manifest.streaming
+        assert m.complete() and m.snapshot_id != early.snapshot_id and not m.manifest.early
         assert torch.equal(_raw_view(m.get_tensor("lm_head.weight")), _raw_view(ref["lm_head.weight"]))
 
 
@@ -730,7 +730,7 @@ def test_daemon_killed_mid_download_is_an_error_naming_the_model(slow: Any, tmp_
     src = _source(tmp_path / "llama", seed=5)
     with weightcache.connect(slow.socket_dir) as c:
         m = c.open(f"file://{src}/", name="killed")
-        assert m.manifest.streaming
+        assert m.manifest.early
         m.get_tensor("model.embed_tokens.weight")
         slow.stop(9)
         with pytest.raises(DaemonUnavailableError, match="daemon went away while model killed was downloading"):

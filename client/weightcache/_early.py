@@ -2,17 +2,17 @@
 
 The stream of an early Ensure call, and what a handle does with each part::
 
-    Progress* ─► Manifest(streaming, provisional id) ─► (Readiness | Progress)* ─┬► Manifest(committed)
+    Progress* ─► Manifest(early, provisional id) ─► (Readiness | Progress)* ─┬► Manifest(committed)
                  open() returns here                     ranges become readable  │  complete: real id
                                                                                  └► gRPC error: failed
 
-``Download`` follows the rest of that stream on a daemon thread and keeps, under one
+``EarlyDownload`` follows the rest of that stream on a daemon thread and keeps, under one
 condition variable, the byte ranges of each file that are on disk, then the outcome:
 *complete* (the committed manifest arrived; its content snapshot id replaces the provisional
 one) or *failed* (an error that every later call raises again, so no handle goes on as if
 nothing happened). Two backings sit on it:
 
-- ``StreamingFiles``: the descriptors fd.sock grants for the files being written, mapped whole
+- ``EarlyFiles``: the descriptors fd.sock grants for the files being written, mapped whole
   exactly like ``MappedFiles`` (the files are preallocated to their full size); a read waits
   for exactly its range.
 - ``FetchedRanges``: for a client without descriptors, exactly the asked ranges over the gRPC
@@ -20,7 +20,7 @@ nothing happened). Two backings sit on it:
 
 Why a reported range is safe to read: the daemon reports a range only after the write that
 put it on disk returned. Bytes outside reported ranges read as zeros and are never handed out.
-What is *not* known yet while streaming is whether the bytes are the right ones: sha256 and
+What is *not* known yet while the model downloads is whether the bytes are the right ones: sha256 and
 safetensors validation finish with the download. Hence the rule the users of a backing follow
 (``Model.state_dict``/``path``, ``LayerStream``, ``weightcache.nn``): whole-model results and
 the final layer group are delivered only after ``wait_complete()``, so a forward pass that uses
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from ._backing import MappedFiles, _check_range
+from ._backing import MappedFiles, check_range
 from ._records import Manifest, Progress
 from .contract.errors import (
     CorruptedError,
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from ._fd import FdConnection
     from .v1 import weightcache_pb2 as pb
 
-__all__ = ["Download", "FetchedRanges", "FollowingBacking", "StreamingFiles"]
+__all__ = ["EarlyDownload", "EarlyFiles", "FetchedRanges", "FollowingBacking"]
 
 
 # How long a read waits for the committed manifest when the provisional id it used has just
@@ -79,7 +79,7 @@ def _gaps(ranges: Ranges, start: int, end: int) -> Ranges:
     return out
 
 
-class Download:
+class EarlyDownload:
     """The rest of an early Ensure stream: ready ranges per file, then complete or failed.
 
     ``events`` is the call's remaining responses (the gRPC call object itself, which raises
@@ -99,8 +99,8 @@ class Download:
         on_progress: Callable[[Progress], None] | None = None,
         on_end: Callable[[], None] | None = None,
     ) -> None:
-        if not manifest.streaming:
-            raise InternalError(f"Download of model {label}: the manifest is already committed")
+        if not manifest.early:
+            raise InternalError(f"EarlyDownload of model {label}: the manifest is already committed")
         self.label = label
         self._manifest = manifest
         self._sizes = {f.path: f.size for f in manifest.files}
@@ -124,12 +124,12 @@ class Download:
 
     @property
     def manifest(self) -> Manifest:
-        """The streaming manifest, then the committed one once complete."""
+        """The early manifest, then the committed one once complete."""
         return self._manifest
 
     @property
     def snapshot_id(self) -> str:
-        """The provisional id while streaming; the content id once complete."""
+        """The provisional id while early; the content id once complete."""
         return self._manifest.snapshot_id
 
     def _raise_if_unusable(self) -> None:
@@ -155,7 +155,7 @@ class Download:
         size = self._sizes.get(file)
         if size is None:
             raise NotFoundError(f"file {file!r} is not in snapshot {self.snapshot_id} (model {self.label})")
-        _check_range(file, size, offset, length)
+        check_range(file, size, offset, length)
 
     def ready(self, file: str, offset: int, length: int) -> bool:
         """Whether [offset, offset + length) of ``file`` is on disk now."""
@@ -293,8 +293,8 @@ class Download:
             self._cond.notify_all()
 
     def _on_commit(self, m: pb.Manifest) -> None:
-        if m.streaming:
-            raise InternalError(f"the daemon sent a second streaming manifest for model {self.label}")
+        if m.early:
+            raise InternalError(f"the daemon sent a second early manifest for model {self.label}")
         committed = Manifest.from_pb(m)
         had = self._manifest
         if [(f.path, f.size) for f in committed.files] != [(f.path, f.size) for f in had.files] or (
@@ -331,14 +331,14 @@ class Download:
 
 
 class FollowingBacking:
-    """What both streaming backings share: readiness and completion from their ``Download``."""
+    """What both early backings share: readiness and completion from their ``EarlyDownload``."""
 
-    def __init__(self, download: Download) -> None:
+    def __init__(self, download: EarlyDownload) -> None:
         self.download = download
 
     @property
     def manifest(self) -> Manifest:
-        """The streaming manifest, the committed one once complete."""
+        """The early manifest, the committed one once complete."""
         return self.download.manifest
 
     def ready(self, file: str, offset: int, length: int) -> bool:
@@ -354,7 +354,7 @@ class FollowingBacking:
         return self.download.wait_complete(timeout)
 
 
-class StreamingFiles(FollowingBacking):
+class EarlyFiles(FollowingBacking):
     """Descriptors of files still being written, mapped like ``MappedFiles`` (which does the
     mapping and holds the lease); every read first waits for its range.
 
@@ -364,7 +364,7 @@ class StreamingFiles(FollowingBacking):
 
     zero_copy = True
 
-    def __init__(self, connect: Callable[[], FdConnection], download: Download) -> None:
+    def __init__(self, connect: Callable[[], FdConnection], download: EarlyDownload) -> None:
         super().__init__(download)
         sid = download.snapshot_id
         try:
@@ -413,7 +413,7 @@ class FetchedRanges(FollowingBacking):
 
     zero_copy = False
 
-    def __init__(self, download: Download, fetch: Callable[[str, str, int, memoryview], None]) -> None:
+    def __init__(self, download: EarlyDownload, fetch: Callable[[str, str, int, memoryview], None]) -> None:
         super().__init__(download)
         self._fetch = fetch
         self._sizes = {f.path: f.size for f in download.manifest.files}

@@ -77,7 +77,7 @@ def test_readiness_is_never_ahead_of_the_disk(tmp_path: Path, model_dir: Path, r
         first = next(call)
         while first.WhichOneof("event") == "progress":
             first = next(call)
-        assert first.manifest.streaming and len(first.manifest.snapshot_id) == 32
+        assert first.manifest.early and len(first.manifest.snapshot_id) == 32
         sizes = {f.path: f.size for f in first.manifest.files}
         conn = FdConnection(d.socket_dir / "fd.sock")
         fds = {g.path: g.fd for g in conn.acquire(first.manifest.snapshot_id)}
@@ -107,13 +107,13 @@ def test_readiness_is_never_ahead_of_the_disk(tmp_path: Path, model_dir: Path, r
                     assert os.pread(fds[f.path], e - s, s) == source[f.path][s:e], f"{f.path} [{s},{e}) ahead of disk"
                     checked += e - s
                 seen[f.path] = ranges
-        assert final is not None and not final.streaming and final.snapshot_id != first.manifest.snapshot_id
+        assert final is not None and not final.early and final.snapshot_id != first.manifest.snapshot_id
         assert ready_at_first_event is not None and ready_at_first_event < sum(sizes.values())  # opened mid-download
         for p, fd in fds.items():  # the same descriptors now read the committed blobs
             assert hashlib.sha256(os.pread(fd, sizes[p], 0)).hexdigest() == sha256_file(model_dir / p)
             os.close(fd)
         conn.close()
-        report("streaming", "a reader checks every range reported ready against the source, during a throttled "
+        report("early", "a reader checks every range reported ready against the source, during a throttled "
                "download", "never ahead of the disk; ranges only grow; the same descriptors read the committed blobs",
                f"{events} readiness events, {checked / MiB:.0f} MiB re-read")  # fmt: skip
     finally:
@@ -138,7 +138,7 @@ def test_download_runs_in_layer_order(tmp_path: Path, model_dir: Path) -> None:
         for ev in call:
             kind = ev.WhichOneof("event")
             if kind == "manifest":
-                if not ev.manifest.streaming:
+                if not ev.manifest.early:
                     break
                 manifest = ev.manifest
                 ranks, data_offset = _tensor_parts(manifest, MiB)
@@ -184,7 +184,7 @@ CHILD = textwrap.dedent(
         faulthandler.dump_traceback_later(200, exit=True)
     c = weightcache.connect(sock)
     m = c.open(uri)
-    out = {"streaming": bool(m.manifest.streaming), "provisional": m.snapshot_id, "tensors": {}}
+    out = {"streaming": bool(m.manifest.early), "provisional": m.snapshot_id, "tensors": {}}
     print(json.dumps({"opened": True, "streaming": out["streaming"]}), flush=True)
     try:
         for la in m.layers():
@@ -241,7 +241,7 @@ def _expected_tensors(model_dir: Path) -> dict[str, str]:
     return out
 
 
-def test_sixteen_processes_stream_one_cold_download(tmp_path: Path, model_dir: Path, report) -> None:  # type: ignore[no-untyped-def]
+def test_sixteen_processes_read_one_early_download(tmp_path: Path, model_dir: Path, report) -> None:  # type: ignore[no-untyped-def]
     d = _slow_daemon(tmp_path / "d", rate="16MiB")
     uri = f"file://{model_dir}/"
     try:
@@ -263,7 +263,7 @@ def test_sixteen_processes_stream_one_cold_download(tmp_path: Path, model_dir: P
         assert int(stats["bytes_downloaded"]) == size  # one download, shared
         assert [m["name"] for m in d.ctl_json("ls")] == ["llama"]
         no_partial_files(d)
-        report("streaming", "16 processes open one cold model at once and read every tensor while it downloads",
+        report("early", "16 processes open one cold model at once and read every tensor while it downloads",
                "one download shared; every tensor byte-identical; one committed snapshot",
                f"{streaming}/16 opened it streaming; {size / MiB:.0f} MiB downloaded once")  # fmt: skip
     finally:
@@ -279,7 +279,7 @@ def test_usr2_shows_where_each_stream_waits(tmp_path: Path, model_dir: Path) -> 
     d = _slow_daemon(tmp_path / "d", rate="1MiB")
     try:
         with weightcache.connect(d.socket_dir) as c, c.open(f"file://{model_dir}/") as m:
-            assert m.manifest.streaming
+            assert m.manifest.early
 
             def dump_shows_the_stream() -> bool:
                 # A dump taken while the handler sends a message ends in gRPC's write instead:
@@ -296,7 +296,7 @@ def test_usr2_shows_where_each_stream_waits(tmp_path: Path, model_dir: Path) -> 
         d.stop()
 
 
-def test_a_client_killed_mid_stream_leaves_the_download_going(tmp_path: Path, model_dir: Path) -> None:
+def test_an_early_client_killed_mid_download_leaves_the_download_going(tmp_path: Path, model_dir: Path) -> None:
     d = _slow_daemon(tmp_path / "d", rate="8MiB")
     uri = f"file://{model_dir}/"
     try:
@@ -313,7 +313,7 @@ def test_a_client_killed_mid_stream_leaves_the_download_going(tmp_path: Path, mo
         d.stop()
 
 
-def test_daemon_killed_mid_stream_errors_every_client_then_resumes(tmp_path: Path, model_dir: Path, report) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_killed_mid_download_fails_early_clients_resumes(tmp_path: Path, model_dir: Path, report) -> None:  # type: ignore[no-untyped-def]
     d = _slow_daemon(tmp_path / "d", rate="4MiB")
     uri = f"file://{model_dir}/"
     kids = [_spawn(d, uri) for _ in range(3)]
@@ -335,7 +335,7 @@ def test_daemon_killed_mid_stream_errors_every_client_then_resumes(tmp_path: Pat
         wait_for(lambda: [m["name"] for m in d2.ctl_json("ls")] == ["llama"], 300, "the resumed download")
         _assert_cached_as(model_dir, d2)
         no_partial_files(d2)
-        report("streaming", "daemon SIGKILLed while 3 clients stream a cold model",
+        report("early", "daemon SIGKILLed while 3 clients stream a cold model",
                "each client: DaemonUnavailableError naming the model, no hang; restart completes it byte-identical",
                f"all 3 errors within {took:.1f} s of the kill")  # fmt: skip
     finally:
@@ -365,7 +365,7 @@ def test_from_pretrained_on_a_cold_node_starts_before_the_download_ends(tmp_path
     try:
         lm = from_pretrained(f"file://{directory}/", socket_dir=d.socket_dir, just_in_time=True)
         try:
-            assert lm.handle.manifest.streaming and not lm.handle.complete(), (
+            assert lm.handle.manifest.early and not lm.handle.complete(), (
                 "from_pretrained waited for the whole download"
             )
             early = next(p for p in lm._owned if isinstance(p, _EarlyFiles)).path
@@ -426,7 +426,7 @@ def test_a_byte_flipped_in_transit_fails_every_reader_and_publishes_nothing(  # 
     try:
         with weightcache.connect(d.socket_dir) as c:
             m = c.open(f"s3://{bucket}/llama/")
-            assert m.manifest.streaming
+            assert m.manifest.early
             proxy.set(corrupt=True, times=10_000)  # every object read from now on has one byte flipped
             groups = [la.name for la in m.layers()]
             delivered = []
@@ -442,8 +442,8 @@ def test_a_byte_flipped_in_transit_fails_every_reader_and_publishes_nothing(  # 
         wait_for(lambda: not d.ctl_json("ls", "--downloads"), 120, "the failed download to end")
         assert d.ctl_json("ls") == [] and int(d.ctl_json("stats")["blobs"]) == 0  # nothing published
         no_partial_files(d)
-        assert "streaming_readers_failed" in d.log_text()
-        report("streaming", f"a byte flipped in transit while a client streams the model ({'' if checksums else 'no '}"
+        assert "early_readers_failed" in d.log_text()
+        report("early", f"a byte flipped in transit while a client streams the model ({'' if checksums else 'no '}"
                "source checksum)",
                "CorruptedError at the client's next call; the final group never delivered; nothing published",
                f"{len(delivered)} of {len(groups)} groups delivered")  # fmt: skip
@@ -451,7 +451,7 @@ def test_a_byte_flipped_in_transit_fails_every_reader_and_publishes_nothing(  # 
         d.stop()
 
 
-def test_a_file_changed_at_the_source_mid_download_fails_its_streaming_readers(tmp_path: Path, model_dir: Path) -> None:
+def test_a_file_changed_at_the_source_mid_download_fails_its_early_readers(tmp_path: Path, model_dir: Path) -> None:
     """The engine restarts a file whose source changed: what the readers were told of the old
     version is void, so they get CorruptedError (never a final group), while the download goes on
     and commits the new version."""
@@ -468,7 +468,7 @@ def test_a_file_changed_at_the_source_mid_download_fails_its_streaming_readers(t
     try:
         with weightcache.connect(d.socket_dir) as c:
             m = c.open(f"file://{src}/")
-            assert m.manifest.streaming
+            assert m.manifest.early
             shutil.copy(newer / shard, src / (shard + ".new"))
             os.replace(src / (shard + ".new"), src / shard)  # published as a new version
             delivered = []
