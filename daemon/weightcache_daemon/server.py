@@ -58,6 +58,15 @@ def _claim_socket(path: Path) -> None:
     raise BusyError(f"socket {path} is in use by another process (is another weightcached running?)")
 
 
+def unlink_if_same(path: Path, inode: int) -> None:
+    """Unlink a socket this process bound, unless another file has taken its path since."""
+    try:
+        if os.stat(path, follow_symlinks=False).st_ino == inode:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def resolve_group(group: str | None, what: str) -> int | None:
     if group is None:
         return None
@@ -175,6 +184,10 @@ class Daemon:
         self._flusher: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
         self.models_dir: ModelsDir | None = None
+        # The sockets this process bound, by path, with the inode it bound: stop() unlinks only
+        # these, so a start that fails (a socket of another running daemon) leaves that daemon's
+        # sockets alone, and a socket someone re-created since is not ours to remove either.
+        self._bound: dict[Path, int] = {}
 
     @property
     def client_socket(self) -> Path:
@@ -225,10 +238,13 @@ class Daemon:
         old = os.umask(0o177)
         try:
             self.client_server.add_insecure_port(f"unix://{self.client_socket}")
+            self._mark_bound(self.client_socket)
             self.admin_server.add_insecure_port(f"unix://{self.cfg.admin_socket}")
+            self._mark_bound(self.cfg.admin_socket)
             await self.admin_server.start()
             await self.client_server.start()
             await self.fd_server.start()
+            self._mark_bound(self.fd_socket)
         finally:
             os.umask(old)
         _own(self.client_socket, client_gid, self.cfg.socket_mode)
@@ -257,6 +273,13 @@ class Daemon:
             admin_socket=str(self.cfg.admin_socket),
             pid=os.getpid(),
         )
+
+    def _mark_bound(self, path: Path) -> None:
+        """Remember a socket just bound (each path was claimed first: what is there now is ours)."""
+        try:
+            self._bound[path] = os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            pass
 
     async def _fd_health(self, accepting: bool) -> None:
         """Health tells the truth: a daemon whose fd.sock cannot accept cannot serve models."""
@@ -298,8 +321,8 @@ class Daemon:
         for srv in (self.client_server, self.admin_server):
             if srv is not None:
                 await srv.stop(grace=2)
-        for p in (self.client_socket, self.fd_socket, self.cfg.admin_socket):
-            p.unlink(missing_ok=True)
+        for p, ino in self._bound.items():
+            unlink_if_same(p, ino)
         for pool in (self.core.client_io, self.core.admin_io):
             pool.shutdown(wait=False, cancel_futures=True)  # queued work is moot now; never holds up SIGTERM
         self.index.close()
