@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,3 +22,100 @@ def test_a_second_daemon_that_fails_to_start_leaves_the_running_ones_sockets(dae
     health = daemon.ctl("health", "--socket-dir", str(daemon.socket_dir), check=False)
     assert health.returncode == 0 and "SERVING" in health.stdout, health.stdout + health.stderr
     assert daemon.ctl_json("stats")["cache_dir"] == str(daemon.cache_dir)
+
+
+# ---------------------------------------------------------------- --json: one shape, errors included
+
+
+def _walk_numbers(doc: Any, path: str = "") -> list[str]:
+    """Paths of every string that is all digits: an integer that came out as a string."""
+    if isinstance(doc, dict):
+        return [p for k, v in doc.items() for p in _walk_numbers(v, f"{path}.{k}")]
+    if isinstance(doc, list):
+        return [p for i, v in enumerate(doc) for p in _walk_numbers(v, f"{path}[{i}]")]
+    return [path] if isinstance(doc, str) and doc.isdigit() else []
+
+
+def test_json_numbers_are_numbers_in_every_listing(daemon: Any, tiny_model: Path) -> None:
+    pre = daemon.ctl_json("prefetch", f"file://{tiny_model}/", "--name", "tiny")
+    assert isinstance(pre["size"], int) and pre["size"] > 0
+    docs = {
+        "prefetch": pre,
+        "ls": daemon.ctl_json("ls"),
+        "show": daemon.ctl_json("show", "tiny", "--tensors"),
+        "stats": daemon.ctl_json("stats"),
+        "pin": daemon.ctl_json("pin", "tiny"),
+        "unpin": daemon.ctl_json("unpin", "tiny"),
+        "verify": daemon.ctl_json("verify"),
+        "gc": daemon.ctl_json("gc", "--dry-run"),
+        "evict": daemon.ctl_json("evict", "tiny", "--dry-run"),
+    }
+    for command, doc in docs.items():
+        assert _walk_numbers(doc) == [], (command, _walk_numbers(doc))
+    show = docs["show"]
+    assert all(isinstance(f["size"], int) for f in show["manifest"]["files"])
+    assert all(isinstance(t["offset"], int) for t in show["manifest"]["tensors"])
+    assert show["download"] is None  # an absent part is null, present in the shape all the same
+    assert isinstance(docs["stats"]["logical_bytes"], int) and isinstance(docs["evict"]["bytes_freed"], int)
+
+
+def test_json_errors_are_one_document_on_stdout(daemon: Any, tmp_path: Path) -> None:
+    cases = [
+        (["show", "no-such-model"], "NOT_FOUND", 1),
+        (["prefetch", "ftp://host/x/"], "INVALID_ARGUMENT", 2),
+        (["evict"], "INVALID_ARGUMENT", 2),
+        (["show"], "USAGE", 2),  # argparse's own complaint, in the same shape
+    ]
+    for args, code, status in cases:
+        r = daemon.ctl(*args, "--json", check=False)
+        assert r.returncode == status, (args, r.stdout, r.stderr)
+        assert r.stderr == "", (args, r.stderr)
+        err = json.loads(r.stdout)["error"]
+        assert err["code"] == code, (args, err)
+        assert set(err) == {"code", "type", "message", "command"} and err["command"] == args[0]
+        assert err["message"]
+    env = dict(daemon.env, WEIGHTCACHE_ADMIN_SOCKET=str(tmp_path / "nothing.sock"))
+    r = subprocess.run(["cachectl", "ls", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    err = json.loads(r.stdout)["error"]
+    assert (
+        r.returncode == 1 and err["code"] == "DAEMON_UNAVAILABLE" and str(tmp_path / "nothing.sock") in err["message"]
+    )
+
+
+# ---------------------------------------------------------------- | head
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(daemon: Any, tiny_model: Path) -> None:
+    daemon.ctl("prefetch", f"file://{tiny_model}/", "--name", "tiny")
+    for args in (["show", "tiny", "--tensors"], ["doctor", "--json"], ["ls"], ["show", "tiny", "--tensors", "--json"]):
+        # `| head -c1`: the reader takes one byte and goes; a large output is still being written.
+        p = subprocess.Popen(["cachectl", *args], env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout is not None and p.stderr is not None
+        p.stdout.read(1)
+        p.stdout.close()
+        err = p.stderr.read().decode()
+        p.wait(timeout=120)
+        assert "Traceback" not in err and "BrokenPipe" not in err, (args, err)
+        assert p.returncode in (0, 1, 141), (args, p.returncode)  # 141: ended by the closed pipe
+
+
+# ---------------------------------------------------------------- verify names the models
+
+
+def test_verify_names_every_model_that_shares_a_bad_blob(daemon: Any, tiny_model: Path) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        daemon.ctl("prefetch", f"file://{tiny_model}/", "--name", name)
+    view = Path(daemon.ctl_json("show", "alpha")["manifest"]["path"])
+    blob = (view / "config.json").resolve()
+    blob.chmod(0o644)
+    data = blob.read_bytes()
+    blob.write_bytes(bytes([data[0] ^ 1]) + data[1:])  # same size, other bytes
+    r = daemon.ctl("verify", check=False)
+    assert r.returncode == 1
+    line = next(x for x in r.stdout.splitlines() if blob.name in x)
+    assert "alpha, beta, gamma" in line and "config.json" in line, r.stdout
+    assert "verify --repair" in r.stdout
+    r = daemon.ctl("verify", "--json", check=False)  # quarantined now: a missing blob, still named with its models
+    assert r.returncode == 1 and json.loads(r.stdout)["damaged"] == [
+        {"sha256": blob.name, "models": ["alpha", "beta", "gamma"], "paths": ["config.json"]}
+    ]

@@ -302,6 +302,10 @@ class AdminService(pb_grpc.AdminServicer):
                     )
                 )
         result.bytes_checked = done_bytes
+        bad = [*result.corrupt, *result.missing]
+        if bad:
+            users = await _in(self.core.admin_io, self.core.verifier.users, bad)
+            result.damaged.extend(pb.BlobUse(sha256=d, models=users[d][0], paths=users[d][1]) for d in bad)
         if request.repair and (result.corrupt or result.missing):
             result.repaired.extend(await self.core.repair([*result.corrupt, *result.missing]))
         yield pb.VerifyResponse(result=result)
