@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 from harness import daemon_argv
 
 
@@ -119,3 +120,41 @@ def test_verify_names_every_model_that_shares_a_bad_blob(daemon: Any, tiny_model
     assert r.returncode == 1 and json.loads(r.stdout)["damaged"] == [
         {"sha256": blob.name, "models": ["alpha", "beta", "gamma"], "paths": ["config.json"]}
     ]
+
+
+# ---------------------------------------------------------------- a path where a reference belongs
+
+
+def test_opening_a_path_names_its_uri_and_whether_this_client_may_fetch_it(
+    daemon_factory: Any, tiny_model: Path
+) -> None:
+    import weightcache
+
+    narrow = daemon_factory("narrow", client_sources=["s3://elsewhere/**"])
+    with weightcache.connect(narrow.socket_dir) as c, pytest.raises(weightcache.NotFoundError) as e:
+        c.open(str(tiny_model))
+    msg = str(e.value)
+    assert "is not in the cache" in msg and f"file://{tiny_model}/" in msg, msg
+    assert "may not fetch" in msg and "client_sources" in msg and "cachectl prefetch" in msg, msg
+    wide = daemon_factory("wide")  # the developer default allows every URI
+    with weightcache.connect(wide.socket_dir) as c, pytest.raises(weightcache.NotFoundError) as e:
+        c.open(str(tiny_model))
+    assert f"file://{tiny_model}/" in str(e.value) and "which this caller may fetch" in str(e.value)
+    with weightcache.connect(wide.socket_dir) as c, pytest.raises(weightcache.NotFoundError, match="relative path"):
+        c.open("./tiny-llama")
+    r = wide.ctl("prefetch", str(tiny_model), check=False)  # the admin typed a path too
+    assert r.returncode == 2 and f"file://{tiny_model}/" in r.stderr, r.stderr
+
+
+def test_wrong_python_types_are_named_with_the_fix(daemon: Any, tiny_model: Path) -> None:
+    import weightcache
+
+    with weightcache.connect(daemon.socket_dir) as c:
+        with pytest.raises(weightcache.InvalidInputError, match=r"path object.*file://"):
+            c.open(tiny_model)  # type: ignore[arg-type]
+        with pytest.raises(weightcache.InvalidInputError, match="a model reference is a str"):
+            c.ensure(42)  # type: ignore[arg-type]
+        with pytest.raises(weightcache.InvalidInputError, match=r"list of glob strings"):
+            c.ensure(f"file://{tiny_model}/", include="*.safetensors")  # type: ignore[arg-type]
+    with pytest.raises(weightcache.InvalidInputError, match="socket_dir"):
+        weightcache.connect(3)  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from weightcache.contract.errors import (
 )
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
+from weightcache_daemon import uris
 from weightcache_daemon.cache.core import Core
 from weightcache_daemon.edges import convert
 from weightcache_daemon.records import Manifest, ProgressState, Readiness
@@ -206,7 +207,10 @@ class AdminService(pb_grpc.AdminServicer):
     async def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> AsyncIterator[pb.PrefetchResponse]:
         uri = _str(request.uri, "uri")
         if "://" not in uri:
-            raise InvalidInputError(f"prefetch needs a source URI (s3://bucket/prefix/ or file:///dir/), got {uri!r}")
+            raise InvalidInputError(
+                f"prefetch needs a source URI (s3://bucket/prefix/ or file:///dir/), got {uri[:300]!r}"
+                f"{uris.path_hint(uri, None)}"
+            )
         events = self.core.fetch(
             uri,
             _str(request.name, "name"),
