@@ -158,3 +158,33 @@ def test_wrong_python_types_are_named_with_the_fix(daemon: Any, tiny_model: Path
             c.ensure(f"file://{tiny_model}/", include="*.safetensors")  # type: ignore[arg-type]
     with pytest.raises(weightcache.InvalidInputError, match="socket_dir"):
         weightcache.connect(3)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- what a model directory holds
+
+
+def test_a_directory_without_weights_at_its_root_is_refused_with_the_rule(daemon: Any, tiny_model: Path,
+                                                                         tmp_path: Path) -> None:  # fmt: skip
+    import shutil
+
+    no_weights = tmp_path / "tokenizer-only"
+    no_weights.mkdir()
+    for f in tiny_model.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, no_weights / f.name)
+    r = daemon.ctl("prefetch", f"file://{no_weights}/", check=False)
+    assert r.returncode == 2, r.stderr
+    assert "no safetensors weights" in r.stderr and "at its root" in r.stderr and "config.json" in r.stderr
+    assert "--include '*'" in r.stderr  # the opt-in, named
+    parent = tmp_path / "parent"
+    shutil.copytree(tiny_model, parent / "sub")
+    r = daemon.ctl("prefetch", f"file://{parent}/", check=False)
+    assert r.returncode == 2 and "only under sub/" in r.stderr and f"file://{parent}/sub/" in r.stderr, r.stderr
+    assert daemon.ctl_json("ls") == []  # nothing published
+    # the opt-in: files named by the caller are taken as named
+    got = daemon.ctl_json("prefetch", f"file://{no_weights}/", "--include", "*", "--name", "tok")
+    assert got["file_count"] == len(list(no_weights.iterdir()))
+    # a model directory, and a diffusers-style pipeline (components in folders, model_index.json at the root)
+    daemon.ctl("prefetch", f"file://{tiny_model}/")
+    (parent / "model_index.json").write_text('{"sub": ["transformers", "LlamaModel"]}')
+    assert daemon.ctl_json("prefetch", f"file://{parent}/", "--name", "pipe")["file_count"] > 1

@@ -40,6 +40,7 @@ from weightcache_daemon.config import Config
 from weightcache_daemon.ingest.early import EarlyFile, EarlySnapshot
 from weightcache_daemon.ingest.engine import BufferPool, Downloaded, RateLimiter, download, ingest_name
 from weightcache_daemon.ingest.headers import read_headers
+from weightcache_daemon.ingest.layout import check_layout
 from weightcache_daemon.ingest.resume import IngestFile, IngestState
 from weightcache_daemon.ingest.schedule import group_ranks, other_file_ranks, safetensors_ranks
 from weightcache_daemon.observe.metrics import Metrics, source_label
@@ -394,6 +395,7 @@ class Fetcher:
                         "safetensors; convert them (transformers save_pretrained(..., safe_serialization=True), or "
                         "safetensors.torch.save_file) and fetch again"
                     )
+            check_layout(key.uri, objects, chosen=key.include != self.cfg.include, filtered=bool(key.exclude))
             p.files_total = len(objects)
             p.bytes_total = sum(o.size for o in objects)
             known: dict[str, str] = {}
