@@ -188,3 +188,87 @@ def test_a_directory_without_weights_at_its_root_is_refused_with_the_rule(daemon
     daemon.ctl("prefetch", f"file://{tiny_model}/")
     (parent / "model_index.json").write_text('{"sub": ["transformers", "LlamaModel"]}')
     assert daemon.ctl_json("prefetch", f"file://{parent}/", "--name", "pipe")["file_count"] > 1
+
+
+# ---------------------------------------------------------------- a Hugging Face cache snapshot
+
+
+def _hf_repo(hub: Path, repo: str, model: Path) -> tuple[Path, dict[str, str]]:
+    """A Hugging Face cache repository as huggingface_hub lays it out: the bytes in blobs/, a
+    snapshot of relative links into them. Returns (repo folder, relpath -> blob name)."""
+    import hashlib
+    import shutil
+
+    root = hub / repo
+    (root / "blobs").mkdir(parents=True)
+    names = {}
+    for f in sorted(model.iterdir()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, root / "blobs" / digest)
+        names[f.name] = digest
+    return root, names
+
+
+def _snapshot(repo: Path, rev: str, links: dict[str, str]) -> Path:
+    snap = repo / "snapshots" / rev
+    for rel, target in links.items():
+        (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+        (snap / rel).symlink_to(target)
+    return snap
+
+
+def test_an_admin_prefetches_a_hugging_face_cache_snapshot_and_nothing_else_is_followed(
+    daemon: Any, tiny_model: Path, tmp_path: Path
+) -> None:
+    import weightcache
+
+    hub = tmp_path / "hub"
+    repo, blobs = _hf_repo(hub, "models--org--tiny", tiny_model)
+    other, other_blobs = _hf_repo(hub, "models--other--x", tiny_model)
+    good = {rel: f"../../blobs/{d}" for rel, d in blobs.items()}
+    snap = _snapshot(repo, "abc123", {**good, "extra/notes.json": f"../../../blobs/{blobs['config.json']}"})
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"secret": true}')
+    (repo / "blobs" / "is-a-link").symlink_to(secret)
+    (hub / "models--org--linkedblobs").mkdir()
+    (hub / "models--org--linkedblobs" / "blobs").symlink_to(other / "blobs")
+    (tmp_path / "hub-link").symlink_to(hub)
+    hostile = {
+        "another repository's blob": (repo, {"config.json": f"../../../models--other--x/blobs/{other_blobs['config.json']}"}),
+        "an absolute link": (repo, {"config.json": str(secret)}),
+        "'..' after blobs/": (repo, {"config.json": f"../../blobs/../../../{secret.name}"}),
+        "a blob that is itself a link": (repo, {"config.json": "../../blobs/is-a-link"}),
+        "a link to another snapshot's link": (repo, {"config.json": "../abc123/config.json"}),
+        "one '..' too many": (repo, {"config.json": f"../../../blobs/{blobs['config.json']}"}),
+        "a repository whose blobs/ is a link": (hub / "models--org--linkedblobs", {}),
+    }  # fmt: skip
+    for i, (what, (where, bad)) in enumerate(hostile.items()):
+        links = {**good, **bad} if where == repo else {rel: f"../../blobs/{d}" for rel, d in other_blobs.items()}
+        s = _snapshot(where, f"evil{i}", links)
+        r = daemon.ctl("prefetch", f"file://{s}/", "--name", f"evil{i}", check=False)
+        assert r.returncode == 2, (what, r.stdout, r.stderr)
+        assert "symbolic link" in r.stderr and "cp -rL" in r.stderr, (what, r.stderr)
+    r = daemon.ctl("prefetch", f"file://{tmp_path}/hub-link/models--org--tiny/snapshots/abc123/", check=False)
+    assert r.returncode == 2 and "hub-link is a symbolic link" in r.stderr, r.stderr  # a link on the way
+    assert daemon.ctl_json("ls") == []
+    # a client's request never follows a link, and is told who can
+    with weightcache.connect(daemon.socket_dir) as c, pytest.raises(weightcache.InvalidInputError) as e:
+        c.ensure(f"file://{snap}/")
+    assert "never follows links" in str(e.value) and f"cachectl prefetch file://{snap}/" in str(e.value)
+    # the real thing, by an admin
+    got = daemon.ctl_json("prefetch", f"file://{snap}/", "--name", "tiny-hf")
+    assert got["file_count"] == len(blobs) + 1
+    with weightcache.connect(daemon.socket_dir) as c, c.open("tiny-hf") as m, c.open(f"file://{snap}/") as same:
+        assert len(m.keys()) == 21 and m.snapshot_id == same.snapshot_id  # clients use what the admin cached
+        assert (Path(m.path) / "extra" / "notes.json").read_bytes() == (tiny_model / "config.json").read_bytes()
+    assert secret.read_text() == '{"secret": true}'
+
+
+def test_other_links_are_refused_with_what_to_do(daemon: Any, tiny_model: Path, tmp_path: Path) -> None:
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in tiny_model.iterdir():
+        (linked / f.name).symlink_to(f)
+    r = daemon.ctl("prefetch", f"file://{linked}/", check=False)
+    assert r.returncode == 2 and "is a symbolic link" in r.stderr, r.stderr
+    assert "cp -rL" in r.stderr and "hf download" in r.stderr and "models--ORG--NAME/snapshots" in r.stderr

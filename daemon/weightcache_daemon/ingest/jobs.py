@@ -370,7 +370,8 @@ class Fetcher:
 
     def _fetch_into(self, job: Job, ingest: Path) -> str:
         key, p = job.key, job.progress
-        source = open_source(key.uri, self.cfg, self.clients)
+        # Only an admin's job (cachectl, models.d, a repair) may read a Hugging Face cache snapshot's links.
+        source = open_source(key.uri, self.cfg, self.clients, links=job.owner != "client")
         try:
             listed = source.list()
             objects = select(listed, key.include, key.exclude)
