@@ -272,3 +272,23 @@ def test_other_links_are_refused_with_what_to_do(daemon: Any, tiny_model: Path, 
     r = daemon.ctl("prefetch", f"file://{linked}/", check=False)
     assert r.returncode == 2 and "is a symbolic link" in r.stderr, r.stderr
     assert "cp -rL" in r.stderr and "hf download" in r.stderr and "models--ORG--NAME/snapshots" in r.stderr
+
+
+def test_a_full_filesystem_is_named_with_what_to_do(daemon_factory: Any, tmp_path: Path) -> None:
+    """A real small filesystem (tmpfs) under the store, not only a --max-size."""
+    from harness import make_model
+
+    store = tmp_path / "small-store"
+    store.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(store)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        big = make_model(tmp_path / "big", tiny=False, size=3 << 20, shards=1)
+        d = daemon_factory("full", cache_dir=store)
+        r = d.ctl("prefetch", f"file://{big}/", "--name", "big", check=False)
+        assert r.returncode == 1 and "ExhaustedError" in r.stderr, r.stderr
+        assert "of the filesystem" in r.stderr and "free the filesystem" in r.stderr, r.stderr
+        assert d.ctl_json("ls") == [] and not any((store / "ingest").iterdir())
+        d.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=False)

@@ -95,7 +95,7 @@ def cmd_prefetch(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         bar.close()
         raise Interrupted(
-            f"interrupted; the daemon goes on downloading {a.uri} (a prefetch is the daemon's job, not this "
+            f"the daemon goes on downloading {a.uri} (a prefetch is the daemon's job, not this "
             f"command's): `cachectl ls` shows its progress, `cachectl prefetch {a.uri}` again waits for it, "
             "`cachectl evict NAME` removes it once it is in"
         ) from None

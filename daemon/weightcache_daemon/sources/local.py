@@ -72,9 +72,11 @@ class LocalSource:
         elif self.links:
             why = ("links are followed only inside a Hugging Face cache snapshot (…/hub/models--ORG--NAME/snapshots/"
                    "REV/), into that repository's own blobs/")  # fmt: skip
+        elif repo_of(self.root) is not None:
+            why = ("a client's request never follows links; this is a Hugging Face cache snapshot, which an admin "
+                   f"may prefetch: cachectl prefetch {self.uri}")  # fmt: skip
         else:
-            why = ("a client's request never follows links (an admin may prefetch a Hugging Face cache snapshot: "
-                   f"cachectl prefetch {self.uri})")  # fmt: skip
+            why = "a client's request never follows links"
         return InvalidInputError(f"source {self.uri}: {relpath} is a symbolic link; {why}; {LINK_ADVICE}")
 
     def _open_linked(self, relpath: str, parent: int) -> int:
