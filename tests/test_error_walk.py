@@ -161,6 +161,11 @@ def test_every_wrong_input_gets_an_answer_that_names_the_rule(daemon_factory: An
         w.call("client.ensure('file:///models/parent/llama/', name='tiny')",
                lambda: c.ensure(f"file://{dirs['parent']}/llama/", name="tiny"))  # fmt: skip
         w.call("client.read_range('nope', 'config.json')", lambda: c.read_range("nope", "config.json"))
+        with c.open("tiny") as m:
+            w.call("model.get_tensor('model.layers.0.mlp.up_proj')",
+                   lambda: m.get_tensor("model.layers.0.mlp.up_proj"))  # fmt: skip
+            w.call("model.stream('gpu')", lambda: list(m.stream("gpu")))
+            w.call("model.stream('cpu', prefetch=0)", lambda: list(m.stream("cpu", prefetch=0)))
     with weightcache.connect(narrow.socket_dir) as c:
         w.call("client.open('/models/tiny') (narrow allow-list)", lambda: c.open(str(dirs["tiny"])))
         w.call("client.open('s3://elsewhere/llama/') (narrow allow-list)", lambda: c.open("s3://elsewhere/llama/"))
