@@ -635,7 +635,7 @@ def test_one_socket_resolver_for_client_and_cachectl(
     daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from weightcache import paths
-    from weightcache_daemon import cachectl
+    from weightcache_daemon.cli import cachectl
 
     monkeypatch.chdir(daemon.socket_dir.parent)
     rel = Path(daemon.socket_dir.name)
