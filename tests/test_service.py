@@ -293,7 +293,7 @@ def test_kubernetes_manifests_match_the_daemon(tmp_path: Path) -> None:
     assert volumes["store"]["hostPath"]["path"] == cfg["cache_dir"] == mounts["store"]
     assert cfg["socket_dir"].startswith(mounts["run"]) and cfg["admin_socket"].startswith(mounts["run"])
     assert mounts["models"] == cfg["models_dir"] and volumes["models"]["configMap"]["name"] == "weightcache-models"
-    from weightcache_daemon import declarative
+    from weightcache_daemon.cache import declarative
 
     models = cms["weightcache-models"]["data"]
     assert models, "the example models ConfigMap declares no model"
