@@ -370,6 +370,7 @@ def cmd_health(a: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error under --json is the JSON error document too."""
 
+    # Class-wide, not per instance: argparse builds the subcommands' parsers itself, from the class.
     json_errors = False
 
     def error(self, message: str) -> NoReturn:
