@@ -71,8 +71,9 @@ def test_dedup_two_prefixes_sharing_two_of_three_files(daemon: Daemon, s3, bucke
         c.put_object(Bucket=bucket, Key=prefix + "a.txt", Body=shared_a)
         c.put_object(Bucket=bucket, Key=prefix + "b.txt", Body=shared_b)
         c.put_object(Bucket=bucket, Key=prefix + "own.txt", Body=own)
-    daemon.ctl("prefetch", f"s3://{bucket}/m1/", "--name", "m1")
-    daemon.ctl("prefetch", f"s3://{bucket}/m2/", "--name", "m2")
+    # No weights: the files are named (--include) to be taken as they are (ingest/layout.py).
+    daemon.ctl("prefetch", f"s3://{bucket}/m1/", "--name", "m1", "--include", "*")
+    daemon.ctl("prefetch", f"s3://{bucket}/m2/", "--name", "m2", "--include", "*")
     st = daemon.ctl_json("stats")
     unique = len(shared_a) + len(shared_b) + len(own1) + len(own2)
     assert int(st["stored_bytes"]) == unique

@@ -15,7 +15,7 @@ from ._fd import FdConnection
 from ._model import Model, gc_paused
 from ._records import Manifest, ModelInfo, Progress
 from .contract import paths
-from .contract.errors import DaemonUnavailableError, WeightcacheError, from_rpc_error
+from .contract.errors import DaemonUnavailableError, InvalidInputError, WeightcacheError, from_rpc_error
 from .progress import Bar
 from .v1 import weightcache_pb2 as pb
 from .v1 import weightcache_pb2_grpc as pb_grpc
@@ -25,10 +25,44 @@ __all__ = ["Client", "ProgressFn", "connect"]
 ProgressFn = Callable[[Progress], None]
 
 
+def _reference(model: object) -> str:
+    """A model reference is a str; a path object is the usual slip, answered with its URI."""
+    if isinstance(model, str):
+        return model
+    if isinstance(model, os.PathLike):
+        uri = Path(os.fspath(model)).absolute().as_uri().rstrip("/") + "/"
+        raise InvalidInputError(
+            f"model {model!r}: a path object is not a model reference; a directory is opened by its URI "
+            f"(open({uri!r})), a cached model by its name or snapshot id (str)"
+        )
+    raise InvalidInputError(
+        f"model {model!r:.200}: a model reference is a str (a name, a snapshot id or a source URI such as "
+        f"s3://bucket/prefix/ or file:///dir/), not {type(model).__name__}"
+    )
+
+
+def _globs(value: object, what: str) -> list[str]:
+    """include=/exclude=: a list of globs; a bare str would be read one character at a time."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return [str(v) for v in value]
+    raise InvalidInputError(f"{what}={value!r:.200}: give a list of glob strings, e.g. {what}=['*.safetensors']")
+
+
+def _check_socket_dir(socket_dir: object) -> None:
+    if socket_dir is not None and not isinstance(socket_dir, (str, os.PathLike)):
+        raise InvalidInputError(
+            f"socket_dir={socket_dir!r:.200}: give the daemon's client socket directory as a str or path "
+            "(the directory holding weightcache.sock), or None for $WEIGHTCACHE_SOCKET_DIR / the default"
+        )
+
+
 class Client:
     """A connection to weightcached's client socket directory."""
 
     def __init__(self, socket_dir: str | os.PathLike[str], timeout: float | None = None) -> None:
+        _check_socket_dir(socket_dir)
         self.socket_dir = Path(socket_dir).absolute()  # gRPC would read a relative path as a host
         self.timeout = timeout
         sock = self.socket_dir / paths.CLIENT_SOCKET_NAME
@@ -43,7 +77,10 @@ class Client:
     def _request(
         self, model: str, name: str, include: list[str] | None, exclude: list[str] | None, early: bool
     ) -> pb.EnsureRequest:
-        return pb.EnsureRequest(model=model, name=name, include=include or [], exclude=exclude or [], early=early)
+        if not isinstance(name, str):
+            raise InvalidInputError(f"name={name!r:.200}: a model name is a str")
+        return pb.EnsureRequest(model=_reference(model), name=name, include=_globs(include, "include"),
+                                exclude=_globs(exclude, "exclude"), early=early)  # fmt: skip
 
     def _first_manifest(self, req: pb.EnsureRequest, callback: ProgressFn | None) -> tuple[pb.Manifest, Any]:
         """Start Ensure and read it up to its first manifest: (that manifest, the call). The
@@ -278,4 +315,5 @@ def _progress_sink(progress: ProgressFn | bool | None) -> tuple[Bar | None, Prog
 def connect(socket_dir: str | os.PathLike[str] | None = None, *, timeout: float | None = None) -> Client:
     """Connect to the daemon: socket_dir, $WEIGHTCACHE_SOCKET_DIR, then the user and system
     defaults (``weightcache.paths.client_socket_dir``)."""
+    _check_socket_dir(socket_dir)
     return Client(paths.client_socket_dir(socket_dir, os.environ, os.geteuid()), timeout=timeout)

@@ -181,7 +181,14 @@ class Model:
         try:
             return self._tensors[name]
         except KeyError:
-            raise NotFoundError(f"tensor {name!r} is not in model {self.name or self.snapshot_id}") from None
+            import difflib
+
+            near = difflib.get_close_matches(str(name), self._tensors, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise NotFoundError(
+                f"tensor {name!r} is not in model {self.name or self.snapshot_id} (model.keys() lists its "
+                f"{len(self._tensors)} tensors){hint}"
+            ) from None
 
     def layers(self) -> list[Layer]:
         """Layer groups in stream order."""

@@ -92,7 +92,12 @@ class LayerStream:
         torch = torch_module()
         self.model = model
         self.groups = groups
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InvalidInputError(
+                f"device {device!r}: not a torch device; give 'cpu', 'cuda', 'cuda:N' or a torch.device"
+            ) from None
         self.prefetch = prefetch
         self.copy = copy
         self.reuse = reuse
@@ -110,7 +115,11 @@ class LayerStream:
         biggest = max((_packed_size(ts) for _, ts in groups), default=0)
         if self._cuda:
             if not torch.cuda.is_available():
-                raise InvalidInputError(f"device {self.device} requested but CUDA is not available")
+                raise InvalidInputError(
+                    f"device {self.device} requested but CUDA is not available (torch {torch.__version__}, "
+                    f"{'a CPU-only build' if torch.version.cuda is None else 'no CUDA device visible'}); "
+                    "stream to 'cpu', or run where a GPU is"
+                )
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             self._side = torch.cuda.Stream(device=self.device)

@@ -57,6 +57,15 @@ def _claim_socket(path: Path) -> None:
     raise BusyError(f"socket {path} is in use by another process (is another weightcached running?)")
 
 
+def unlink_if_same(path: Path, inode: int) -> None:
+    """Unlink a socket this process bound, unless another file has taken its path since."""
+    try:
+        if os.stat(path, follow_symlinks=False).st_ino == inode:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def resolve_group(group: str | None, what: str) -> int | None:
     if group is None:
         return None
@@ -191,6 +200,10 @@ class Daemon:
         self._flusher: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
         self.models_dir: ModelsDir | None = None
+        # The sockets this process bound, by path, with the inode it bound: stop() unlinks only
+        # these, so a start that fails (a socket of another running daemon) leaves that daemon's
+        # sockets alone, and a socket someone re-created since is not ours to remove either.
+        self._bound: dict[Path, int] = {}
 
     def _sockets(self) -> list[Path]:
         return [
@@ -249,13 +262,16 @@ class Daemon:
         old = os.umask(0o177)
         try:
             self.admin_server.add_insecure_port(f"unix://{self.cfg.admin_socket}")
+            self._mark_bound(self.cfg.admin_socket)
             for t, server in zip(tenants, self.client_servers, strict=True):
                 server.add_insecure_port(f"unix://{t.socket_dir / paths.CLIENT_SOCKET_NAME}")
+                self._mark_bound(t.socket_dir / paths.CLIENT_SOCKET_NAME)
             await self.admin_server.start()
             for server in self.client_servers:
                 await server.start()
-            for fd_server in self.fd_servers:
+            for t, fd_server in zip(tenants, self.fd_servers, strict=True):
                 await fd_server.start()
+                self._mark_bound(t.socket_dir / paths.FD_SOCKET_NAME)
         finally:
             os.umask(old)
         _own(self.cfg.admin_socket, admin_gid, 0o660 if admin_gid is not None else ADMIN_SOCKET_MODE)
@@ -285,6 +301,13 @@ class Daemon:
             admin_socket=str(self.cfg.admin_socket),
             pid=os.getpid(),
         )
+
+    def _mark_bound(self, path: Path) -> None:
+        """Remember a socket just bound (each path was claimed first: what is there now is ours)."""
+        try:
+            self._bound[path] = os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            pass
 
     async def _fd_health(self, accepting: bool) -> None:
         """Health tells the truth: a daemon whose fd.sock cannot accept cannot serve models."""
@@ -326,8 +349,8 @@ class Daemon:
         for srv in (*self.client_servers, self.admin_server):
             if srv is not None:
                 await srv.stop(grace=2)
-        for p in self._sockets():
-            p.unlink(missing_ok=True)
+        for p, ino in self._bound.items():
+            unlink_if_same(p, ino)
         for pool in (self.core.client_io, self.core.admin_io):
             pool.shutdown(wait=False, cancel_futures=True)  # queued work is moot now; never holds up SIGTERM
         self.index.close()

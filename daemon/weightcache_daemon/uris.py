@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from weightcache.contract.errors import InvalidInputError
 
-__all__ = ["SCHEMES", "allowed", "check_pattern", "normalize"]
+__all__ = ["SCHEMES", "allowed", "check_pattern", "normalize", "path_hint"]
 
 SCHEMES = ("s3", "file")
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\%?#]")
@@ -131,3 +132,26 @@ def allowed(canonical: str, patterns: tuple[str, ...]) -> bool:
         if _match(segs, pats):
             return True
     return False
+
+
+def path_hint(reference: str, may_fetch: Callable[[str], bool] | None) -> str:
+    """What to add to "model X is not in the cache" when X is a filesystem path: the URI that
+    names that directory, and whether this caller may fetch it. '' for anything else.
+    `may_fetch(canonical)`: whether the caller may trigger that download (None: it may)."""
+    if reference.startswith("/"):
+        try:
+            uri = normalize("file://" + reference)
+        except InvalidInputError:
+            return ""
+        if may_fetch is None or may_fetch(uri):
+            return f"; a directory is opened by its URI, {uri}, which this caller may fetch"
+        return (
+            f"; a directory is opened by its URI, {uri}, which this client may not fetch (not in the daemon's "
+            f"client_sources allow-list): an admin can run cachectl prefetch {uri} --name NAME, then open NAME"
+        )
+    if reference.startswith(("./", "../", "~")) or reference in (".", ".."):
+        return (
+            "; this looks like a relative path, which means nothing to the daemon: open a directory by its "
+            "absolute URI, file:///ABSOLUTE/PATH/"
+        )
+    return ""

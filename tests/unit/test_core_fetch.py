@@ -111,7 +111,9 @@ def test_a_client_asking_for_a_cached_source_gets_it_without_a_job(world: World)
         await fetch
 
     asyncio.run(prefetch())
-    (manifest,) = asyncio.run(_collect(world.core.fetch(URI + "./", "", (), (), admin=False, scope=world.core.scopes[""])))
+    (manifest,) = asyncio.run(
+        _collect(world.core.fetch(URI + "./", "", (), (), admin=False, scope=world.core.scopes[""]))
+    )
     assert manifest.model == "tiny" and len(world.jobs.started) == 1
     # and by name, as a reference: resolved, no job either
     (by_name,) = asyncio.run(_collect(world.core.fetch("tiny", "", (), (), admin=False, scope=world.core.scopes[""])))

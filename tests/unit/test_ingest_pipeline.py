@@ -55,7 +55,7 @@ class World:
         self.sources: dict[str, FakeSource] = {}
         self.loop = asyncio.new_event_loop()
         self.parts = Parts(self.cfg, self.store, self.index, Metrics(), self.ledger, self.admitter, self.publisher,
-                           lambda uri: self.sources[uri], BufferPool(4, MiB), RateLimiter(0))  # fmt: skip
+                           lambda uri, links: self.sources[uri], BufferPool(4, MiB), RateLimiter(0))  # fmt: skip
 
     def job(self, uri: str = URI, include: tuple[str, ...] = ("*",)) -> Job:
         async def make() -> Job:

@@ -133,7 +133,10 @@ def from_rpc_error(exc: grpc.RpcError) -> WeightcacheError:
     """The exception for a failed call, with the daemon's message."""
     details = exc.details() or ""
     if exc.code() == grpc.StatusCode.UNAVAILABLE and any(t in details for t in _TRANSPORT_FAILURES):
-        return DaemonUnavailableError(f"weightcached is not answering: {details}")
+        return DaemonUnavailableError(
+            f"weightcached is not answering: {details} (is it running? start or restart it; once it is back, "
+            "connect again)"
+        )
     return from_code(exc.code(), details)
 
 

@@ -364,20 +364,32 @@ class VerifyResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[VerifyResult, _Mapping]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("blobs_checked", "bytes_checked", "corrupt", "missing", "repaired", "quarantined")
+    __slots__ = ("blobs_checked", "bytes_checked", "corrupt", "missing", "repaired", "quarantined", "damaged")
     BLOBS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     BYTES_CHECKED_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
     REPAIRED_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_FIELD_NUMBER: _ClassVar[int]
     blobs_checked: int
     bytes_checked: int
     corrupt: _containers.RepeatedScalarFieldContainer[str]
     missing: _containers.RepeatedScalarFieldContainer[str]
     repaired: _containers.RepeatedScalarFieldContainer[str]
     quarantined: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, blobs_checked: _Optional[int] = ..., bytes_checked: _Optional[int] = ..., corrupt: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ..., repaired: _Optional[_Iterable[str]] = ..., quarantined: _Optional[_Iterable[str]] = ...) -> None: ...
+    damaged: _containers.RepeatedCompositeFieldContainer[BlobUse]
+    def __init__(self, blobs_checked: _Optional[int] = ..., bytes_checked: _Optional[int] = ..., corrupt: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ..., repaired: _Optional[_Iterable[str]] = ..., quarantined: _Optional[_Iterable[str]] = ..., damaged: _Optional[_Iterable[_Union[BlobUse, _Mapping]]] = ...) -> None: ...
+
+class BlobUse(_message.Message):
+    __slots__ = ("sha256", "models", "paths")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sha256: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GCRequest(_message.Message):
     __slots__ = ("dry_run",)

@@ -92,7 +92,9 @@ class Admission:
         free = self.filesystem_free()
         if self.capacity and need > self.capacity:
             raise ExhaustedError(
-                f"model {label} needs {human(need)}, more than the cache capacity of {human(self.capacity)}"
+                f"model {label} needs {human(need)}, more than the cache capacity of {human(self.capacity)}: "
+                "raise max_size (weightcached --max-size, or max_size / max_size_percent in its config), or fetch "
+                "fewer files (include/exclude)"
             )
         with self._room:
             used = self.usage()
@@ -112,7 +114,8 @@ class Admission:
                 raise ExhaustedError(
                     f"model {label} needs {human(need)} but only {human(max(self.capacity - used_after, 0))} of the "
                     f"capacity and {human(self.filesystem_free())} of the filesystem can be freed: the rest is pinned, "
-                    "in use, or being downloaded"
+                    "in use, or being downloaded (cachectl ls shows which; unpin or evict some, free the "
+                    "filesystem, or raise max_size)"
                 )
 
     def stats(self) -> Stats:

@@ -294,7 +294,11 @@ class Core:
             async for ev in self._stream_job(job, job.label, None):
                 yield ev
             return
-        snapshot, row = self.names.resolve(model, scope)
+        try:
+            snapshot, row = self.names.resolve(model, scope)
+        except NotFoundError as exc:
+            allow = None if scope is None else (lambda u: uris.allowed(u, scope.tenant.client_sources))
+            raise NotFoundError(f"{exc}{uris.path_hint(model, allow)}") from None
         if row is not None and self.verifier.damaged(snapshot):
             # A blob failed verification or vanished: fetch the model again, then go on.
             log.warning("refetching_damaged_model", model=row.name, snapshot=snapshot)

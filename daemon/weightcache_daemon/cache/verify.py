@@ -72,6 +72,17 @@ class Verifier:
         self.quarantine(digest, "sha256 mismatch")
         return "corrupt"
 
+    def users(self, digests: Sequence[str]) -> dict[str, tuple[list[str], list[str]]]:
+        """For each blob, the models whose snapshot holds it and its paths there (both sorted):
+        one bad blob can break several models (dedup), and the operator acts on models."""
+        out: dict[str, tuple[set[str], set[str]]] = {d: (set(), set()) for d in digests}
+        for row in self.index.models():
+            for f in self.index.files(row.snapshot_id):
+                if f.sha256 in out:
+                    out[f.sha256][0].add(row.name)
+                    out[f.sha256][1].add(f.path)
+        return {d: (sorted(m), sorted(p)) for d, (m, p) in out.items()}
+
     async def repair(self, digests: list[str], refetch: Callable[[ModelRow], Awaitable[None]]) -> list[str]:
         """Re-download (with `refetch`) every model that uses one of these blobs; the names repaired."""
         bad = set(digests)

@@ -1,29 +1,36 @@
 """cachectl: the operator CLI over the admin socket.
 
-Every listing takes --json; prefetch draws a progress bar on a terminal and is quiet
-otherwise; a failure prints the daemon's message and exits non-zero (2 for bad input,
-1 for everything else).
+Every command takes --json (one schema, errors included: cli/jsonout.py and docs/cachectl.md);
+prefetch draws a progress bar on a terminal and is quiet otherwise; a failure prints the
+daemon's message and exits non-zero (2 for bad input, 130 when interrupted, 1 for everything
+else); a reader that stops early (``| head``) ends it quietly.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from weightcache import Progress, paths
 from weightcache.contract.errors import DaemonUnavailableError, InvalidInputError, WeightcacheError, from_rpc_error
 from weightcache.progress import Bar, human
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
+from weightcache_daemon.cli.jsonout import (
+    Interrupted,
+    dump,
+    error_document,
+    exit_code,
+    message_to_json,
+    quiet_exit_on_closed_pipe,
+)
 
 
 def admin_socket(arg: Path | None) -> Path:
@@ -52,11 +59,11 @@ def _call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 
 
 def _dict(msg: Any) -> dict[str, Any]:
-    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return message_to_json(msg)
 
 
 def _out(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
+    sys.stdout.write(dump(data))
 
 
 def _when(ts: float) -> str:
@@ -85,6 +92,13 @@ def cmd_prefetch(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         bar.close()
         raise from_rpc_error(exc) from None
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(
+            f"the daemon goes on downloading {a.uri} (a prefetch is the daemon's job, not this "
+            f"command's): `cachectl ls` shows its progress, `cachectl prefetch {a.uri}` again waits for it, "
+            "`cachectl evict NAME` removes it once it is in"
+        ) from None
     bar.close()
     if model is None:
         raise WeightcacheError("the daemon ended the prefetch without a result")
@@ -246,10 +260,15 @@ def cmd_verify(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
         _out(_dict(result))
     else:
         print(f"checked {result.blobs_checked} blob(s), {human(result.bytes_checked)}")
-        for d in result.corrupt:
-            print(f"  CORRUPT sha256:{d}")
-        for d in result.missing:
-            print(f"  MISSING sha256:{d}")
+        users = {u.sha256: u for u in result.damaged}
+        for what, digests in (("CORRUPT", result.corrupt), ("MISSING", result.missing)):
+            for d in digests:
+                u = users.get(d)
+                used = (f"used by {', '.join(u.models)} ({', '.join(u.paths)})" if u is not None and u.models
+                        else "used by no named model")  # fmt: skip
+                print(f"  {what} sha256:{d}: {used}")
+        if result.damaged and not a.repair:
+            print("  -> cachectl verify --repair re-downloads the models named above")
         for d in result.quarantined:
             print(f"  quarantined sha256:{d} (never handed out again)")
         for m in result.repaired:
@@ -340,13 +359,31 @@ def cmd_doctor(admin: Path, a: argparse.Namespace) -> int:
 
 def cmd_health(a: argparse.Namespace) -> int:
     checks = _client_checks(client_socket_dir(a.socket_dir))[:1]
-    _, s, d, _ = checks[0]
-    print(f"[{s}] {d}")
+    n, s, d, h = checks[0]
+    if a.json:
+        _out({"name": n, "status": s, "detail": d, "hint": h})
+    else:
+        print(f"[{s}] {d}")
     return 0 if s == "PASS" else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cachectl", description="Operate the weightcache daemon over its admin socket.")
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error under --json is the JSON error document too."""
+
+    # Class-wide, not per instance: argparse builds the subcommands' parsers itself, from the class.
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            command = self.prog.removeprefix("cachectl").strip() or "cachectl"
+            _out(error_document(command, None, message=f"{message} (see {self.prog} --help)"))
+            sys.exit(2)
+        super().error(message)
+
+
+def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
+    _Parser.json_errors = json_errors
+    ap = _Parser(prog="cachectl", description="Operate the weightcache daemon over its admin socket.")
     ap.add_argument("--admin-socket", type=Path, help="default: $WEIGHTCACHE_ADMIN_SOCKET, then the daemon's default")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -383,36 +420,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("doctor", "check sockets, store, index, sources and page cache; exit 1 on any FAIL")
     p.add_argument("--socket-dir", type=Path, help="client socket directory to check (default as the client)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per source probe")
-    p = sub.add_parser("health", help="exit 0 if the client socket's gRPC health service says SERVING (probes)")
+    p = add("health", "exit 0 if the client socket's gRPC health service says SERVING (probes)")
     p.add_argument("--socket-dir", type=Path)
     return ap
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = build_parser().parse_args(argv)
-    if a.command == "health":
-        sys.exit(cmd_health(a))
-    if a.command == "doctor":
-        sys.exit(cmd_doctor(admin_socket(a.admin_socket), a))
+def _fail(command: str, exc: BaseException, as_json: bool) -> int:
+    """Report a failure in the one shape of its mode; the exit status for it."""
+    if as_json:
+        _out(error_document(command, exc))
+    else:
+        kind = "interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
+        text = str(exc) or "interrupted"
+        print(f"cachectl {command}: {kind}: {text}", file=sys.stderr)
+    return exit_code(exc)
+
+
+HANDLERS: dict[str, Callable[[pb_grpc.AdminStub, argparse.Namespace], int]] = {
+    "prefetch": cmd_prefetch,
+    "ls": cmd_ls,
+    "show": cmd_show,
+    "evict": cmd_evict,
+    "pin": lambda s, a: cmd_pin(s, a, True),
+    "unpin": lambda s, a: cmd_pin(s, a, False),
+    "stats": cmd_stats,
+    "verify": cmd_verify,
+    "gc": cmd_gc,
+}
+
+
+def run(a: argparse.Namespace) -> int:
     try:
-        stub = _stub(admin_socket(a.admin_socket))
-        handlers: dict[str, Callable[[pb_grpc.AdminStub, argparse.Namespace], int]] = {
-            "prefetch": cmd_prefetch,
-            "ls": cmd_ls,
-            "show": cmd_show,
-            "evict": cmd_evict,
-            "pin": lambda s, a: cmd_pin(s, a, True),
-            "unpin": lambda s, a: cmd_pin(s, a, False),
-            "stats": cmd_stats,
-            "verify": cmd_verify,
-            "gc": cmd_gc,
-        }
-        code = handlers[a.command](stub, a)
-    except WeightcacheError as exc:
-        print(f"cachectl {a.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(2 if isinstance(exc, InvalidInputError) else 1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        if a.command == "health":
+            return cmd_health(a)
+        if a.command == "doctor":
+            return cmd_doctor(admin_socket(a.admin_socket), a)
+        return HANDLERS[a.command](_stub(admin_socket(a.admin_socket)), a)
+    except (WeightcacheError, KeyboardInterrupt) as exc:
+        return _fail(a.command, exc, a.json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        a = build_parser("--json" in args).parse_args(args)
+        code = run(a)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
+    except BrokenPipeError:
+        quiet_exit_on_closed_pipe()
     sys.exit(code)
 
 

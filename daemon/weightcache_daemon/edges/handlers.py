@@ -26,6 +26,7 @@ from weightcache.contract.errors import (
 )
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
+from weightcache_daemon import uris
 from weightcache_daemon.cache.core import Core
 from weightcache_daemon.cache.tenants import Scope
 from weightcache_daemon.edges import convert
@@ -212,7 +213,10 @@ class AdminService(pb_grpc.AdminServicer):
     async def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> AsyncIterator[pb.PrefetchResponse]:
         uri = _str(request.uri, "uri")
         if "://" not in uri:
-            raise InvalidInputError(f"prefetch needs a source URI (s3://bucket/prefix/ or file:///dir/), got {uri!r}")
+            raise InvalidInputError(
+                f"prefetch needs a source URI (s3://bucket/prefix/ or file:///dir/), got {uri[:300]!r}"
+                f"{uris.path_hint(uri, None)}"
+            )
         events = self.core.fetch(
             uri,
             _str(request.name, "name"),
@@ -308,6 +312,10 @@ class AdminService(pb_grpc.AdminServicer):
                     )
                 )
         result.bytes_checked = done_bytes
+        bad = [*result.corrupt, *result.missing]
+        if bad:
+            users = await _in(self.core.admin_io, self.core.verifier.users, bad)
+            result.damaged.extend(pb.BlobUse(sha256=d, models=users[d][0], paths=users[d][1]) for d in bad)
         if request.repair and (result.corrupt or result.missing):
             result.repaired.extend(await self.core.repair([*result.corrupt, *result.missing]))
         yield pb.VerifyResponse(result=result)

@@ -107,8 +107,8 @@ class JobRegistry:
         # its turn here (LISTING) rather than taking a thread from everyone else.
         self.job_pool = ThreadPoolExecutor(max_workers=MAX_JOBS, thread_name_prefix="wc-job")
 
-    def _open_source(self, uri: str) -> Source:
-        return open_source(uri, self.cfg, self.clients)
+    def _open_source(self, uri: str, links: bool) -> Source:
+        return open_source(uri, self.cfg, self.clients, links=links)
 
     # ---------------------------------------------------------------- Jobs
 

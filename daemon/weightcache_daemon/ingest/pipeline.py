@@ -46,6 +46,7 @@ from weightcache_daemon.ingest.early import EarlyFile, EarlySnapshot
 from weightcache_daemon.ingest.engine import BufferPool, HashedFile, IgnoredEvents, RateLimiter, download, ingest_name
 from weightcache_daemon.ingest.headers import read_headers
 from weightcache_daemon.ingest.job import Job
+from weightcache_daemon.ingest.layout import check_layout
 from weightcache_daemon.ingest.ledger import Ledger
 from weightcache_daemon.ingest.resume import load_resume, save_resume
 from weightcache_daemon.ingest.schedule import group_ranks, other_file_ranks, safetensors_ranks
@@ -111,7 +112,9 @@ class Parts:
     ledger: Ledger
     admitter: Admitter
     publisher: Publisher
-    open_source: Callable[[str], Source]  # a source for a URI (sources.open_source, kept clients)
+    # A source for a URI (sources.open_source, kept clients); True: it may follow a Hugging Face
+    # cache snapshot's links (admin jobs only).
+    open_source: Callable[[str, bool], Source]
     pool: BufferPool
     limiter: RateLimiter
 
@@ -268,7 +271,8 @@ class Pipeline:
         self.loop = loop  # where the early snapshot wakes its readers
 
     def run(self) -> str:
-        source = self.parts.open_source(self.job.key.uri)
+        # Only an admin's job (cachectl, models.d, a repair) may read a Hugging Face cache snapshot's links.
+        source = self.parts.open_source(self.job.key.uri, self.job.owner != "client")
         try:
             listed = self.list_source(source)
             self.admit(listed)
@@ -289,6 +293,9 @@ class Pipeline:
         fetched before, or (by the source's checksum) the same bytes under another name."""
         job, p = self.job, self.job.progress
         objects = check_listing(job.key, source.list())
+        check_layout(
+            job.key.uri, objects, chosen=job.key.include != self.parts.cfg.include, filtered=bool(job.key.exclude)
+        )
         p.files_total = len(objects)
         p.bytes_total = sum(o.size for o in objects)
         known: dict[str, str] = {}

@@ -64,8 +64,10 @@ class Clients:
             self._clients.clear()
 
 
-def open_source(uri: str, config: Config, clients: Clients | None = None) -> Source:
-    """The source for a URI. With ``clients``, an S3 source borrows a kept client."""
+def open_source(uri: str, config: Config, clients: Clients | None = None, *, links: bool = False) -> Source:
+    """The source for a URI. With ``clients``, an S3 source borrows a kept client. ``links``: a
+    file:// source may follow a Hugging Face cache snapshot's links into its own blobs (for
+    admin requests only; sources/hfcache.py)."""
     scheme, _, _ = parse_uri(uri)
     if scheme == "s3":
         from weightcache_daemon.sources.s3 import S3Source
@@ -76,5 +78,5 @@ def open_source(uri: str, config: Config, clients: Clients | None = None) -> Sou
     if scheme == "file":
         from weightcache_daemon.sources.local import LocalSource
 
-        return LocalSource(uri)
+        return LocalSource(uri, links=links)
     raise InvalidInputError(f"source {uri!r}: unsupported scheme {scheme!r} (supported: s3://, file://)")

@@ -9,9 +9,9 @@ never hang a download thread or keep a buffer of the pool.
 
 The listing refuses (does not skip) a symlink, FIFO, device or socket in the model directory,
 naming it: a model that silently misses its ``config.json`` would fail later, and less clearly.
-Entries whose name starts with ``.`` are ignored, as before. A Hugging Face cache snapshot
-directory (made of symlinks into ``blobs/``) is therefore refused: download with
-``--local-dir`` to get real files.
+Entries whose name starts with ``.`` are ignored, as before. The one exception, for the admin
+only (``links=True``): a Hugging Face cache snapshot, whose files are links into its own
+repository's ``blobs/``; ``hfcache.py`` says which links qualify and how they are opened.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from weightcache.contract.errors import (
     WeightcacheError,
 )
 from weightcache_daemon.sources.base import ObjectChanged, RemoteObject, check_range, check_relpath, parse_uri
+from weightcache_daemon.sources.hfcache import LINK_ADVICE, blob_name, repo_of
 
 CHUNK = 4 << 20
 MAX_ENTRIES = 100_000  # directory entries one listing may visit (a model has tens to thousands)
@@ -55,10 +56,45 @@ def _kind(mode: int) -> str:
 
 
 class LocalSource:
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, links: bool = False) -> None:
+        """links: follow the links of a Hugging Face cache snapshot into its own blobs (admin
+        requests); a client's request follows none."""
         self.uri = uri
         _, _, path = parse_uri(uri)
         self.root = PurePosixPath(path)
+        self.links = links
+        self.repo = repo_of(self.root) if links else None
+
+    def _link_error(self, relpath: str) -> InvalidInputError:
+        if self.repo is not None:
+            why = (f"it does not lead to this repository's blobs/ by its own text (../ up to {self.repo.name}/, "
+                   "then blobs/NAME), so it is not followed")  # fmt: skip
+        elif self.links:
+            why = ("links are followed only inside a Hugging Face cache snapshot (…/hub/models--ORG--NAME/snapshots/"
+                   "REV/), into that repository's own blobs/")  # fmt: skip
+        elif repo_of(self.root) is not None:
+            why = ("a client's request never follows links; this is a Hugging Face cache snapshot, which an admin "
+                   f"may prefetch: cachectl prefetch {self.uri}")  # fmt: skip
+        else:
+            why = "a client's request never follows links"
+        return InvalidInputError(f"source {self.uri}: {relpath} is a symbolic link; {why}; {LINK_ADVICE}")
+
+    def _open_linked(self, relpath: str, parent: int) -> int:
+        """The blob a snapshot's link leads to (hfcache.py), opened without following anything."""
+        try:
+            target = os.readlink(relpath.rsplit("/", 1)[-1], dir_fd=parent)
+        except OSError as exc:
+            raise self._error(exc, relpath) from None
+        name = blob_name(target, relpath.count("/")) if self.repo is not None else None
+        if name is None or self.repo is None:
+            raise self._link_error(relpath)
+        blobs = self._walk_dirs([*self.repo.parts[1:], "blobs"], None, "/")
+        try:
+            return os.open(name, _FILE, dir_fd=blobs)
+        except OSError as exc:
+            raise self._error(exc, f"{relpath} -> {target}") from None
+        finally:
+            os.close(blobs)
 
     # ---------------------------------------------------------------- opening, link-free
 
@@ -66,7 +102,7 @@ class LocalSource:
         if exc.errno == errno.ELOOP or exc.errno == errno.ENOTDIR:
             return InvalidInputError(
                 f"source {self.uri}: {what} is a symbolic link or not a directory; sources never follow links "
-                "(give the real path, with real files in it)"
+                f"(give the real path, with real files in it): {LINK_ADVICE}"
             )
         if exc.errno == errno.ENOENT:
             return NotFoundError(f"source {self.uri}: {what} does not exist")
@@ -105,9 +141,14 @@ class LocalSource:
         finally:
             os.close(root)
         try:
-            fd = os.open(leaf, _FILE, dir_fd=parent)
-        except OSError as exc:
-            raise self._error(exc, relpath) from None
+            try:
+                fd = os.open(leaf, _FILE, dir_fd=parent)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise self._error(exc, relpath) from None
+                if not self.links:
+                    raise self._link_error(relpath) from None
+                fd = self._open_linked(relpath, parent)
         finally:
             os.close(parent)
         try:
@@ -164,6 +205,20 @@ class LocalSource:
                             stack.append((self._walk_dirs([name], dfd, child), child))
                         elif statmod.S_ISREG(st.st_mode):
                             out.append(self._object(check_relpath(child, self.uri), st))
+                        elif statmod.S_ISLNK(st.st_mode) and self.links:
+                            fd = self._open_linked(check_relpath(child, self.uri), dfd)
+                            try:
+                                st = os.fstat(fd)
+                            finally:
+                                os.close(fd)
+                            if not statmod.S_ISREG(st.st_mode):
+                                raise InvalidInputError(
+                                    f"source {self.uri}: {child} leads to {_kind(st.st_mode)}; only regular files "
+                                    "are read"
+                                )
+                            out.append(self._object(child, st))
+                        elif statmod.S_ISLNK(st.st_mode):
+                            raise self._link_error(child)
                         else:
                             raise InvalidInputError(
                                 f"source {self.uri}: {child} is {_kind(st.st_mode)}; a model directory may hold only "
