@@ -118,6 +118,11 @@ class Config:
     # Set FS_IMMUTABLE_FL on committed blobs (needs CAP_LINUX_IMMUTABLE): not even root in a
     # container can open a granted descriptor for writing (docs/security.md).
     immutable_blobs: bool = False
+    # Open every descriptor handed to a client through a detached read-only mount of the store,
+    # so not even root with CAP_DAC_OVERRIDE can reopen it for writing (docs/security.md, "No
+    # writable path to shared bytes"): "auto" when the daemon may (CAP_SYS_ADMIN), "require"
+    # (refuse to start without), "off".
+    readonly_descriptors: str = "auto"
     log_format: str = "console"
     metrics_address: str | None = None
     client_sources: tuple[str, ...] = ()
@@ -172,6 +177,7 @@ _TOP_KEYS = {
     "fd_idle_timeout",
     "lease_quota",
     "immutable_blobs",
+    "readonly_descriptors",
     "log_format",
     "metrics_address",
     "client_sources",
@@ -350,6 +356,9 @@ def load(
     immutable = data.get("immutable_blobs", False)
     if not isinstance(immutable, bool):
         raise InvalidInputError(f"immutable_blobs {immutable!r}: must be true or false")
+    readonly = data.get("readonly_descriptors", Config.readonly_descriptors)
+    if readonly not in ("auto", "require", "off"):
+        raise InvalidInputError(f'readonly_descriptors {readonly!r}: must be "auto", "require" or "off"')
     return Config(
         cache_dir=cache_dir,
         socket_dir=socket_dir,
@@ -372,6 +381,7 @@ def load(
         lease_quota=quota,
         lease_quota_percent=quota_percent,
         immutable_blobs=immutable,
+        readonly_descriptors=str(readonly),
         client_sources=client_sources,
         include=tuple(include),
         download=download,

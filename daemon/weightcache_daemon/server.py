@@ -157,7 +157,7 @@ class Daemon:
         check_places(cfg, env)
         self.lock = StoreLock(cfg.cache_dir)
         try:
-            self.store = LocalBlobStore(cfg.cache_dir, immutable=cfg.immutable_blobs)
+            self.store = LocalBlobStore(cfg.cache_dir, immutable=cfg.immutable_blobs, readonly=cfg.readonly_descriptors)
             self.index = open_index(self.store, rebuild_index)
         except BaseException:
             self.lock.release()
@@ -256,7 +256,12 @@ class Daemon:
             socket_dir=str(self.cfg.socket_dir),
             admin_socket=str(self.cfg.admin_socket),
             pid=os.getpid(),
+            readonly_descriptors=self.store.view.protected,
         )
+        if not self.store.view.protected:
+            log.warning("descriptors_writable_path", reason=self.store.view.reason,
+                        risk="root with CAP_DAC_OVERRIDE in a client can reopen a granted descriptor for writing "
+                        "(docs/security.md)")  # fmt: skip
 
     async def _fd_health(self, accepting: bool) -> None:
         """Health tells the truth: a daemon whose fd.sock cannot accept cannot serve models."""
@@ -277,6 +282,7 @@ class Daemon:
             "active_downloads": s.active_downloads,
             "streaming_snapshots": len(self.core.fetcher.live),
             "streaming_readers": sum(self.core.fetcher.readers(sid) for sid in list(self.core.fetcher.live)),
+            "readonly_descriptors": 1.0 if self.store.view.protected else 0.0,
         }
 
     async def _flush_uses(self) -> None:
@@ -303,6 +309,7 @@ class Daemon:
         for pool in (self.core.client_io, self.core.admin_io):
             pool.shutdown(wait=False, cancel_futures=True)  # queued work is moot now; never holds up SIGTERM
         self.index.close()
+        self.store.view.close()
         self.lock.release()
         log.info("stopped")
 

@@ -73,7 +73,7 @@ class Grant:
     def open(self, store: LocalBlobStore, f: FileRow) -> int:
         """A read-only descriptor of one granted file."""
         if self.live is not None:
-            return self.live.open(f.path)
+            return self.live.open(f.path, store.open_file)
         return store.open(f.sha256)
 
 
@@ -332,7 +332,7 @@ class Core:
         """A read-only descriptor of the file a span reads (a blob, or a file still downloading)."""
         live = self.fetcher.live.get(snapshot_id)
         if live is not None:
-            return live.open(span.path)
+            return live.open(span.path, self.store.open_file)
         if not span.sha256:  # a live span whose download committed since: the blob has the bytes
             sid, _ = self._live_or_committed(snapshot_id)
             digest = next((f.sha256 for f in self.index.files(sid) if f.path == span.path), None)

@@ -605,6 +605,21 @@ class Fetcher:
                 f"model {job.label} ({job.key.uri}): {total} tensors, more than the {MAX_SNAPSHOT_TENSORS} one "
                 "snapshot may have (its manifest must fit one message); nothing published"
             )
+        # The content id is read back from the disk once nothing can change the file any more.
+        changed = self.store.seal([(d.path, d.sha256) for d in got])
+        if changed:
+            self.metrics.commit_mismatches.inc(len(changed))
+            rel_of = {d.path: d.obj.relpath for d in got}
+            want = {d.path: d.sha256 for d in got}
+            for tmp, on_disk in changed:
+                log.error("commit_hash_mismatch", model=job.label, file=rel_of[tmp], downloaded=want[tmp],
+                          on_disk=on_disk)  # fmt: skip
+            tmp, on_disk = changed[0]
+            raise CorruptedError(
+                f"file {rel_of[tmp]} of model {job.label} changed on disk after it was downloaded (downloaded "
+                f"sha256:{want[tmp][:16]}…, on disk sha256:{on_disk[:16]}…; {len(changed)} file(s) changed); "
+                "nothing published"
+            )
         for o in objects:
             if o.relpath in known:
                 digest = known[o.relpath]
