@@ -205,7 +205,13 @@ class Daemon:
         # The health service answers SERVING for "" from its creation; until start-up is done
         # it must say otherwise, or a probe (or a test) would send work to a daemon not ready.
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.client_server = grpc.aio.server(options=opts)
+        limits = self.cfg.limits
+        client_opts = [
+            ("grpc.max_receive_message_length", limits.request_bytes_max),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_concurrent_streams", limits.streams_per_connection),
+        ]
+        self.client_server = grpc.aio.server(options=client_opts)
         pb_grpc.add_CacheServicer_to_server(CacheService(self.core), self.client_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
         self.admin_server = grpc.aio.server(options=opts)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fnmatch
 import hashlib
 import itertools
 import threading
@@ -36,9 +35,10 @@ from weightcache.contract.errors import (
     PermissionDeniedError,
     WeightcacheError,
 )
-from weightcache_daemon.config import Config
+from weightcache_daemon.config import ClientLimits, Config
 from weightcache_daemon.ingest.early import EarlyFile, EarlySnapshot
 from weightcache_daemon.ingest.engine import BufferPool, Downloaded, RateLimiter, download, ingest_name
+from weightcache_daemon.ingest.globs import GlobCache
 from weightcache_daemon.ingest.headers import read_headers
 from weightcache_daemon.ingest.resume import IngestFile, IngestState
 from weightcache_daemon.ingest.schedule import group_ranks, other_file_ranks, safetensors_ranks
@@ -107,10 +107,15 @@ class Job:
 NON_SAFETENSORS_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
-def select(objects: list[RemoteObject], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[RemoteObject]:
+_GLOBS = GlobCache(ClientLimits.glob_cache_size)
+
+
+def select(
+    objects: list[RemoteObject], include: tuple[str, ...], exclude: tuple[str, ...], globs: GlobCache = _GLOBS
+) -> list[RemoteObject]:
     def match(rel: str, patterns: tuple[str, ...]) -> bool:
         base = rel.rsplit("/", 1)[-1]
-        return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
+        return any(globs.match(rel, p) or globs.match(base, p) for p in patterns)
 
     return [o for o in objects if match(o.relpath, include) and not match(o.relpath, exclude)]
 
@@ -192,6 +197,7 @@ class Fetcher:
         self.metrics = metrics
         self.store = store
         self.index = index
+        self.globs = GlobCache(cfg.limits.glob_cache_size)  # include/exclude come from clients: bounded
         self.limiter = RateLimiter(cfg.download.rate_limit)
         self.pool = BufferPool(cfg.download.concurrency + max(4, cfg.download.concurrency // 4), cfg.download.part_size)
         self.jobs: dict[JobKey, Job] = {}
@@ -372,15 +378,16 @@ class Fetcher:
         source = open_source(key.uri, self.cfg, self.clients)
         try:
             listed = source.list()
-            objects = select(listed, key.include, key.exclude)
+            objects = select(listed, key.include, key.exclude, self.globs)
+            echo = self.cfg.limits.echo
             if not objects:
                 raise NotFoundError(
-                    f"source {key.uri}: no files match include {list(key.include)} / exclude {list(key.exclude)} "
+                    f"source {key.uri}: no files match include {echo(key.include)} / exclude {echo(key.exclude)} "
                     f"({len(listed)} object(s) listed)"
                 )
             if len(objects) > MAX_SNAPSHOT_FILES:
                 raise InvalidInputError(
-                    f"source {key.uri}: {len(objects)} files match include {list(key.include)}; a model may have at "
+                    f"source {key.uri}: {len(objects)} files match include {echo(key.include)}; a model may have at "
                     f"most {MAX_SNAPSHOT_FILES} (narrow it with include/exclude)"
                 )
             # Only safetensors are validated, indexed and mapped: weights in any other format
