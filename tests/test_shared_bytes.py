@@ -229,3 +229,50 @@ def test_without_cap_sys_admin_the_risk_is_reported_or_refused(tmp_path: Path, t
         assert "readonly_descriptors = require" in r.stdout + r.stderr and "CAP_SYS_ADMIN" in r.stdout + r.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_read_only_mount_given_by_the_operator_needs_no_cap_sys_admin(tmp_path: Path, tiny_model: Path) -> None:
+    """What the DaemonSet and the systemd unit do: the store mounted a second time, read-only, in
+    the daemon's own mount namespace (here: unshare + a read-only bind mount), named by
+    readonly_store. The daemon, without CAP_SYS_ADMIN, opens every descriptor through it: EROFS
+    for the attacker. A readonly_store that is writable, or another directory, is refused."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    base = dir_for_others("wc-ro-")
+    try:
+        cache, sock, admin, ro = base / "store", base / "sock", base / "admin" / "admin.sock", base / "store-ro"
+        cache.mkdir(mode=0o700)
+        ro.mkdir()
+        conf = write_config(tmp_path / "w.toml", None, client_sources=["*"], readonly_store=str(ro))
+        daemon = " ".join(
+            ["exec", "setpriv", "--bounding-set", "-sys_admin", "--inh-caps=-all",
+             *daemon_argv(cache, sock, admin, config=conf)]
+        )  # fmt: skip
+        script = f"mount --bind -o ro {cache} {ro} && {daemon}"
+        log = base / "daemon.log"
+        with open(log, "ab") as lf:
+            proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                                    stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+        d = Daemon(base, cache, sock, admin, proc, log)
+        d.wait_ready()
+        try:
+            d.ctl("prefetch", f"file://{tiny_model}/", "--name", "tiny")
+            sid = d.ctl_json("show", "tiny")["manifest"]["snapshot_id"]
+            check = _doctor(d)["read-only descriptors"]
+            assert check["status"] == "PASS" and str(ro) in check["detail"], check
+            r = subprocess.run(_dac_override_only([sys.executable, "-c", ATTACK, str(sock / "fd.sock"), sid]),
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            tries = json.loads(r.stdout)["tries"]
+            assert tries and {t[3] for t in tries} == {"EROFS"}, tries
+        finally:
+            d.stop()
+        # the store itself (writable) or another directory named as the read-only store: refused
+        (base / "s2").mkdir(mode=0o700)
+        for named, rule in ((base / "s2", "the mount is writable"), (cache, "not the store's directory")):
+            conf = write_config(tmp_path / "bad.toml", None, readonly_store=str(named))
+            r = subprocess.run(daemon_argv(base / "s2", base / "k2", base / "a2" / "admin.sock", config=conf),
+                               capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+            assert r.returncode != 0 and rule in r.stdout + r.stderr, r.stdout + r.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

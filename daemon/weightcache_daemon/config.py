@@ -162,6 +162,9 @@ class Config:
     # writable path to shared bytes"): "auto" when the daemon may (CAP_SYS_ADMIN), "require"
     # (refuse to start without), "off".
     readonly_descriptors: str = "auto"
+    # A read-only mount of cache_dir made for the daemon (a readOnly volumeMount of the same
+    # hostPath, systemd BindReadOnlyPaths=): descriptors are opened through it, no CAP_SYS_ADMIN needed.
+    readonly_store: Path | None = None
     log_format: str = "console"
     metrics_address: str | None = None
     client_sources: tuple[str, ...] = ()
@@ -218,6 +221,7 @@ _TOP_KEYS = {
     "lease_quota",
     "immutable_blobs",
     "readonly_descriptors",
+    "readonly_store",
     "log_format",
     "metrics_address",
     "client_sources",
@@ -443,6 +447,7 @@ def load(
         lease_quota_percent=quota_percent,
         immutable_blobs=immutable,
         readonly_descriptors=str(readonly),
+        readonly_store=Path(data["readonly_store"]).absolute() if data.get("readonly_store") else None,
         client_sources=client_sources,
         include=tuple(include),
         download=download,

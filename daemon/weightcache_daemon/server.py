@@ -157,7 +157,12 @@ class Daemon:
         check_places(cfg, env)
         self.lock = StoreLock(cfg.cache_dir)
         try:
-            self.store = LocalBlobStore(cfg.cache_dir, immutable=cfg.immutable_blobs, readonly=cfg.readonly_descriptors)
+            self.store = LocalBlobStore(
+                cfg.cache_dir,
+                immutable=cfg.immutable_blobs,
+                readonly=cfg.readonly_descriptors,
+                readonly_store=cfg.readonly_store,
+            )
             self.index = open_index(self.store, rebuild_index)
         except BaseException:
             self.lock.release()

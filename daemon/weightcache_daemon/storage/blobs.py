@@ -150,7 +150,9 @@ class BlobStore(Protocol):
 
 
 class LocalBlobStore:
-    def __init__(self, root: Path, immutable: bool = False, readonly: str = "off") -> None:
+    def __init__(
+        self, root: Path, immutable: bool = False, readonly: str = "off", readonly_store: Path | None = None
+    ) -> None:
         self.root = root
         self.immutable = immutable
         self.blobs = root / "blobs" / "sha256"
@@ -162,7 +164,7 @@ class LocalBlobStore:
         if immutable:
             self._check_immutable()
         # Last: a clone of the store's mount taken now sees the directories made above.
-        self.view = ReadOnlyView.make(root, readonly)
+        self.view = ReadOnlyView.make(root, readonly, readonly_store)
 
     def _check_immutable(self) -> None:
         """Refuse to start when immutable blobs are asked for but cannot be had: a silent

@@ -97,13 +97,30 @@ class ReadOnlyView:
         return self.fd is not None
 
     @staticmethod
-    def make(root: Path, mode: str = "auto") -> ReadOnlyView:
+    def make(root: Path, mode: str = "auto", mounted: Path | None = None) -> ReadOnlyView:
         """`mode`: "auto" (use a read-only mount when the kernel allows it), "require" (refuse to
-        start without one), "off" (never; descriptors are opened through the writable path)."""
+        start without one), "off" (never; descriptors are opened through the writable path).
+
+        `mounted`: a read-only mount of the store the operator made in the daemon's mount
+        namespace (a second, ``readOnly`` volumeMount of the store's hostPath; systemd's
+        ``BindReadOnlyPaths=``): used instead of a clone, so the daemon needs no CAP_SYS_ADMIN.
+        It must be the store's directory and read-only, or the daemon refuses to start."""
         if mode not in MODES:
             raise ValueError(f"readonly_descriptors {mode!r}: must be one of {', '.join(MODES)}")
         if mode == "off":
             return ReadOnlyView(root, None, "readonly_descriptors = off")
+        if mounted is not None:
+            try:
+                fd = os.open(mounted, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise PermissionDeniedError(f"readonly_store {mounted}: {exc.strerror or exc}") from None
+            view = ReadOnlyView(root, fd, f"descriptors are opened through the read-only mount {mounted}")
+            try:
+                view._check()
+            except PermissionDeniedError:
+                view.close()
+                raise
+            return view
         try:
             fd = _detached_readonly_clone(root)
         except OSError as exc:
@@ -127,9 +144,11 @@ class ReadOnlyView:
         assert self.fd is not None
         mine, theirs = os.stat(self.root), os.fstat(self.fd)
         if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
-            raise PermissionDeniedError(f"read-only view of {self.root}: the clone is not the store's directory")
+            raise PermissionDeniedError(
+                f"read-only view of {self.root}: it is not the store's directory (another device or inode)"
+            )
         if not os.fstatvfs(self.fd).f_flag & os.ST_RDONLY:
-            raise PermissionDeniedError(f"read-only view of {self.root}: the kernel did not make it read-only")
+            raise PermissionDeniedError(f"read-only view of {self.root}: the mount is writable, not read-only")
 
     def open(self, path: Path) -> int:
         """A read-only descriptor of `path` (a file of the store, named by its store path).
