@@ -17,7 +17,7 @@ fails with EROFS for anyone, root with every capability included.
 
 With ``immutable=True`` every committed blob carries FS_IMMUTABLE_FL: the kernel refuses to
 open it for writing to anyone, root included, so a descriptor granted to a container cannot
-be reopened writable through /proc/self/fd (docs/security.md, "Root in a container").
+be reopened writable through /proc/self/fd (docs/security.md, "No writable path to shared bytes").
 The store directory is private to the daemon (0700, or 0750 when an operator gave it a group).
 
 Correctness never depends on a lock: a unique ingest name plus an atomic rename does.
