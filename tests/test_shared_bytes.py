@@ -276,3 +276,39 @@ def test_a_read_only_mount_given_by_the_operator_needs_no_cap_sys_admin(tmp_path
             assert r.returncode != 0 and rule in r.stdout + r.stderr, r.stdout + r.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_download_sealed_for_a_commit_that_a_crash_cut_short_resumes(tmp_path: Path, model_dir: Path) -> None:
+    """The daemon dies (SIGKILL) mid-download; its ingest files are left as a seal leaves them
+    (0444 and immutable, as with immutable_blobs) when the crash falls between seal and commit.
+    The next daemon resumes the download anyway and commits the source's bytes."""
+    from weightcache_daemon.storage.blobs import set_immutable
+
+    root = tmp_path / "d"
+    d = _slow_daemon(root, "4MiB")
+    call, early = _early_manifest(d, f"file://{model_dir}/")
+    assert early.streaming
+    d.stop(9)
+    call.cancel()
+    parts = list((d.cache_dir / "ingest").glob("*/*.part"))
+    assert parts, "no ingest file to resume"
+    for p in parts:
+        os.chmod(p, 0o444)
+        try:
+            set_immutable(p, True)
+        except OSError:
+            pytest.skip(f"{p}: the filesystem has no FS_IMMUTABLE_FL")
+    assert '"fetch_resume"' not in d.log_text()
+    d = _slow_daemon(root, "64MiB")
+    try:
+        wait_for(lambda: bool(d.ctl_json("ls")), 300, "the resumed download to commit")
+        assert '"fetch_resume"' in d.log_text()  # resumed from the sealed files, not started over
+        view = Path(d.ctl_json("show", d.ctl_json("ls")[0]["name"])["manifest"]["path"])
+        for f in model_dir.iterdir():
+            assert sha256_file(view / f.name) == sha256_file(f), f.name
+        no_partial_files(d)
+    finally:
+        d.stop()
+        for p in parts:  # a failed run must not leave files pytest cannot remove
+            if p.exists():
+                set_immutable(p, False)
