@@ -72,6 +72,12 @@ def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
 
     cfg = config.load({}, SYSTEMD / "weightcached.toml.example", euid=0)
     assert cfg.socket_group == "weightcache" and cfg.client_sources == () and cfg.max_size_percent == 90
+    assert cfg.limits == config.ClientLimits()  # the example shows the defaults, and they agree
+    assert (
+        cfg.readonly_store is not None
+        and "BindReadOnlyPaths=/var/lib/weightcache:" + str(cfg.readonly_store)
+        in (SYSTEMD / "weightcached.service").read_text()
+    )
 
 
 GID = 4242
