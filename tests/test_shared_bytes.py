@@ -285,9 +285,21 @@ def test_a_download_sealed_for_a_commit_that_a_crash_cut_short_resumes(tmp_path:
     from weightcache_daemon.storage.blobs import set_immutable
 
     root = tmp_path / "d"
-    d = _slow_daemon(root, "4MiB")
+    d = _slow_daemon(root, "2MiB")
     call, early = _early_manifest(d, f"file://{model_dir}/")
     assert early.streaming
+
+    def parts_recorded() -> bool:  # the resume record lists parts on disk: the next start resumes
+        for state in (d.cache_dir / "ingest").glob("*/state.json"):
+            try:
+                files = json.loads(state.read_text()).get("files") or []
+            except (OSError, ValueError):
+                continue
+            if any(f.get("written") for f in files):
+                return True
+        return False
+
+    wait_for(parts_recorded, 300, "the resume record to list parts on disk")
     d.stop(9)
     call.cancel()
     parts = list((d.cache_dir / "ingest").glob("*/*.part"))
