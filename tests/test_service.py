@@ -72,6 +72,12 @@ def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
 
     cfg = config.load({}, SYSTEMD / "weightcached.toml.example", euid=0)
     assert cfg.socket_group == "weightcache" and cfg.client_sources == () and cfg.max_size_percent == 90
+    assert cfg.limits == config.ClientLimits()  # the example shows the defaults, and they agree
+    assert (
+        cfg.readonly_store is not None
+        and "BindReadOnlyPaths=/var/lib/weightcache:" + str(cfg.readonly_store)
+        in (SYSTEMD / "weightcached.service").read_text()
+    )
 
 
 GID = 4242
@@ -289,7 +295,8 @@ def test_kubernetes_manifests_match_the_daemon(tmp_path: Path) -> None:
     spec = kinds["DaemonSet"]["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     container = spec["containers"][0]
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    # (the store's second, read-only mount is checked below)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"] if m["mountPath"] != cfg["readonly_store"]}
     assert volumes["store"]["hostPath"]["path"] == cfg["cache_dir"] == mounts["store"]
     assert cfg["socket_dir"].startswith(mounts["run"]) and cfg["admin_socket"].startswith(mounts["run"])
     assert mounts["models"] == cfg["models_dir"] and volumes["models"]["configMap"]["name"] == "weightcache-models"
@@ -318,6 +325,13 @@ def test_kubernetes_manifests_match_the_daemon(tmp_path: Path) -> None:
     paths = [v["hostPath"]["path"] for v in pod["spec"]["volumes"] if "hostPath" in v]
     assert paths == [cfg["socket_dir"]]  # only the client socket directory
     assert int(cfg["socket_group"]) in pod["spec"]["securityContext"]["supplementalGroups"]
+    # metrics off pod-reachable addresses; descriptors through a read-only mount of the store
+    assert not cfg["metrics_address"].startswith("0.0.0.0") and str(loaded.metrics_address).startswith("127.")
+    ro = [m for m in container["volumeMounts"] if m["mountPath"] == cfg["readonly_store"]]
+    assert ro and ro[0]["name"] == "store" and ro[0].get("readOnly") is True, container["volumeMounts"]
+    # pods get their own non-root uid, without capabilities
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True and pod["spec"]["securityContext"]["runAsUser"] != 0
+    assert pod["spec"]["containers"][0]["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
 
 def test_sd_notify_ready_after_sockets_and_watchdog_pings(tmp_path: Path) -> None:

@@ -83,10 +83,11 @@ def write_config(path: Path, s3: s3server.S3Server | None, **extra: Any) -> Path
     # system-mode daemons (root + config) serve metrics on 9464 by default: tests opt in per port
     extra.setdefault("metrics_address", "")
     download = {"concurrency": 4, "part_size": "1MiB", **extra.pop("download", {})}
+    tables = {"download": download, **({"limits": extra.pop("limits")} if "limits" in extra else {})}
     sources = list(extra.pop("sources", []))
     if s3 is not None:
         sources.append(s3_source(s3))
-    path.write_text(toml_text(extra, {"download": download}, {"sources": sources} if sources else None))
+    path.write_text(toml_text(extra, tables, {"sources": sources} if sources else None))
     return path
 
 

@@ -18,7 +18,7 @@ from weightcache.contract import paths
 from weightcache.contract.errors import InvalidInputError
 from weightcache_daemon import uris
 
-__all__ = ["Config", "DownloadConfig", "SourceConfig", "TenantConfig", "load", "parse_size"]
+__all__ = ["ClientLimits", "Config", "DownloadConfig", "SourceConfig", "TenantConfig", "load", "parse_size"]
 
 DEFAULT_INCLUDE = (
     "*.safetensors",
@@ -124,6 +124,45 @@ class TenantConfig:
 
 
 @dataclass(frozen=True)
+class ClientLimits:
+    """Bounds on the gRPC client socket (weightcache.sock), per connection, per stream and per
+    request; every one is in docs/security.md ("Client socket bounds") with its default. A
+    breach is an error for that caller only: RESOURCE_EXHAUSTED or INVALID_ARGUMENT, with a
+    message naming the input and the limit. The admin socket is not bounded by these."""
+
+    # Concurrent streams on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): more wait
+    # in the client's transport and cost the daemon nothing.
+    streams_per_connection: int = 64
+    # Seconds a stream (Ensure, ReadRange) may wait for its reader to take one message; then it
+    # ends with RESOURCE_EXHAUSTED, and whatever it held (a model's protection from eviction,
+    # a chunk of bytes) is released. A ReadRange stream holds no descriptor while it waits.
+    stream_stall_timeout: float = 30.0
+    # Largest ReadRange message: one such chunk (plus the transport's window) is what a stream
+    # queues for a reader that does not read.
+    read_chunk_max: int = 4 << 20
+    # Largest request message accepted (gRPC receive limit).
+    request_bytes_max: int = 256 << 10
+    # include + exclude globs in one request, and the length of each.
+    globs_max: int = 64
+    glob_length_max: int = 256
+    # Model references (names, snapshot ids, URIs) and file paths in a request.
+    reference_length_max: int = 1024
+    # Compiled include/exclude patterns kept for reuse (least recently used go first).
+    glob_cache_size: int = 256
+    # Characters of caller-supplied text repeated in one error message or log field.
+    echo_max: int = 200
+
+    def echo(self, value: object) -> str:
+        """`value` as it may be repeated back (repr of a string, lists as lists), cut at
+        `echo_max` characters with how much was left out: a request that matches nothing must
+        not have its megabytes copied into every log line and error."""
+        text = repr(list(value)) if isinstance(value, tuple | list) else repr(value)
+        if len(text) <= self.echo_max:
+            return text
+        return f"{text[: self.echo_max]}… ({len(text) - self.echo_max} more characters)"
+
+
+@dataclass(frozen=True)
 class Config:
     cache_dir: Path
     socket_dir: Path
@@ -150,11 +189,20 @@ class Config:
     # Set FS_IMMUTABLE_FL on committed blobs (needs CAP_LINUX_IMMUTABLE): not even root in a
     # container can open a granted descriptor for writing (docs/security.md).
     immutable_blobs: bool = False
+    # Open every descriptor handed to a client through a detached read-only mount of the store,
+    # so not even root with CAP_DAC_OVERRIDE can reopen it for writing (docs/security.md, "No
+    # writable path to shared bytes"): "auto" when the daemon may (CAP_SYS_ADMIN), "require"
+    # (refuse to start without), "off".
+    readonly_descriptors: str = "auto"
+    # A read-only mount of cache_dir made for the daemon (a readOnly volumeMount of the same
+    # hostPath, systemd BindReadOnlyPaths=): descriptors are opened through it, no CAP_SYS_ADMIN needed.
+    readonly_store: Path | None = None
     log_format: str = "console"
     metrics_address: str | None = None
     client_sources: tuple[str, ...] = ()
     include: tuple[str, ...] = DEFAULT_INCLUDE
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    limits: ClientLimits = field(default_factory=ClientLimits)
     sources: tuple[SourceConfig, ...] = ()
     system: bool = False
     config_file: Path | None = None
@@ -222,11 +270,14 @@ _TOP_KEYS = {
     "fd_idle_timeout",
     "lease_quota",
     "immutable_blobs",
+    "readonly_descriptors",
+    "readonly_store",
     "log_format",
     "metrics_address",
     "client_sources",
     "include",
     "download",
+    "limits",
     "sources",
     "tenants",
 }
@@ -336,6 +387,26 @@ def _tenants(raw: Any, where: str, admin_socket: Path, default_group: str | None
     return tuple(out)
 
 
+def _limits(raw: Any, where: str) -> ClientLimits:
+    """[limits]: each a positive number (sizes may be written 4MiB)."""
+    if not isinstance(raw, dict):
+        raise InvalidInputError(f"{where}: [limits] must be a table")
+    extra = set(raw) - set(ClientLimits.__dataclass_fields__)
+    if extra:
+        raise InvalidInputError(f"{where}: [limits] unknown key(s) {', '.join(sorted(extra))}")
+    values: dict[str, Any] = {}
+    for key, f in ClientLimits.__dataclass_fields__.items():
+        v = raw.get(key, f.default)
+        if key in ("read_chunk_max", "request_bytes_max") and isinstance(v, str):
+            v = parse_size(v, f"limits.{key}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise InvalidInputError(f"limits.{key} {v!r}: must be a positive number")
+        values[key] = float(v) if key == "stream_stall_timeout" else int(v)
+    if values["read_chunk_max"] > 64 << 20:
+        raise InvalidInputError(f"limits.read_chunk_max {values['read_chunk_max']}: at most 64MiB (one gRPC message)")
+    return ClientLimits(**values)
+
+
 def _sources(raw: Any, where: str) -> tuple[SourceConfig, ...]:
     if not isinstance(raw, list):
         raise InvalidInputError(f"{where}: sources must be an array of tables ([[sources]])")
@@ -388,6 +459,9 @@ def load(
     immutable = data.get("immutable_blobs", False)
     if not isinstance(immutable, bool):
         raise InvalidInputError(f"immutable_blobs {immutable!r}: must be true or false")
+    readonly = data.get("readonly_descriptors", Config.readonly_descriptors)
+    if readonly not in ("auto", "require", "off"):
+        raise InvalidInputError(f'readonly_descriptors {readonly!r}: must be "auto", "require" or "off"')
     return Config(
         cache_dir=cache_dir,
         socket_dir=socket_dir,
@@ -410,9 +484,12 @@ def load(
         lease_quota=quota,
         lease_quota_percent=quota_percent,
         immutable_blobs=immutable,
+        readonly_descriptors=str(readonly),
+        readonly_store=Path(data["readonly_store"]).absolute() if data.get("readonly_store") else None,
         client_sources=client_sources,
         include=tuple(include),
         download=download,
+        limits=_limits(data.get("limits", {}), where),
         sources=_sources(data.get("sources", []), where),
         system=system,
         config_file=config_file,

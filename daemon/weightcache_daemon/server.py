@@ -181,7 +181,12 @@ class Daemon:
         check_places(cfg, env)
         self.lock = StoreLock(cfg.cache_dir)
         try:
-            self.store = LocalBlobStore(cfg.cache_dir, immutable=cfg.immutable_blobs)
+            self.store = LocalBlobStore(
+                cfg.cache_dir,
+                immutable=cfg.immutable_blobs,
+                readonly=cfg.readonly_descriptors,
+                readonly_store=cfg.readonly_store,
+            )
             self.index = open_index(self.store, rebuild_index)
         except BaseException:
             self.lock.release()
@@ -234,6 +239,12 @@ class Daemon:
         # The health service answers SERVING for "" from its creation; until start-up is done
         # it must say otherwise, or a probe (or a test) would send work to a daemon not ready.
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        limits = self.cfg.limits
+        client_opts = [
+            ("grpc.max_receive_message_length", limits.request_bytes_max),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_concurrent_streams", limits.streams_per_connection),
+        ]
         self.admin_server = grpc.aio.server(options=opts)
         pb_grpc.add_AdminServicer_to_server(AdminService(self.core), self.admin_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.admin_server)
@@ -241,7 +252,7 @@ class Daemon:
             # A connection's tenant is the socket it came in on: each tenant's sockets are
             # served by their own servers, bound to that tenant's scope.
             scope = self.core.scopes[t.name]
-            server = grpc.aio.server(options=opts)
+            server = grpc.aio.server(options=client_opts)
             pb_grpc.add_CacheServicer_to_server(CacheService(self.core, scope), server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             self.client_servers.append(server)
@@ -300,7 +311,12 @@ class Daemon:
             socket_dirs={t.name or "default": str(t.socket_dir) for t in tenants},
             admin_socket=str(self.cfg.admin_socket),
             pid=os.getpid(),
+            readonly_descriptors=self.store.view.protected,
         )
+        if not self.store.view.protected:
+            log.warning("descriptors_writable_path", reason=self.store.view.reason,
+                        risk="root with CAP_DAC_OVERRIDE in a client can reopen a granted descriptor for writing "
+                        "(docs/security.md)")  # fmt: skip
 
     def _mark_bound(self, path: Path) -> None:
         """Remember a socket just bound (each path was claimed first: what is there now is ours)."""
@@ -328,6 +344,7 @@ class Daemon:
             "active_downloads": s.active_downloads,
             "streaming_snapshots": len(self.core.jobs.early_ids()),
             "streaming_readers": sum(self.core.jobs.readers(sid) for sid in self.core.jobs.early_ids()),
+            "readonly_descriptors": 1.0 if self.store.view.protected else 0.0,
         }
 
     async def _flush_uses(self) -> None:
@@ -354,6 +371,7 @@ class Daemon:
         for pool in (self.core.client_io, self.core.admin_io):
             pool.shutdown(wait=False, cancel_futures=True)  # queued work is moot now; never holds up SIGTERM
         self.index.close()
+        self.store.view.close()
         self.lock.release()
         log.info("stopped")
 

@@ -97,7 +97,7 @@ class Grant:
     def open(self, store: BlobStore, f: FileRow) -> int:
         """A read-only descriptor of one granted file."""
         if self.early is not None:
-            return self.early.open(f.path)
+            return self.early.open(f.path, store.open_file)
         return store.open(f.sha256)
 
 
@@ -484,7 +484,7 @@ class Core:
         """A read-only descriptor of the file a span reads (a blob, or a file still downloading)."""
         early = self.jobs.early_snapshot(snapshot_id)
         if early is not None:
-            return early.open(span.path)
+            return early.open(span.path, self.store.open_file)
         if not span.sha256:  # an early span whose download committed since: the blob has the bytes
             sid, _ = self._early_or_committed(snapshot_id)
             digest = next((f.sha256 for f in self.index.files(sid) if f.path == span.path), None)

@@ -42,6 +42,14 @@ def _store(core: Core) -> list[Result]:
         out.append(("store writable", PASS, f"{root}", ""))
     except OSError as exc:
         out.append(("store writable", FAIL, f"{root}: {exc.strerror}", "give the service user write access to it"))
+    view = core.store.view
+    if view.protected:
+        out.append(("read-only descriptors", PASS, view.reason, ""))
+    else:
+        out.append(("read-only descriptors", WARN, f"{view.reason}: a client root with CAP_DAC_OVERRIDE can reopen a "
+                    "granted descriptor for writing through /proc/self/fd",
+                    "run the daemon with CAP_SYS_ADMIN (readonly_descriptors = auto or require), or set "
+                    "immutable_blobs = true and keep CAP_DAC_OVERRIDE out of client containers"))  # fmt: skip
     fs_type = _fs_type(root)
     direct = _o_direct_ok(core.store.ingest)
     out.append(("store filesystem", PASS if direct else WARN, f"{fs_type}; O_DIRECT {'yes' if direct else 'no'}",

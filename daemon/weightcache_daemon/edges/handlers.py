@@ -29,14 +29,14 @@ from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
 from weightcache_daemon import uris
 from weightcache_daemon.cache.core import Core
 from weightcache_daemon.cache.tenants import Scope
+from weightcache_daemon.config import ClientLimits
 from weightcache_daemon.edges import convert
 from weightcache_daemon.records import Manifest, ProgressState, Readiness
 
 log = structlog.get_logger("weightcached.rpc")
 
 DEFAULT_CHUNK = 1 << 20
-MAX_CHUNK = 4 << 20
-MAX_LIST = 4096  # bounds on repeated request fields
+MAX_LIST = 4096  # bounds on repeated fields of admin requests (the client's: config.ClientLimits)
 MAX_STR = 4096
 # A manifest must fit one message (the server's send limit is 64 MiB); the job already bounds
 # a snapshot's tensors, this turns anything that still does not fit into a clear error.
@@ -80,23 +80,43 @@ def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
-def streaming(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
+def streaming(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., Awaitable[None]]:
+    """A server-streaming handler written as an async generator, served with ``context.write``
+    so that each message has a deadline: a reader that takes no message for the service's
+    ``stall_timeout`` ends its own stream (RESOURCE_EXHAUSTED), and the generator is closed at
+    once, releasing what it held (a model's protection from eviction, a chunk of bytes)."""
+
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[T]:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         started = time.monotonic()
+        items = fn(self, request, context)
         try:
-            async for item in fn(self, request, context):
-                yield item
+            async for item in items:
+                await _write(self, fn.__name__, context, item)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             _observe(self, fn.__name__, started, "CANCELLED")
             raise
         except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
             _observe(self, fn.__name__, started, _code(exc))
+            await items.aclose()  # type: ignore[attr-defined]
             await _abort(context, fn.__name__, exc)
             return
+        finally:
+            await items.aclose()  # type: ignore[attr-defined]
         _observe(self, fn.__name__, started, "OK")
 
     return wrapper
+
+
+async def _write(self: Any, rpc: str, context: grpc.aio.ServicerContext[Any, Any], item: Any) -> None:
+    stall: float | None = self.stall_timeout
+    try:
+        await asyncio.wait_for(context.write(item), stall)
+    except TimeoutError:
+        self.core.metrics.rpc_bounds.labels("stream_stall_timeout").inc()
+        raise ExhaustedError(
+            f"{rpc}: the reader took no message for {stall:g} s (limits.stream_stall_timeout); stream closed"
+        ) from None
 
 
 def _strings(values: Any, what: str) -> list[str]:
@@ -110,6 +130,46 @@ def _str(value: str, what: str) -> str:
     if len(value) > MAX_STR or "\x00" in value:
         raise InvalidInputError(f"{what}: longer than {MAX_STR} characters or contains NUL")
     return value
+
+
+class _Bounds:
+    """The client socket's request bounds (config.ClientLimits): each breach is an
+    INVALID_ARGUMENT naming the input and the limit, and is counted."""
+
+    def __init__(self, limits: ClientLimits, metrics: Any) -> None:
+        self.limits = limits
+        self.metrics = metrics
+
+    def _breach(self, bound: str, message: str) -> InvalidInputError:
+        self.metrics.rpc_bounds.labels(bound).inc()
+        return InvalidInputError(message)
+
+    def ref(self, value: str, what: str) -> str:
+        n = self.limits.reference_length_max
+        if len(value) > n:
+            raise self._breach(
+                "reference_length_max",
+                f"{what}: {len(value)} characters, more than {n} (limits.reference_length_max)",
+            )
+        if "\x00" in value:
+            raise InvalidInputError(f"{what}: contains NUL")
+        return value
+
+    def globs(self, include: Any, exclude: Any) -> tuple[list[str], list[str]]:
+        inc, exc = list(include), list(exclude)
+        n, length = self.limits.globs_max, self.limits.glob_length_max
+        if len(inc) + len(exc) > n:
+            raise self._breach(
+                "globs_max", f"include/exclude: {len(inc)} + {len(exc)} globs, more than {n} (limits.globs_max)"
+            )
+        for what, values in (("include", inc), ("exclude", exc)):
+            for i, v in enumerate(values):
+                if len(v) > length or "\x00" in v:
+                    raise self._breach(
+                        "glob_length_max",
+                        f"{what}[{i}]: {len(v)} characters, more than {length} (limits.glob_length_max), or NUL",
+                    )
+        return inc, exc
 
 
 def _manifest_message(m: Manifest) -> pb.Manifest:
@@ -129,7 +189,7 @@ async def _in(pool: Executor, fn: Callable[..., T], *args: Any) -> T:
 
 
 class CacheService(pb_grpc.CacheServicer):
-    """The client API (weightcache.sock)."""
+    """The client API (weightcache.sock), under the client socket's bounds (config.ClientLimits)."""
 
     SERVICE = "Cache"
 
@@ -137,14 +197,18 @@ class CacheService(pb_grpc.CacheServicer):
         self.core = core
         # The tenant of every request on this server's socket (one server per tenant socket).
         self.scope = scope
+        self.limits = core.cfg.limits
+        self.stall_timeout: float | None = self.limits.stream_stall_timeout
+        self.bounds = _Bounds(self.limits, core.metrics)
 
     @streaming
     async def Ensure(self, request: pb.EnsureRequest, context: Any) -> AsyncIterator[pb.EnsureResponse]:
+        include, exclude = self.bounds.globs(request.include, request.exclude)
         events = self.core.fetch(
-            _str(request.model, "model"),
-            _str(request.name, "name"),
-            _strings(request.include, "include"),
-            _strings(request.exclude, "exclude"),
+            self.bounds.ref(request.model, "model"),
+            self.bounds.ref(request.name, "name"),
+            include,
+            exclude,
             admin=False,
             early=request.early,
             scope=self.scope,
@@ -169,36 +233,36 @@ class CacheService(pb_grpc.CacheServicer):
 
     @streaming
     async def ReadRange(self, request: pb.ReadRangeRequest, context: Any) -> AsyncIterator[pb.ReadRangeChunk]:
-        chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
+        """A descriptor is held only around each read, never while a message waits for the
+        reader: a stream whose reader stalls holds one chunk of bytes and nothing else."""
+        chunk = min(request.chunk_size or DEFAULT_CHUNK, self.limits.read_chunk_max)
         kind = request.WhichOneof("range")
         rf, rl = request.file, request.layers
+        sid = self.bounds.ref(request.snapshot_id, "snapshot_id")
         spans = await self.core.read_spans(
-            _str(request.snapshot_id, "snapshot_id"),
-            file=(rf.path, rf.offset, rf.length) if kind == "file" else None,
+            sid,
+            file=(self.bounds.ref(rf.path, "file.path"), rf.offset, rf.length) if kind == "file" else None,
             layers=(rl.first, rl.last) if kind == "layers" else None,
             scope=self.scope,
         )
-        sid = request.snapshot_id
         for sp in spans:
             path, off, length, tensor = sp.path, sp.offset, sp.length, sp.tensor
             if length == 0:  # an empty tensor still announces itself
                 yield pb.ReadRangeChunk(file=path, file_offset=off, tensor=tensor)
                 continue
-            fd = self.core.open_span(sid, sp)
-            try:
-                done = 0
-                while done < length:
-                    n = min(chunk, length - done)
-                    await self.core.wait_span(sid, path, off + done, n)  # a file still downloading
+            done = 0
+            while done < length:
+                n = min(chunk, length - done)
+                await self.core.wait_span(sid, path, off + done, n)  # a file still downloading
+                fd = self.core.open_span(sid, sp)
+                try:
                     data = await _in(self.core.client_io, os.pread, fd, n, off + done)
-                    if len(data) != n:
-                        raise CorruptedError(f"file {path} of snapshot {sid} is shorter than its manifest says")
-                    yield pb.ReadRangeChunk(
-                        file=path, file_offset=off + done, tensor=tensor, tensor_offset=done, data=data
-                    )
-                    done += n
-            finally:
-                os.close(fd)
+                finally:
+                    os.close(fd)
+                if len(data) != n:
+                    raise CorruptedError(f"file {path} of snapshot {sid} is shorter than its manifest says")
+                yield pb.ReadRangeChunk(file=path, file_offset=off + done, tensor=tensor, tensor_offset=done, data=data)
+                done += n
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -208,6 +272,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     def __init__(self, core: Core) -> None:
         self.core = core
+        self.stall_timeout: float | None = None  # the operator's own CLI: not bounded
 
     @streaming
     async def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> AsyncIterator[pb.PrefetchResponse]:

@@ -22,7 +22,6 @@ a wake-up posted to the loop (coalesced) whenever readiness changes.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import threading
 import time
@@ -203,9 +202,11 @@ class EarlySnapshot:
         with self._lock:
             self._blobs[path] = blob
 
-    def open(self, path: str) -> int:
+    def open(self, path: str, opener: Callable[[Path], int]) -> int:
         """A read-only descriptor of one file: the ingest file, or the blob it became (the job
-        renames it at commit, possibly between our lookup and our open)."""
+        renames it at commit, possibly between our lookup and our open). `opener` opens a store
+        path read-only (through the store's read-only view: the descriptor goes to a client,
+        and the daemon keeps writing the file through its own path)."""
         f = self.files.get(path)
         label = self.manifest.model or self.snapshot_id
         if f is None:
@@ -217,7 +218,7 @@ class EarlySnapshot:
                 if disk is None:
                     continue
                 try:
-                    return os.open(disk, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                    return opener(disk)
                 except FileNotFoundError:
                     continue
         if self.error is not None:

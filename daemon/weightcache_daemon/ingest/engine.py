@@ -72,6 +72,7 @@ from weightcache.contract.readahead import willneed
 from weightcache_daemon.config import DownloadConfig
 from weightcache_daemon.ingest.schedule import part_count
 from weightcache_daemon.sources import ObjectChanged, RemoteObject, Source
+from weightcache_daemon.storage.blobs import is_immutable, set_immutable
 
 __all__ = ["BufferPool", "DownloadEvents", "HashedFile", "IgnoredEvents", "RateLimiter", "download", "ingest_name"]
 
@@ -552,6 +553,10 @@ class _Job:
 
 def _open_ingest(path: Path) -> tuple[int, bool]:
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    if path.exists():  # resumed: it may have been sealed (0444, immutable) for a commit a crash cut short
+        if is_immutable(path):
+            set_immutable(path, False)
+        os.chmod(path, 0o600)
     try:
         return os.open(path, flags | os.O_DIRECT, 0o600), True
     except OSError as exc:

@@ -28,6 +28,7 @@ from weightcache.contract.errors import InternalError, WeightcacheError
 from weightcache_daemon.config import Config
 from weightcache_daemon.ingest.early import EarlySnapshot
 from weightcache_daemon.ingest.engine import BufferPool, RateLimiter
+from weightcache_daemon.ingest.globs import GlobCache
 from weightcache_daemon.ingest.job import Job
 from weightcache_daemon.ingest.ledger import Ledger
 from weightcache_daemon.ingest.pipeline import Admitter, Parts, Pipeline, store_error
@@ -93,7 +94,7 @@ class JobRegistry:
         self.clients_ready = self.clients.prewarm(cfg.sources, cfg.download.concurrency)
         pool = BufferPool(cfg.download.concurrency + max(4, cfg.download.concurrency // 4), cfg.download.part_size)
         self.parts = Parts(cfg, store, index, metrics, ledger, admitter, self, self._open_source, pool,
-                           RateLimiter(cfg.download.rate_limit))  # fmt: skip
+                           RateLimiter(cfg.download.rate_limit), GlobCache(cfg.limits.glob_cache_size))  # fmt: skip
         self._jobs: dict[JobKey, Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Snapshots being downloaded, by provisional id, and how recent ones ended (the real id,

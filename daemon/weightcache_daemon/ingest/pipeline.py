@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fnmatch
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -41,9 +40,10 @@ from weightcache.contract.errors import (
     PermissionDeniedError,
     WeightcacheError,
 )
-from weightcache_daemon.config import Config
+from weightcache_daemon.config import ClientLimits, Config
 from weightcache_daemon.ingest.early import EarlyFile, EarlySnapshot
 from weightcache_daemon.ingest.engine import BufferPool, HashedFile, IgnoredEvents, RateLimiter, download, ingest_name
+from weightcache_daemon.ingest.globs import GlobCache
 from weightcache_daemon.ingest.headers import read_headers
 from weightcache_daemon.ingest.job import Job
 from weightcache_daemon.ingest.layout import check_layout
@@ -117,6 +117,8 @@ class Parts:
     open_source: Callable[[str, bool], Source]
     pool: BufferPool
     limiter: RateLimiter
+    # include/exclude come from clients: their compiled patterns are kept in a bounded cache.
+    globs: GlobCache = field(default_factory=lambda: GlobCache(ClientLimits.glob_cache_size))
 
 
 @dataclass(frozen=True)
@@ -139,10 +141,16 @@ class Plan:
     heads: dict[str, bytes]
 
 
-def select(objects: list[RemoteObject], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[RemoteObject]:
+_GLOBS = GlobCache(ClientLimits.glob_cache_size)
+_LIMITS = ClientLimits()
+
+
+def select(
+    objects: list[RemoteObject], include: tuple[str, ...], exclude: tuple[str, ...], globs: GlobCache = _GLOBS
+) -> list[RemoteObject]:
     def match(rel: str, patterns: tuple[str, ...]) -> bool:
         base = rel.rsplit("/", 1)[-1]
-        return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
+        return any(globs.match(rel, p) or globs.match(base, p) for p in patterns)
 
     return [o for o in objects if match(o.relpath, include) and not match(o.relpath, exclude)]
 
@@ -165,17 +173,21 @@ def store_error(exc: OSError, label: str) -> WeightcacheError:
     return InternalError(f"I/O error in the {where}")
 
 
-def check_listing(key: JobKey, listed: list[RemoteObject]) -> list[RemoteObject]:
-    """The objects of a listing the job wants, or the error that names why there are none fit."""
-    objects = select(listed, key.include, key.exclude)
+def check_listing(
+    key: JobKey, listed: list[RemoteObject], globs: GlobCache = _GLOBS, limits: ClientLimits = _LIMITS
+) -> list[RemoteObject]:
+    """The objects of a listing the job wants, or the error that names why there are none fit
+    (the caller's globs echoed within `limits`: they come from clients)."""
+    objects = select(listed, key.include, key.exclude, globs)
+    echo = limits.echo
     if not objects:
         raise NotFoundError(
-            f"source {key.uri}: no files match include {list(key.include)} / exclude {list(key.exclude)} "
+            f"source {key.uri}: no files match include {echo(key.include)} / exclude {echo(key.exclude)} "
             f"({len(listed)} object(s) listed)"
         )
     if len(objects) > MAX_SNAPSHOT_FILES:
         raise InvalidInputError(
-            f"source {key.uri}: {len(objects)} files match include {list(key.include)}; a model may have at "
+            f"source {key.uri}: {len(objects)} files match include {echo(key.include)}; a model may have at "
             f"most {MAX_SNAPSHOT_FILES} (narrow it with include/exclude)"
         )
     # Only safetensors are validated, indexed and mapped: weights in any other format
@@ -292,7 +304,7 @@ class Pipeline:
         """List and filter the source, and skip what the store has: the same object version
         fetched before, or (by the source's checksum) the same bytes under another name."""
         job, p = self.job, self.job.progress
-        objects = check_listing(job.key, source.list())
+        objects = check_listing(job.key, source.list(), self.parts.globs, self.parts.cfg.limits)
         check_layout(
             job.key.uri, objects, chosen=job.key.include != self.parts.cfg.include, filtered=bool(job.key.exclude)
         )
@@ -421,6 +433,27 @@ class Pipeline:
 
     # ---------------------------------------------------------------- commit
 
+    def seal(self, got: list[HashedFile]) -> None:
+        """The content id is read back from the disk once nothing can change the files any more
+        (made read-only, writers closed): a change that slipped in after the bytes were hashed
+        on the way in fails the job here, before anything is published."""
+        changed = self.parts.store.seal([(d.path, d.sha256) for d in got])
+        if not changed:
+            return
+        job = self.job
+        self.parts.metrics.commit_mismatches.inc(len(changed))
+        rel_of = {d.path: d.obj.relpath for d in got}
+        want = {d.path: d.sha256 for d in got}
+        for tmp, on_disk in changed:
+            log.error("commit_hash_mismatch", model=job.label, file=rel_of[tmp], downloaded=want[tmp],
+                      on_disk=on_disk)  # fmt: skip
+        tmp, on_disk = changed[0]
+        raise CorruptedError(
+            f"file {rel_of[tmp]} of model {job.label} changed on disk after it was downloaded (downloaded "
+            f"sha256:{want[tmp][:16]}…, on disk sha256:{on_disk[:16]}…; {len(changed)} file(s) changed); "
+            "nothing published"
+        )
+
     def commit(self, listed: Listed, fetched: tuple[list[HashedFile], dict[str, tuple[TensorInfo, ...]]]) -> str:
         """Blobs into the store, then one index transaction: only now is the snapshot visible."""
         job, store, index = self.job, self.parts.store, self.parts.index
@@ -433,6 +466,7 @@ class Pipeline:
                 f"model {job.label} ({job.key.uri}): {total} tensors, more than the {MAX_SNAPSHOT_TENSORS} one "
                 "snapshot may have (its manifest must fit one message); nothing published"
             )
+        self.seal(got)
         files: list[NewFile] = []
         for o in listed.objects:
             if o.relpath in listed.known:

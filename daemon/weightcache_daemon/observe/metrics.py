@@ -32,6 +32,7 @@ class _Sizes(Collector):
             "active_downloads": "Download jobs running",
             "streaming_snapshots": "Snapshots being downloaded that clients may already read",
             "streaming_readers": "fd.sock leases on snapshots still being downloaded",
+            "readonly_descriptors": "1 when granted descriptors are opened through a read-only mount of the store",
         }
         for key, value in self.read().items():
             yield GaugeMetricFamily(f"weightcache_{key}", help_.get(key, key), value=value)
@@ -78,6 +79,18 @@ class Metrics:
             "weightcache_streaming_failures",
             "Downloads that failed while clients could read them (every reader got the error)",
             ["reason"],
+            registry=r,
+        )
+        self.commit_mismatches = Counter(
+            "weightcache_commit_hash_mismatches",
+            "Files whose bytes on disk, hashed after they were sealed, differ from the bytes downloaded "
+            "(changed on disk before commit; nothing published)",
+            registry=r,
+        )
+        self.rpc_bounds = Counter(
+            "weightcache_rpc_bound_breaches",
+            "Client API requests refused for breaking a bound (docs/security.md, 'Client socket bounds')",
+            ["bound"],
             registry=r,
         )
         self.rpc_seconds = Histogram(

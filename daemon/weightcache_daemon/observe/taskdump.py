@@ -12,7 +12,7 @@ import asyncio
 import gc
 import sys
 from collections.abc import Iterable
-from types import AsyncGeneratorType, FrameType
+from types import AsyncGeneratorType, CoroutineType, FrameType
 from typing import Any
 
 __all__ = ["format_tasks", "install"]
@@ -32,6 +32,10 @@ def _awaited(obj: Any) -> Any:
         # `async for` awaits one of these, which exposes no attribute for its generator: the
         # daemon's streams are async generators inside async generators, so find it by reference.
         return next((r for r in gc.get_referents(obj) if isinstance(r, AsyncGeneratorType)), None)
+    if type(obj).__name__ == "coroutine_wrapper":
+        # What `coro.__await__()` returns, which is what gRPC's Cython server awaits a handler
+        # coroutine through (the streaming handlers, edges/handlers.py): the coroutine by reference.
+        return next((r for r in gc.get_referents(obj) if isinstance(r, CoroutineType)), None)
     return None
 
 

@@ -4,13 +4,20 @@ Lifecycle of a blob (the only way bytes become visible)::
 
     ingest   bytes are written to ingest/<job>/<n> (a private, unique name)
     verify   fsync, sha256 over the bytes, format validation (by the caller)
-    commit   chmod 0444 -> rename to blobs/sha256/<2 hex>/<hex> -> [immutable] -> fsync the directory
+    seal     the daemon's writers closed: chmod 0444 -> [immutable] -> sha256 read back from the
+             disk, compared with the bytes downloaded (``seal``): what is committed is what
+             was downloaded, even if something wrote into the file meanwhile
+    commit   [clear immutable] -> rename to blobs/sha256/<2 hex>/<hex> -> [immutable] -> fsync the directory
     visible  only now may the index refer to it; a blob is never modified again
     remove   [clear immutable] -> unlink (never truncate: a process that still maps it keeps its bytes)
 
+Every descriptor handed out is opened through a read-only mount of the store when the daemon
+can make one (``readonly.ReadOnlyView``): reopening it for writing through /proc/self/fd then
+fails with EROFS for anyone, root with every capability included.
+
 With ``immutable=True`` every committed blob carries FS_IMMUTABLE_FL: the kernel refuses to
 open it for writing to anyone, root included, so a descriptor granted to a container cannot
-be reopened writable through /proc/self/fd (docs/security.md, "Root in a container").
+be reopened writable through /proc/self/fd (docs/security.md, "No writable path to shared bytes").
 The store directory is private to the daemon (0700, or 0750 when an operator gave it a group).
 
 Correctness never depends on a lock: a unique ingest name plus an atomic rename does.
@@ -29,7 +36,8 @@ import shutil
 import stat
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -40,6 +48,7 @@ from weightcache.contract.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from weightcache_daemon.storage.readonly import ReadOnlyView
 
 __all__ = [
     "BlobStore",
@@ -59,6 +68,7 @@ FS_IMMUTABLE_FL = 0x00000010
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 HASH_CHUNK = 8 << 20
+SEAL_HASHERS = 4  # files hashed at once at commit (a file's sha256 is sequential)
 
 
 def check_digest(digest: str) -> str:
@@ -129,6 +139,7 @@ class BlobStore(Protocol):
     blobs: Path  # blobs/sha256/<2 hex>/<hex>: reconciliation walks it for strays
     ingest: Path  # ingest/<job>/: downloads in progress, each job's record beside its files
     snapshots: Path  # snapshots/<model>/<snapshot>/: views of relative symlinks (views.py)
+    view: ReadOnlyView  # what descriptors handed to clients are opened through (readonly.py)
 
     # read
     def path(self, digest: str) -> Path: ...
@@ -138,6 +149,10 @@ class BlobStore(Protocol):
     def check(self, digest: str) -> None: ...
 
     def open(self, digest: str) -> int: ...
+
+    def open_file(self, path: Path) -> int: ...
+
+    def seal(self, files: Sequence[tuple[Path, str]]) -> list[tuple[Path, str]]: ...
 
     def digests(self) -> Iterator[str]: ...
 
@@ -155,7 +170,9 @@ class BlobStore(Protocol):
 
 
 class LocalBlobStore:
-    def __init__(self, root: Path, immutable: bool = False) -> None:
+    def __init__(
+        self, root: Path, immutable: bool = False, readonly: str = "off", readonly_store: Path | None = None
+    ) -> None:
         self.root = root
         self.immutable = immutable
         self.blobs = root / "blobs" / "sha256"
@@ -166,6 +183,8 @@ class LocalBlobStore:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         if immutable:
             self._check_immutable()
+        # Last: a clone of the store's mount taken now sees the directories made above.
+        self.view = ReadOnlyView.make(root, readonly, readonly_store)
 
     def _check_immutable(self) -> None:
         """Refuse to start when immutable blobs are asked for but cannot be had: a silent
@@ -207,9 +226,10 @@ class LocalBlobStore:
             raise CorruptedError(f"blob sha256:{digest} is not a regular file; refusing it")
 
     def open(self, digest: str) -> int:
-        """A read-only descriptor of a blob. O_NOFOLLOW: a symlink planted in the store is refused."""
+        """A read-only descriptor of a blob, opened through the read-only view. O_NOFOLLOW: a
+        symlink planted in the store is refused."""
         try:
-            return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            return self.view.open(self.path(digest))
         except FileNotFoundError:
             raise NotFoundError(f"blob sha256:{digest} is missing from the store") from None
         except OSError as exc:
@@ -217,15 +237,44 @@ class LocalBlobStore:
                 raise CorruptedError(f"blob sha256:{digest} was replaced by a symlink; refusing it") from None
             raise
 
+    def open_file(self, path: Path) -> int:
+        """A read-only descriptor of any file of the store (an ingest file a client streams),
+        opened through the read-only view; FileNotFoundError as os.open raises it."""
+        return self.view.open(path)
+
+    def seal(self, files: Sequence[tuple[Path, str]]) -> list[tuple[Path, str]]:
+        """Make each ingest file unchangeable, then hash it from the disk: (path, expected sha256)
+        in, the files whose bytes on disk differ out, as (path, sha256 on disk).
+
+        Called after the daemon's own writers are closed. Read-only (0444) stops every writer
+        but root; with immutable blobs FS_IMMUTABLE_FL stops root too, and writes through
+        descriptors opened before (EPERM) and shared mappings (SIGBUS). Without the flag, no
+        client ever had a writable descriptor when the read-only view is protected
+        (readonly.py). So the hash read here is the content id of what will be committed,
+        whatever wrote into the file while it was downloading."""
+        for tmp, _ in files:
+            os.chmod(tmp, 0o444)
+            if self.immutable:
+                set_immutable(tmp, True)
+        if not files:
+            return []
+        with ThreadPoolExecutor(max_workers=min(SEAL_HASHERS, len(files)), thread_name_prefix="wc-seal") as pool:
+            on_disk = list(pool.map(lambda f: hash_file(f[0]), files))
+        return [(tmp, got) for (tmp, want), got in zip(files, on_disk, strict=True) if got != want]
+
     def commit(self, tmp: Path, digest: str) -> bool:
-        """Move a verified, fsynced file into the store. False when the content was already there."""
+        """Move a verified, fsynced (and sealed) file into the store. False when the content was
+        already there."""
         final = self.path(digest)
         final.parent.mkdir(exist_ok=True)
         if self.has(digest):
+            self.unfreeze(tmp)
             tmp.unlink()
             return False
+        # An immutable file can be neither chmod-ed nor renamed: a sealed one gets the flag back below.
+        self.unfreeze(tmp)
         os.chmod(tmp, 0o444)  # read-only before it becomes visible
-        os.rename(tmp, final)  # (an immutable file cannot be renamed: the flag comes after)
+        os.rename(tmp, final)
         if self.immutable:
             set_immutable(final, True)
         fsync_dir(final.parent)
@@ -268,6 +317,13 @@ class LocalBlobStore:
         return dst
 
     def remove_ingest(self, d: Path) -> None:
+        if self.immutable:  # files sealed for a commit that failed carry the flag
+            for p in d.glob("*"):
+                if p.is_file() and not p.is_symlink():
+                    try:
+                        self.unfreeze(p)
+                    except OSError:
+                        pass
         shutil.rmtree(d, ignore_errors=True)
 
 
