@@ -97,6 +97,9 @@ def streaming(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., Awaitable[No
             _observe(self, fn.__name__, started, "CANCELLED")
             raise
         except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
+            if isinstance(exc, _ReaderGone):  # nobody is left to answer, and nothing crashed
+                _observe(self, fn.__name__, started, "CANCELLED")
+                return
             _observe(self, fn.__name__, started, _code(exc))
             await items.aclose()  # type: ignore[attr-defined]
             await _abort(context, fn.__name__, exc)
@@ -108,6 +111,10 @@ def streaming(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., Awaitable[No
     return wrapper
 
 
+class _ReaderGone(Exception):
+    """A message could not be sent: the call is over (the reader cancelled or its connection went)."""
+
+
 async def _write(self: Any, rpc: str, context: grpc.aio.ServicerContext[Any, Any], item: Any) -> None:
     stall: float | None = self.stall_timeout
     try:
@@ -117,6 +124,10 @@ async def _write(self: Any, rpc: str, context: grpc.aio.ServicerContext[Any, Any
         raise ExhaustedError(
             f"{rpc}: the reader took no message for {stall:g} s (limits.stream_stall_timeout); stream closed"
         ) from None
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception as exc:  # gRPC fails a send to a finished call with an error of its internals
+        raise _ReaderGone(f"{rpc}: the reader went away") from exc
 
 
 def _strings(values: Any, what: str) -> list[str]:
