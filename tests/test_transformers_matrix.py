@@ -10,6 +10,7 @@ experts saved one by one (mixtral, qwen2_moe) and ViT's older names.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,43 @@ def test_converted_shape_mismatch_names_the_weight(wc: Daemon, zoo: dict[str, Pa
         with pytest.raises(InvalidInputError, match=r"experts\.gate_up_proj \(made by transformers' conversion"):
             load_into(module, m)
 
+
+# ---------------------------------------------------------------- the documented recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE_MARKER = "<!-- test: jit-recipe -->"
+
+
+def _recipes() -> list[tuple[str, str]]:
+    """Every python block right after the marker, in README.md and docs/*.md."""
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        if not doc.exists():
+            continue
+        for m in re.finditer(re.escape(RECIPE_MARKER) + r"\s*```python\n(.*?)```", doc.read_text(), re.S):
+            found.append((doc.name, m.group(1)))
+    return found
+
+
+def test_the_documented_just_in_time_recipe_runs_as_written(
+    wc: Daemon, zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipes = _recipes()
+    assert recipes, f"no python block after {RECIPE_MARKER} in README.md or docs/*.md"
+    monkeypatch.setenv("WEIGHTCACHE_SOCKET_DIR", str(wc.socket_dir))  # what a user's environment says
+    with weightcache.connect(wc.socket_dir) as c, c.open("gpt2") as m:
+        assert "lm_head.weight" not in m  # tied, saved once: the case the recipe must handle
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3]])
+        want = transformers.AutoModelForCausalLM.from_pretrained(str(zoo["gpt2"]))(input_ids=ids).logits
+    for doc, code in recipes:
+        scope: dict[str, Any] = {}
+        exec(compile(code, f"{doc}: jit-recipe", "exec"), scope)  # the documented code itself
+        _same(scope["logits"].detach(), want, f"the recipe in {doc}")
+        assert capsys.readouterr().out.strip() == str(want[0, -1].argmax().item())
+
+
+# ---------------------------------------------------------------- in a container
 
 # A container's namespaces: its own mounts (the store and the original directories hidden below).
 UNSHARE = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc"]
