@@ -132,6 +132,26 @@ def test_converted_shape_mismatch_names_the_weight(wc: Daemon, zoo: dict[str, Pa
             load_into(module, m)
 
 
+def test_a_checkpoint_saved_as_the_module_skips_the_conversion_table(wc: Daemon) -> None:
+    """transformers compiles its whole conversion table (some 1,100 patterns, ~50 ms of CPU) on
+    its first load in a process; a checkpoint whose names and shapes already are the module's
+    has nothing to convert, so the one-call loader does not pay for it (a fresh process: this
+    one built the table for the references)."""
+    code = textwrap.dedent(f"""
+        import transformers.conversion_mapping as cm
+        from weightcache.transformers import from_pretrained
+        with from_pretrained("llama-tied", socket_dir={str(wc.socket_dir)!r}) as lm:
+            assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+        print(cm._checkpoint_conversion_mapping_cache is None)
+        with from_pretrained("mixtral", socket_dir={str(wc.socket_dir)!r}) as lm:
+            pass
+        print(cm._checkpoint_conversion_mapping_cache is None)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["True", "False"]
+
+
 # ---------------------------------------------------------------- the documented recipe
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -46,14 +46,18 @@ def is_transformers_model(module: Any) -> bool:
     return transformers is not None and isinstance(module, transformers.PreTrainedModel)
 
 
-def fills(module: Any, keys: Iterable[str], targets: dict[str, Any]) -> tuple[list[Fill], list[str]]:
-    """How the checkpoint names ``keys`` fill ``targets`` (the module's state_dict names), and the
-    checkpoint names that fill nothing."""
+def fills(
+    module: Any, keys: Iterable[str], targets: dict[str, Any], shape_of: Callable[[str], tuple[int, ...]]
+) -> tuple[list[Fill], list[str]]:
+    """How the checkpoint names ``keys`` fill ``targets`` (the module's state_dict names; tied
+    names are one tensor object), and the checkpoint names that fill nothing. ``shape_of``: a
+    checkpoint tensor's shape."""
+    keys = list(keys)
     prefix = None
-    if is_transformers_model(module):
+    if is_transformers_model(module) and not _as_saved(keys, targets, shape_of):
         machinery = _machinery()
         if machinery is not None:
-            return _converted(module, list(keys), targets, machinery)
+            return _converted(module, keys, targets, machinery)
         prefix = getattr(module, "base_model_prefix", None) or None
     out: list[Fill] = []
     unexpected: list[str] = []
@@ -68,6 +72,23 @@ def fills(module: Any, keys: Iterable[str], targets: dict[str, Any]) -> tuple[li
         else:
             unexpected.append(key)
     return out, unexpected
+
+
+def _as_saved(keys: list[str], targets: dict[str, Any], shape_of: Callable[[str], tuple[int, ...]]) -> bool:
+    """The checkpoint already is the module's state dict: every tensor (or one of each tie
+    group) under the module's name, in the module's shape. Then there is nothing to convert,
+    and transformers' conversion table (~1,100 patterns, whose compiling costs transformers some
+    50 ms of CPU on its first load in a process) is not needed. What this cannot see is a
+    conversion that keeps a tensor's name and shape and changes its layout: transformers has
+    none today but Qwen3-VL-MoE's transposes of its fused expert tensors, which keep the shape
+    only when those are square (hidden size equal to the expert width, or twice it)."""
+    have = set(keys)
+    if not have <= targets.keys():
+        return False
+    filled = {id(targets[k]) for k in have}
+    if any(id(t) not in filled for t in targets.values()):
+        return False
+    return all(tuple(targets[k].shape) == tuple(shape_of(k)) for k in have)
 
 
 def _machinery() -> Any:

@@ -84,7 +84,7 @@ def _plan(module: Any, model: Model, strict: bool, who: str) -> _Plan:
     for name, t in targets.items():
         tied.setdefault(id(t), []).append(name)
     order = {k: i for i, k in enumerate(model.keys())}
-    made, unexpected = fills(module, order, targets)
+    made, unexpected = fills(module, order, targets, lambda k: model.meta(k).shape)
     made.sort(key=lambda f: min(order[k] for k in f.keys))
     # transformers' rule for a tie group the checkpoint holds more than once: each name takes
     # its own tensor (it ties them only when equal, so the values are the same either way); a
