@@ -99,6 +99,9 @@ def test_torch_helpers_strict(wc: Daemon, zoo: dict[str, Path], expected: dict[s
         assert load_into(module, m) == ([], [])
         _same(hf_zoo.run(name, module), expected[name], "load_into")
         module = _empty(zoo[name], name)
+        assert load_into(module, m, device="cpu") == ([], [])  # through stream(): group by group
+        _same(hf_zoo.run(name, module), expected[name], "load_into(device=)")
+        module = _empty(zoo[name], name)
         jit = materialize_just_in_time(module, m, "cpu")  # strict=True: every weight accounted for
         assert (jit.missing, jit.unexpected) == ([], [])
         _same(hf_zoo.run(name, module), expected[name], "materialize_just_in_time")

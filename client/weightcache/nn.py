@@ -198,6 +198,11 @@ def load_into(module: Any, model: Model, *, strict: bool = True, device: Any = N
     computed them; one still on meta is an InvalidInputError naming it, raised before anything
     is loaded.
 
+    A transformers model loads as transformers' own ``from_pretrained`` loads it: what it
+    declares tied is tied first (``tie_weights()``), and checkpoint names go through the
+    installed transformers' conversion mapping (renamed keys, fused MoE experts; see
+    ``_keymap``); missing and unexpected then speak of the module's and the checkpoint's names.
+
     Returns (missing keys, unexpected keys) like ``load_state_dict``; with strict=True any of
     them, or any shape mismatch, is an InvalidInputError that names the tensors.
 
