@@ -222,11 +222,11 @@ def build(name: str, directory: Path) -> Path:
     return directory
 
 
-def run(name: str, model: Any) -> Any:
-    """The output the architecture is compared on, for its fixed inputs."""
+def run(name: str, model: Any, device: str = "cpu") -> Any:
+    """The output the architecture is compared on, for its fixed inputs (on ``device``)."""
     arch = archs()[name]
     with torch.no_grad():
-        return getattr(model(**arch.inputs()), arch.output)
+        return getattr(model(**{k: v.to(device) for k, v in arch.inputs().items()}), arch.output)
 
 
 def reference(name: str, directory: Path | str) -> Any:

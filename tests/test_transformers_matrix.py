@@ -84,6 +84,15 @@ def test_one_call_loader(wc: Daemon, zoo: dict[str, Path], expected: dict[str, A
         assert not any(p.is_meta for p in lm.model.parameters())
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["gpt2", "t5", "mixtral", "qwen2_moe", "vit"])
+def test_one_call_loader_on_cuda(wc: Daemon, expected: dict[str, Any], name: str) -> None:
+    for jit in (True, False):
+        with from_pretrained(name, socket_dir=wc.socket_dir, device="cuda", just_in_time=jit) as lm:
+            got = hf_zoo.run(name, lm.model, "cuda").cpu()
+            assert torch.allclose(got, expected[name], atol=1e-4), (name, jit, (got - expected[name]).abs().max())
+
+
 def _empty(directory: Path, name: str) -> Any:
     """What a user builds: the module on meta, nothing tied by hand (transformers 5 does not tie
     under init_empty_weights)."""
