@@ -134,6 +134,24 @@ def test_the_model_class_is_blamed_only_when_it_is_the_cause(wc: Daemon, zoo: di
     assert "model.final_norm.weight" in str(err.value) and "model_class" not in str(err.value)
 
 
+def test_a_tie_saved_twice_with_different_values_is_untied_as_transformers_does(
+    wc: Daemon, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """The config says tied, the checkpoint holds both halves, and they differ: transformers
+    keeps both (and warns); so does the cache, eagerly and just in time."""
+    both = tmp_path / "both"
+    shutil.copytree(zoo["llama-tied"], both)
+    tensors = load_file(both / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, both / "model.safetensors", metadata={"format": "pt"})
+    want = hf_zoo.reference("llama-tied", both)
+    assert not torch.equal(want, hf_zoo.reference("llama-tied", zoo["llama-tied"]))
+    for jit in (False, True):
+        with from_pretrained(f"file://{both}/", socket_dir=wc.socket_dir, just_in_time=jit) as lm:
+            _same(hf_zoo.run("llama-tied", lm.model), want, f"just_in_time={jit}")
+            assert lm.model.lm_head.weight is not lm.model.model.embed_tokens.weight
+
+
 def test_converted_shape_mismatch_names_the_weight(wc: Daemon, zoo: dict[str, Path]) -> None:
     config = transformers.AutoConfig.from_pretrained(str(zoo["mixtral"]))
     config.intermediate_size = 40  # the experts' checkpoint tensors are 48 wide
