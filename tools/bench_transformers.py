@@ -12,7 +12,10 @@ before the clock), page cache warm:
                           on meta, zero-copy parameters, tokenizer — one call
 
 The clock stops when the model is ready for a forward pass; each child then runs one forward
-pass and reports a checksum of the logits, which must agree across variants.
+pass and reports a checksum of the logits, which must agree across variants. Each child also
+reports its CPU time (all its threads) and, for the path variant, where the time went (connect,
+open, building the path directory, transformers' load): on a busy machine wall times swing by
+several times, CPU times much less.
 
     python tools/bench_transformers.py --rounds 3 [--layers 6] [--out bench-out/transformers.json]
 """
@@ -49,13 +52,26 @@ def child(variant: str, original: str, socket_dir: str) -> dict[str, Any]:
          transformers.GenerationConfig, transformers.AutoTokenizer)  # fmt: skip
     gc.collect()  # the pass importing torch leaves pending, charged to nobody's load
     keep: list[Any] = []
-    t0 = time.perf_counter()
+    phases: dict[str, list[float]] = {}  # phase -> [wall s, CPU s of this process, all threads]
+    t0, c0 = time.perf_counter(), time.process_time()
+    last = [t0, c0]
+
+    def phase(name: str) -> None:
+        now = [time.perf_counter(), time.process_time()]
+        phases[name] = [now[0] - last[0], now[1] - last[1]]
+        last[:] = now
+
     if variant == "transformers_original":
         model = transformers.AutoModelForCausalLM.from_pretrained(original)
     elif variant == "transformers_via_path":
         c = weightcache.connect(socket_dir)
+        phase("connect")
         m = c.open("bench")
-        model = transformers.AutoModelForCausalLM.from_pretrained(m.path)
+        phase("open")
+        path = m.path
+        phase("path")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        phase("from_pretrained")
         keep += [m, c]
     elif variant == "weightcache_one_call":
         lm = from_pretrained("bench", socket_dir=socket_dir)
@@ -63,12 +79,13 @@ def child(variant: str, original: str, socket_dir: str) -> dict[str, Any]:
         keep.append(lm)
     else:
         raise SystemExit(f"unknown variant {variant}")
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])).logits
     for k in keep:
         k.close()
-    return {"seconds": seconds, "checksum": float(logits.double().sum()), "dtype": str(logits.dtype)}
+    return {"seconds": seconds, "cpu_seconds": cpu, "phases": phases, "checksum": float(logits.double().sum()),
+            "dtype": str(logits.dtype)}  # fmt: skip
 
 
 def build(directory: Path, layers: int) -> int:
@@ -139,8 +156,16 @@ def main() -> None:
         checks = {r["checksum"] for runs in results.values() for r in runs if "error" not in r}
         report: dict[str, Any] = {"bytes": size, "same_logits": len(checks) == 1, "variants": {}}
         for v, runs in results.items():
-            ok = [r["seconds"] for r in runs if "error" not in r]
-            report["variants"][v] = {"median_s": statistics.median(ok) if ok else None, "runs": runs}
+            ok = [r for r in runs if "error" not in r]
+            report["variants"][v] = {
+                "median_s": statistics.median(r["seconds"] for r in ok) if ok else None,
+                "median_cpu_s": statistics.median(r["cpu_seconds"] for r in ok) if ok else None,
+                "phases": {
+                    p: [statistics.median(r["phases"][p][i] for r in ok) for i in (0, 1)]
+                    for p in (ok[0]["phases"] if ok else {})
+                },
+                "runs": runs,
+            }
         table = _table(report)
         print(table)
         if a.out:
@@ -154,20 +179,24 @@ def main() -> None:
 
 
 def _table(report: dict[str, Any]) -> str:
-    base = report["variants"]["transformers_original"]["median_s"]
+    base = report["variants"]["transformers_original"]
     out = [
         f"model: {report['bytes'] / 2**30:.2f} GiB bf16 Llama; logits identical across variants: "
         f"{report['same_logits']}\n",
-        "| variant | median | from_pretrained(original) time ÷ variant time |",
-        "|---|---|---|",
+        "| variant | median wall | original ÷ variant (wall) | median CPU | original ÷ variant (CPU) |",
+        "|---|---|---|---|---|",
     ]
     for v, r in report["variants"].items():
-        m = r["median_s"]
+        m, c = r["median_s"], r["median_cpu_s"]
         if m is None:
             err = next((x.get("error") for x in r["runs"] if "error" in x), "n/a")
-            out.append(f"| {v} | failed: {err} | |")
+            out.append(f"| {v} | failed: {err} | | | |")
             continue
-        out.append(f"| {v} | {m * 1000:.0f} ms | {base / m:.2f}x |" if base else f"| {v} | {m * 1000:.0f} ms | |")
+        wall = f"{base['median_s'] / m:.2f}x" if base["median_s"] else ""
+        cpu = f"{base['median_cpu_s'] / c:.2f}x" if base["median_cpu_s"] and c else ""
+        out.append(f"| {v} | {m * 1000:.0f} ms | {wall} | {c * 1000:.0f} ms | {cpu} |")
+        for p, (pw, pc) in r["phases"].items():
+            out.append(f"| ↳ {p} | {pw * 1000:.1f} ms | | {pc * 1000:.1f} ms | |")
     return "\n".join(out) + "\n"
 
 

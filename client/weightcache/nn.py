@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._dtypes import torch_module
+from ._keymap import Fill, fills, is_transformers_model
 from .contract.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -44,35 +45,75 @@ def _first(names: list[str], limit: int = 10) -> str:
 
 @dataclass
 class _Plan:
-    """What a load will do. ``sources``: checkpoint name -> every module name it fills: itself
-    and the names the module ties to it (same tensor object), so a tied weight the checkpoint
-    omits (``lm_head.weight`` saved once as ``model.embed_tokens.weight``) is filled, and stays
-    tied, rather than reported missing."""
+    """What a load will do. ``fills``: which checkpoint tensors make which module tensors (names
+    one to one, or transformers' own conversions: see ``_keymap``); ``names[i]``: for each
+    tensor fill i makes, every module name it goes to: itself and the names the module ties to
+    it (same tensor object), so a tied weight the checkpoint omits (``lm_head.weight`` saved once
+    as ``model.embed_tokens.weight``) is filled, and stays tied, rather than reported missing.
+    ``by_key``: checkpoint name -> the fill that takes it."""
 
     targets: dict[str, Any]
-    sources: dict[str, list[str]]
+    fills: list[Fill]
+    names: list[dict[str, list[str]]]
+    by_key: dict[str, int]
     missing: list[str]
     unexpected: list[str]
+
+    def covered(self) -> set[str]:
+        return {n for names in self.names for group in names.values() for n in group}
+
+    def module_names(self, key: str) -> list[str]:
+        """Every module name the checkpoint tensor ``key`` helps to fill."""
+        i = self.by_key.get(key)
+        return [] if i is None else [n for group in self.names[i].values() for n in group]
+
+
+def _tie(module: Any) -> None:
+    """Tie what a transformers model declares tied (``_tied_weights_keys`` with its config's
+    ``tie_word_embeddings``): built under ``init_empty_weights()`` a transformers 5 model is not
+    tied yet, and its checkpoint holds the tied weight once."""
+    if is_transformers_model(module) and callable(getattr(module, "tie_weights", None)):
+        module.tie_weights()
 
 
 def _plan(module: Any, model: Model, strict: bool, who: str) -> _Plan:
     label = model.name or model.snapshot_id
+    _tie(module)
     targets = _targets(module)
     tied: dict[int, list[str]] = {}
     for name, t in targets.items():
         tied.setdefault(id(t), []).append(name)
-    have = set(model.keys())
-    sources: dict[str, list[str]] = {}
-    missing: list[str] = []
-    for names in tied.values():
-        present = [n for n in names if n in have]
-        if present:
-            # Saved more than once (an untied save of tied weights): the first copy fills them all.
-            sources[present[0]] = names
-        else:
-            missing.extend(names)
-    missing.sort()
-    unexpected = sorted(have - set(targets))
+    order = {k: i for i, k in enumerate(model.keys())}
+    made, unexpected = fills(module, order, targets, lambda k: model.meta(k).shape)
+    made.sort(key=lambda f: min(order[k] for k in f.keys))
+    # transformers' rule for a tie group the checkpoint holds more than once: each name takes
+    # its own tensor (it ties them only when equal, so the values are the same either way); a
+    # plain module's tie stays, filled by the first copy.
+    untie = is_transformers_model(module)
+    owner: dict[int, tuple[int, str]] = {}
+    kept: list[Fill] = []
+    names: list[dict[str, list[str]]] = []
+    for fill in made:
+        mine: dict[str, list[str]] = {}
+        for target in fill.targets:
+            if target not in targets:
+                continue
+            group = id(targets[target])
+            if group not in owner:
+                owner[group] = (len(kept), target)
+                mine[target] = list(tied[group])
+            elif untie:
+                first, first_target = owner[group]
+                names[first][first_target] = [n for n in names[first][first_target] if n != target]
+                mine[target] = [target]
+            # else: saved more than once (an untied save of tied weights): the first copy fills them all
+        if mine:
+            kept.append(fill)
+            names.append(mine)
+    by_key = {k: i for i, fill in enumerate(kept) for k in fill.keys}
+    covered = {n for ns in names for group in ns.values() for n in group}
+    missing = sorted(n for n in targets if n not in covered)
+    unexpected = sorted(unexpected)
     if strict and (missing or unexpected):
         parts = []
         if missing:
@@ -80,9 +121,9 @@ def _plan(module: Any, model: Model, strict: bool, who: str) -> _Plan:
         if unexpected:
             parts.append(f"not in the module: {_first(unexpected)}")
         raise InvalidInputError(f"{who}(strict=True): " + "; ".join(parts))
-    for src, names in sources.items():
-        _check_shape(names[0], targets[names[0]], model.meta(src).shape)
-    covered = {n for names in sources.values() for n in names}
+    for fill, ns in zip(kept, names, strict=True):
+        if fill.convert is None:  # a converted tensor is checked once it is made (see _Collector)
+            _check_shape(next(iter(ns.values()))[0], targets[fill.targets[0]], model.meta(fill.keys[0]).shape)
     stuck = [n for n, b in module.named_buffers(remove_duplicate=False) if b.is_meta and n not in covered]
     if stuck:
         raise InvalidInputError(
@@ -91,13 +132,43 @@ def _plan(module: Any, model: Model, strict: bool, who: str) -> _Plan:
             "module with only its parameters on meta and its buffers on a real device, as accelerate's "
             "init_empty_weights() does by default (torch.device('meta') puts buffers on meta too)"
         )
-    return _Plan(targets, sources, missing, unexpected)
+    return _Plan(targets, kept, names, by_key, missing, unexpected)
 
 
-def _check_shape(name: str, target: Any, meta_shape: tuple[int, ...]) -> None:
+class _Collector:
+    """Checkpoint tensors in, module tensors out: a fill runs once every tensor it takes has
+    arrived (a converter's inputs may span several stream groups)."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        self.waiting: dict[int, dict[str, Any]] = {}
+
+    def add(self, key: str, tensor: Any) -> list[tuple[list[str], Any]]:
+        """(module names, tensor) for whatever ``key`` completes."""
+        i = self.plan.by_key.get(key)
+        if i is None:  # strict=False: tensors the module does not have are dropped
+            return []
+        got = self.waiting.setdefault(i, {})
+        got[key] = tensor
+        fill = self.plan.fills[i]
+        if len(got) < len(fill.keys):
+            return []
+        del self.waiting[i]
+        out = []
+        for made, value in fill.run(got).items():
+            names = self.plan.names[i].get(made)
+            if names:
+                if fill.convert is not None:
+                    _check_shape(names[0], self.plan.targets[names[0]], tuple(value.shape), fill.keys)
+                out.append((names, value))
+        return out
+
+
+def _check_shape(name: str, target: Any, meta_shape: tuple[int, ...], made_from: tuple[str, ...] = ()) -> None:
     if tuple(target.shape) != tuple(meta_shape):
+        source = f" (made by transformers' conversion from {_first(list(made_from), 3)})" if made_from else ""
         raise InvalidInputError(
-            f"tensor {name}: the model has shape {list(meta_shape)} but the module expects {list(target.shape)}"
+            f"tensor {name}{source}: the model has shape {list(meta_shape)} but the module expects {list(target.shape)}"
         )
 
 
@@ -127,6 +198,11 @@ def load_into(module: Any, model: Model, *, strict: bool = True, device: Any = N
     computed them; one still on meta is an InvalidInputError naming it, raised before anything
     is loaded.
 
+    A transformers model loads as transformers' own ``from_pretrained`` loads it: what it
+    declares tied is tied first (``tie_weights()``), and checkpoint names go through the
+    installed transformers' conversion mapping (renamed keys, fused MoE experts; see
+    ``_keymap``); missing and unexpected then speak of the module's and the checkpoint's names.
+
     Returns (missing keys, unexpected keys) like ``load_state_dict``; with strict=True any of
     them, or any shape mismatch, is an InvalidInputError that names the tensors.
 
@@ -138,9 +214,9 @@ def load_into(module: Any, model: Model, *, strict: bool = True, device: Any = N
     plan = _plan(module, model, strict, "load_into")
     if device is None:
         model.backing.wait_complete()  # the module is usable as soon as this returns
+    collector = _Collector(plan)
 
-    def put(src: str, value: Any) -> None:
-        names = plan.sources[src]
+    def put(names: list[str], value: Any) -> None:
         target = plan.targets[names[0]]
         if target.is_meta:
             _assign(module, names, target, value)
@@ -149,14 +225,15 @@ def load_into(module: Any, model: Model, *, strict: bool = True, device: Any = N
 
     with torch.no_grad():
         if device is None:
-            for name in model.keys():
-                if name in plan.sources:
-                    put(name, model.get_tensor(name))
+            for fill in plan.fills:
+                for key in fill.keys:
+                    for names, value in collector.add(key, model.get_tensor(key)):
+                        put(names, value)
         else:
             for _, group in model.stream(device, copy=True):
                 for name, tensor in group.items():
-                    if name in plan.sources:
-                        put(name, tensor)
+                    for names, value in collector.add(name, tensor):
+                        put(names, value)
     return plan.missing, plan.unexpected
 
 
@@ -218,20 +295,21 @@ class JustInTime:
         self.model = model
         plan = _plan(module, model, strict, "materialize_just_in_time")
         self.missing, self.unexpected = plan.missing, plan.unexpected
-        self._sources = plan.sources
+        self._plan = plan
+        self._collector = _Collector(plan)
         self._groups = model.groups(layer_of)
         self._stream = model.stream(device, prefetch=prefetch, copy=copy, layer_of=layer_of)
         self._move_the_rest(self._stream.device)
         self._arrived: set[str] = set()
         self._handles: list[Any] = []
         for gname, metas in self._groups:
-            names = [n for m in metas for n in self._sources.get(m.name, ())]
+            names = [n for m in metas for n in plan.module_names(m.name)]
             for owner in _owner_modules(names) if names else ():
                 sub = module.get_submodule(owner) if owner else module
                 self._handles.append(sub.register_forward_pre_hook(self._hook_for(gname)))
 
     def _move_the_rest(self, device: Any) -> None:
-        covered = {n for names in self._sources.values() for n in names}
+        covered = self._plan.covered()
         rest: dict[int, tuple[Any, list[str]]] = {}
         for name, t in [*self.module.named_parameters(remove_duplicate=False),
                         *self.module.named_buffers(remove_duplicate=False)]:  # fmt: skip
@@ -265,11 +343,10 @@ class JustInTime:
     def _materialise(self, tensors: dict[str, Any]) -> None:
         with torch_module().no_grad():
             for full, tensor in tensors.items():
-                names = self._sources.get(full)
-                if names is not None:  # strict=False: tensors the module does not have are dropped
+                for names, value in self._collector.add(full, tensor):
                     owner, _, leaf = names[0].rpartition(".")
                     sub = self.module.get_submodule(owner) if owner else self.module
-                    _assign(self.module, names, getattr(sub, leaf), tensor)
+                    _assign(self.module, names, getattr(sub, leaf), value)
 
     def finish(self) -> None:
         """Materialise whatever has not arrived yet (e.g. weights no forward pass touched)."""

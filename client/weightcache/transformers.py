@@ -166,21 +166,28 @@ def _no_init_weights(transformers: Any) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
-def _load_root(hf: Any, handle: Model) -> tuple[Any, list[str]]:
-    """The module the checkpoint's names fit: the whole model, or its base model when the
-    checkpoint was saved without the head (a ``BertModel`` checkpoint in a
-    ``BertForSequenceClassification``: names without the ``bert.`` prefix). Also returns the
-    parameters outside that root, which the checkpoint therefore cannot fill."""
+def _missing_error(hf: Any, handle: Model, missing: list[str], unexpected: list[str]) -> InvalidInputError:
+    """Why weights have no tensor, blaming the model class only when that is the cause: a model
+    with a head built over a checkpoint of its base model (every missing weight outside it)."""
+    label = handle.name or handle.snapshot_id
+    cls = type(hf).__name__
+    head = f"model {label} has no tensors for {len(missing)} weight(s) of {cls}: {', '.join(missing[:10])}; "
     prefix = getattr(hf, "base_model_prefix", "")
     base = getattr(hf, prefix, None) if prefix else None
-    if base is None or base is hf or any(k.startswith(prefix + ".") for k in handle.keys()):
-        return hf, []
-    outside = [n for n, _ in hf.named_parameters() if not n.startswith(prefix + ".")]
-    return base, outside
-
-
-def _prefix(hf: Any, root: Any) -> str:
-    return "" if root is hf else f"{hf.base_model_prefix}."
+    if base is not None and base is not hf and not any(n.startswith(prefix + ".") for n in missing):
+        saved = getattr(hf.config, "architectures", None) or ["?"]
+        return InvalidInputError(
+            head + f"the checkpoint holds the base model ({type(base).__name__}) without them, and weightcache "
+            f"does not initialise weights at random: pass the model_class the checkpoint was saved with "
+            f"(its config says {', '.join(saved)}), or a checkpoint that has the head"
+        )
+    if unexpected:
+        return InvalidInputError(
+            head + f"and {len(unexpected)} of its tensors fill no weight of {cls} even after transformers' "
+            f"conversion mapping for model type {getattr(hf.config, 'model_type', '?')!r}: "
+            f"{', '.join(unexpected[:10])}; the checkpoint's layout is not one this transformers loads"
+        )
+    return InvalidInputError(head + "the checkpoint lacks them, and weightcache does not initialise weights at random")
 
 
 def from_pretrained(
@@ -236,11 +243,11 @@ def from_pretrained(
         # parameters we are about to replace (on meta it is ~60 ms of wasted work per 0.7 GiB).
         with accelerate.init_empty_weights(), _no_init_weights(transformers):
             hf = build(config, dtype=dtype)
-        hf.tie_weights()  # make the ties visible as shared parameters before loading (see nn._plan)
-        root, outside = _load_root(hf, handle)
+        # The checkpoint's names go through transformers' own conversion mapping, and what the
+        # model declares tied is tied (see weightcache.nn / _keymap).
         jit: JustInTime | None = None
         if jit_on:
-            jit = materialize_just_in_time(root, handle, target, prefetch, strict=False)
+            jit = materialize_just_in_time(hf, handle, target, prefetch, strict=False)
             missing, unexpected = jit.missing, jit.unexpected
             layers = handle.layers()
             if layers:
@@ -248,16 +255,11 @@ def from_pretrained(
                 # before any hook fires) follow the first parameter, which would still be meta.
                 jit.wait_for(layers[0].name)
         else:
-            missing, unexpected = load_into(root, handle, strict=False, device=None if target.type == "cpu" else target)
+            missing, unexpected = load_into(hf, handle, strict=False, device=None if target.type == "cpu" else target)
             if target.type != "cpu":
                 hf.to(target)  # buffers the checkpoint does not carry
-        missing = sorted(outside + [f"{_prefix(hf, root)}{n}" for n in missing])
         if missing:
-            raise InvalidInputError(
-                f"model {handle.name or handle.snapshot_id} has no tensors for {len(missing)} weight(s) of "
-                f"{type(hf).__name__}: {', '.join(missing[:10])}; weightcache does not initialise weights at "
-                "random: pass the model_class the checkpoint was saved with"
-            )
+            raise _missing_error(hf, handle, missing, unexpected)
         hf.eval()
         if hf.can_generate() and any(f.path == "generation_config.json" for f in handle.files):
             hf.generation_config = transformers.GenerationConfig.from_pretrained(path)
