@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from harness import Daemon, make_model, start_daemon
+from faultproxy import FaultProxy
+from harness import Daemon, make_model, s3_source, start_daemon, wait_for, write_config
 
 import weightcache
-from weightcache.errors import InvalidInputError
-from weightcache.vllm import LOAD_FORMAT, LoaderOptions, prepare
+from weightcache.errors import CorruptedError, InvalidInputError
+from weightcache.vllm import LOAD_FORMAT, LoaderOptions, prepare, serve
 
 
 @pytest.mark.parametrize(
@@ -71,4 +75,59 @@ def test_a_downloading_model_gets_its_config_files_first(tmp_path: Path) -> None
             directory = p.path
         assert not os.path.exists(directory)
     finally:
+        d.stop()
+
+
+@pytest.fixture
+def proxy(s3: Any) -> Iterator[FaultProxy]:
+    p = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1])).start()
+    yield p
+    p.stop()
+
+
+def test_a_download_failing_verification_stops_the_server(
+    tmp_path: Path, s3: Any, bucket: str, proxy: FaultProxy
+) -> None:
+    """serve() started the server while the model downloads; a byte flipped in transit fails
+    verification, and the launcher stops the server and raises. The server here is a stand-in
+    (a process that waits to be stopped): what is under test is the launcher's reaction; vLLM's
+    own load fails on the same error, raised by Model.stream (tests/test_cold_stream.py)."""
+    model = make_model(tmp_path / "m", tiny=False, size=16 << 20, shards=2)
+    c3 = s3.client()
+    for p in sorted(model.iterdir()):
+        c3.put_object(Bucket=bucket, Key=f"llama/{p.name}", Body=p.read_bytes(), ChecksumAlgorithm="SHA256")
+    root = tmp_path / "d"
+    root.mkdir()
+    cfg = write_config(root / "w.toml", None, client_sources=["*"],
+                       download={"concurrency": 2, "part_size": "1MiB", "rate_limit": "2MiB"},
+                       sources=[s3_source(s3, endpoint_url=f"http://127.0.0.1:{proxy.port}")])  # fmt: skip
+    d = start_daemon(root, s3, config=cfg)
+    started = tmp_path / "started"
+    server = tmp_path / "server.sh"
+    server.write_text(f'#!/bin/sh\necho "$@" > {started}\nexec sleep 600\n')
+    server.chmod(0o755)
+    outcome: list[Exception | int] = []
+
+    def run() -> None:
+        try:
+            outcome.append(
+                serve(f"s3://{bucket}/llama/", ["--port", "1"], socket_dir=str(d.socket_dir), python=str(server))
+            )
+        except Exception as exc:  # noqa: BLE001  # handed to the test thread, which checks its type
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    try:
+        thread.start()
+        wait_for(lambda: (started.exists() and started.read_text() != "") or bool(outcome), 300, "the server to start")
+        assert not outcome, outcome
+        args = started.read_text().split()
+        assert args[:2] == ["-m", "vllm.entrypoints.openai.api_server"] and "--port" in args
+        proxy.set(corrupt=True, times=10_000)  # every object read from now on has one byte flipped
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "serve() did not return after the download failed"
+        assert len(outcome) == 1 and isinstance(outcome[0], CorruptedError), outcome
+    finally:
+        proxy.clear()
+        thread.join(timeout=300)
         d.stop()
