@@ -131,3 +131,17 @@ def test_a_download_failing_verification_stops_the_server(
         proxy.clear()
         thread.join(timeout=300)
         d.stop()
+
+
+def test_the_plugin_hook_warns_instead_of_crashing_a_vllm_it_cannot_serve(caplog: pytest.LogCaptureFixture) -> None:
+    """vLLM calls every installed plugin without catching errors: where the loader interface
+    cannot be imported (here: no vLLM in this environment), register() warns and returns."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: register() registers for real (tests/test_vllm.py)")
+    from weightcache.vllm import register
+
+    with caplog.at_level("WARNING", logger="vllm.weightcache"):
+        register()
+    assert "load format 'weightcache' not registered" in caplog.text and "vllm" in caplog.text

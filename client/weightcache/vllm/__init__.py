@@ -20,7 +20,21 @@ __all__ = ["LOAD_FORMAT", "LoaderOptions", "Prepared", "prepare", "register", "s
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: make ``--load-format weightcache`` known.
-    vLLM calls it once in each of its processes; registering twice is harmless."""
-    from ._loader import register_loader
+    vLLM calls it once in each of its processes; registering twice is harmless.
 
+    vLLM calls every installed plugin without catching its errors, so a vLLM without the
+    loader interface this needs (``register_model_loader``, ``BaseModelLoader``) gets a
+    warning, not a crash: vLLM keeps working, and ``--load-format weightcache`` is refused by
+    vLLM as unknown."""
+    try:
+        from ._loader import register_loader
+    except (ImportError, AttributeError) as exc:
+        import logging
+
+        logging.getLogger("vllm.weightcache").warning(
+            "weightcache: load format %r not registered: this vLLM lacks the model loader interface it needs (%s)",
+            LOAD_FORMAT,
+            exc,
+        )
+        return
     register_loader()
