@@ -29,7 +29,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .._client import Client, connect
@@ -52,7 +52,6 @@ class Prepared:
     path: str
     options: LoaderOptions
     streaming: bool
-    _stop: list[Any] = field(default_factory=list, repr=False)
 
     def loader_config(self) -> dict[str, Any]:
         return self.options.to_config()
