@@ -22,6 +22,7 @@ temp directory; they hold nothing.
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -31,6 +32,14 @@ from collections.abc import Mapping
 from .contract.errors import InternalError, InvalidInputError
 
 __all__ = ["DescriptorDirectory"]
+
+# The first weakref.finalize of a process registers weakref's exit hook, and exit hooks run
+# last-registered first. multiprocessing registers its own hook (join every non-daemonic child)
+# when multiprocessing.util is first imported. Were our finalizer the process's first, created
+# before the application imports multiprocessing, weakref's hook would run *after* that join:
+# an engine that stops its child processes from a finalizer (vLLM does) would wait forever for
+# children nobody told to stop. Importing multiprocessing.util first keeps Python's usual order.
+_ = multiprocessing.util
 
 
 def _remove(path: str, owner_pid: int) -> None:

@@ -1,0 +1,7 @@
+"""``python -m weightcache.vllm MODEL [...]``: the ``weightcache-vllm`` command."""
+
+import sys
+
+from ._launcher import main
+
+sys.exit(main())
