@@ -15,6 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+# The helpers the suites share (llama.py, hf_zoo.py, tests_helpers.py) live beside this file;
+# the suites themselves are in unit/ (in one process, on fakes) and system/ (real daemons).
+sys.path.insert(0, str(ROOT / "tests"))
 
 import s3server  # noqa: E402
 from harness import Daemon, make_model, start_daemon, upload_dir  # noqa: E402

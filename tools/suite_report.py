@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "test-report.md"
 START, END = "<!-- suite-report:start -->", "<!-- suite-report:end -->"
-TESTS = ["tests/test_lifecycle.py", "tests/test_faults.py", "tests/test_hostile.py", "tests/test_validation.py",
-         "tests/test_access.py", "tests/test_service.py", "tests/test_load.py",
-         "tests/test_hostile_sources.py", "tests/test_hostile_fd.py", "tests/test_early_cold_node.py"]  # fmt: skip
+TESTS = ["tests/system/test_lifecycle.py", "tests/system/test_faults.py", "tests/system/test_hostile.py", "tests/system/test_validation.py",
+         "tests/system/test_access.py", "tests/system/test_service.py", "tests/system/test_load.py",
+         "tests/system/test_hostile_sources.py", "tests/system/test_hostile_fd.py", "tests/system/test_early_cold_node.py"]  # fmt: skip
 ORDER = ["crash", "full disk", "disk", "corruption", "network", "early", "hostile files", "hostile requests",
          "access", "load"]  # fmt: skip
 

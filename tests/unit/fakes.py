@@ -1,7 +1,7 @@
 """Fakes at the daemon's seams, for unit tests that run in milliseconds without a daemon.
 
 - FakeSource: a sources.base.Source over bytes in memory (the real sources are tested by the
-  conformance suite, tests/test_source_conformance.py; this one lets a test change an object or
+  conformance suite, tests/system/test_source_conformance.py; this one lets a test change an object or
   count the reads).
 - FakeAdmitter: an ingest.pipeline.Admitter that records what it was asked and can refuse.
 - FakePublisher: an ingest.pipeline.Publisher that records the early snapshot and the content id.

@@ -37,7 +37,7 @@ class Source(Protocol):
     (check_range). list() is sorted by relpath, so two listings of the same files compare
     equal. Every relpath a source is given passes check_relpath first. Implementations are
     thread-safe: the engine calls read_into() from many threads at once.
-    tests/test_source_conformance.py is the executable form of this contract.
+    tests/system/test_source_conformance.py is the executable form of this contract.
     """
 
     uri: str

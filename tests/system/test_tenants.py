@@ -393,7 +393,7 @@ def test_kubernetes_tenants_example_gives_each_pod_only_its_tenant(tmp_path: Pat
     yaml = pytest.importorskip("yaml")
     from weightcache_daemon.config import load
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     docs = [d for d in yaml.safe_load_all((root / "deploy/kubernetes/tenants.yaml").read_text()) if d]
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
     cfg_file = tmp_path / "weightcached.toml"

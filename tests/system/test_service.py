@@ -20,7 +20,7 @@ import pytest
 from harness import Daemon, accepting, daemon_argv, start_daemon, wait_for, write_config
 from tests_helpers import as_uid_argv, dir_for_others
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 
 

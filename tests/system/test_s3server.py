@@ -10,7 +10,7 @@ from pathlib import Path
 
 from harness import wait_for
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 # A parent that starts a server, says its pid, and waits to be killed.
 PARENT = """

@@ -12,7 +12,7 @@ import grpc
 
 from weightcache import errors
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_has_no_drift() -> None:

@@ -184,7 +184,7 @@ def test_a_checkpoint_saved_as_the_module_skips_the_conversion_table(wc: Daemon)
 
 # ---------------------------------------------------------------- the documented recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE_MARKER = "<!-- test: jit-recipe -->"
 
 
@@ -231,7 +231,7 @@ def test_every_architecture_in_a_socket_only_container(
     root = zoo[NAMES[0]].parent
     child = textwrap.dedent(f"""
         import json, os, sys, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         import hf_zoo
         from weightcache.transformers import from_pretrained
         out = sys.argv[1]

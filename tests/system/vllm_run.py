@@ -1,4 +1,4 @@
-"""Run by tests/test_vllm.py with vLLM's Python: one LLM, greedy token ids of one prompt.
+"""Run by tests/system/test_vllm.py with vLLM's Python: one LLM, greedy token ids of one prompt.
 
 --open MODEL reads weightcache's Model.path *before* vLLM is imported (what a script does), and
 keeps the handle open to the end, as a script would."""

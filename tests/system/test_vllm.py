@@ -30,7 +30,7 @@ transformers = pytest.importorskip("transformers")
 
 import weightcache  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).resolve().parent / "vllm_run.py"
 PROMPT = "hello world the cache shares pages"
 WORDS = ["hello", "world", "the", "cache", "shares", "pages", "between", "containers"]

@@ -3,7 +3,7 @@ against real daemons, and the answer each gets. The answers are docs/errors.md: 
 renders the table from what the daemons said and fails when the committed file differs, so the
 page cannot drift from the code. After changing a message, rewrite the page with
 
-    WC_WRITE_ERRORS_MD=1 python -m pytest -q tests/test_error_walk.py
+    WC_WRITE_ERRORS_MD=1 python -m pytest -q tests/system/test_error_walk.py
 
 and read the diff: every answer should name the input, the rule and the fix.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from harness import make_model, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "errors.md"
 HEADER = """# What a mistake gets
 
@@ -30,9 +30,9 @@ Every `cachectl` command and public client call, given a wrong input, and the an
 word for word (temporary paths shown as `<tmp>`, ids as `<snapshot>`). Each answer should
 name the input, the rule and the fix; one that does not is a bug.
 
-This page is generated: `tests/test_error_walk.py` runs each case against real daemons and
+This page is generated: `tests/system/test_error_walk.py` runs each case against real daemons and
 fails when this file differs from what they said. After changing a message, rewrite it with
-`WC_WRITE_ERRORS_MD=1 python -m pytest -q tests/test_error_walk.py`.
+`WC_WRITE_ERRORS_MD=1 python -m pytest -q tests/system/test_error_walk.py`.
 
 The daemons: one with the developer default allow-list (`client_sources = ["*"]`), one whose
 clients may fetch only from `s3://models-bucket/**`, and one with `max_size` of 10 000 bytes.
@@ -179,5 +179,5 @@ def test_every_wrong_input_gets_an_answer_that_names_the_rule(daemon_factory: An
         PAGE.write_text(page)
     assert PAGE.read_text() == page, (
         "docs/errors.md differs from what the daemons answered; rewrite it with WC_WRITE_ERRORS_MD=1 "
-        "python -m pytest -q tests/test_error_walk.py and read the diff"
+        "python -m pytest -q tests/system/test_error_walk.py and read the diff"
     )

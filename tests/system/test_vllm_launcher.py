@@ -91,7 +91,7 @@ def test_a_download_failing_verification_stops_the_server(
     """serve() started the server while the model downloads; a byte flipped in transit fails
     verification, and the launcher stops the server and raises. The server here is a stand-in
     (a process that waits to be stopped): what is under test is the launcher's reaction; vLLM's
-    own load fails on the same error, raised by Model.stream (tests/test_cold_stream.py)."""
+    own load fails on the same error, raised by Model.stream (tests/system/test_cold_stream.py)."""
     model = make_model(tmp_path / "m", tiny=False, size=16 << 20, shards=2)
     c3 = s3.client()
     for p in sorted(model.iterdir()):
@@ -139,7 +139,7 @@ def test_the_plugin_hook_warns_instead_of_crashing_a_vllm_it_cannot_serve(caplog
     import importlib.util
 
     if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed here: register() registers for real (tests/test_vllm.py)")
+        pytest.skip("vLLM is installed here: register() registers for real (tests/system/test_vllm.py)")
     from weightcache.vllm import register
 
     with caplog.at_level("WARNING", logger="vllm.weightcache"):
