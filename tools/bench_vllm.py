@@ -104,8 +104,15 @@ def main() -> None:
         "--vllm-python", default=os.environ.get("WEIGHTCACHE_VLLM_PYTHON", str(ROOT / ".venv-vllm/bin/python"))
     )
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--svg", type=Path, help="write the timeline picture here (e.g. docs/vllm.svg)")
+    ap.add_argument("--from-json", type=Path, help="only draw --svg from a saved --out report (no new run)")
     ap.add_argument("--work", type=Path, help="keep the model and logs here (default: a temp dir)")
     a = ap.parse_args()
+    if a.from_json:
+        if not a.svg:
+            ap.error("--from-json needs --svg")
+        a.svg.write_text(picture(json.loads(a.from_json.read_text())))
+        return
     size, rate = _size(a.size), _size(a.rate)
     work = (a.work or Path(tempfile.mkdtemp(prefix="bench-vllm-"))).resolve()  # sockets need absolute paths
     work.mkdir(parents=True, exist_ok=True)
@@ -223,6 +230,45 @@ def main() -> None:
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(results, indent=1))
+    if a.svg:
+        a.svg.write_text(picture(results))
+
+
+# Phases of one case, from its own timestamps (seconds since the request).
+PHASES = {
+    "download": ("#4e79a7", "download (boto3, or cachectl prefetch)"),
+    "setup": ("#c6d7ea", "vLLM process start and imports"),
+    "read": ("#f28e2b", "engine start and weight load"),
+    "compute": ("#59a14f", "first token"),
+}
+
+
+def picture(results: dict[str, Any]) -> str:
+    """The report as a timeline: one row per case, its phases on one time axis, the bound marked."""
+    from timeline import Mark, Panel, Row, Segment, render
+
+    rows = []
+    for name, c in results["cases"].items():
+        if "first_token" not in c:
+            continue
+        segs = []
+        if "downloaded" in c:
+            segs.append(Segment("download", 0.0, c["downloaded"]))
+        segs += [
+            Segment("setup", c["spawned"], c["imported"]),
+            Segment("read", c["imported"], c["ready"]),
+            Segment("compute", c["ready"], c["first_token"]),
+        ]
+        rows.append(Row(name, segs))
+    marks = [Mark(results["bound_s"], "bound: max(download, vLLM start-up)")]
+    d = results["cases"].get("d launcher", {})
+    if "first_token" in d:
+        marks.append(Mark(d["first_token"], "(d) launcher: first token", "#2c3e50"))
+    title = (
+        f"vLLM on a cold node: {results['size'] / 1e9:.2f} GB from S3 at {results['rate'] / 1e6:.0f} MB/s, "
+        "seconds from the request to the first token"
+    )
+    return render([[Panel("time to first token", rows, marks)]], title=title, kinds=PHASES)
 
 
 if __name__ == "__main__":

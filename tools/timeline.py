@@ -76,7 +76,7 @@ def _ticks(span: float) -> list[float]:
     return [round(i * step, 6) for i in range(n)]
 
 
-def _panel(p: Panel, x: float, y: float, span: float) -> tuple[list[str], float]:
+def _panel(p: Panel, x: float, y: float, span: float, kinds: dict[str, tuple[str, str]]) -> tuple[list[str], float]:
     out: list[str] = []
     scale = (PANEL_W - LABEL_W - 8) / span if span > 0 else 0.0
     x0 = x + LABEL_W
@@ -93,7 +93,7 @@ def _panel(p: Panel, x: float, y: float, span: float) -> tuple[list[str], float]
         out.append(f'<text x="{x0 - 4:.1f}" y="{ry + BAR_H:.1f}" class="l">{escape(row.label)}</text>')
         for s in sorted(row.segments, key=lambda s: s.kind != "wait"):  # waits underneath
             w = max(px(s.t1) - px(s.t0), 0.8)  # a sub-pixel segment still shows
-            colour = KINDS[s.kind][0]
+            colour = kinds[s.kind][0]
             h = BAR_H / 2 if s.kind == "wait" else BAR_H  # thin: a read or compute on top stays visible
             out.append(
                 f'<rect x="{px(s.t0):.2f}" y="{ry + (ROW_H - h) / 2:.1f}" width="{w:.2f}" height="{h}" '
@@ -115,12 +115,16 @@ def _panel(p: Panel, x: float, y: float, span: float) -> tuple[list[str], float]
     return out, HEAD_H + body_h + AXIS_H + 18
 
 
-def render(columns: list[list[Panel]], title: str = "", note: str = "") -> str:
-    """The SVG document for a grid of panels (columns of panels sharing a time scale)."""
+def render(
+    columns: list[list[Panel]], title: str = "", note: str = "", kinds: dict[str, tuple[str, str]] | None = None
+) -> str:
+    """The SVG document for a grid of panels (columns of panels sharing a time scale). `kinds`:
+    the segment kinds and legend (default KINDS, the cold-start timeline's)."""
+    kinds = KINDS if kinds is None else kinds
     body: list[str] = []
     legend_y = 34 if title else 12
     lx = 8.0
-    for colour, text in KINDS.values():
+    for colour, text in kinds.values():
         body.append(f'<rect x="{lx:.1f}" y="{legend_y - 8}" width="10" height="8" fill="{colour}"/>')
         body.append(f'<text x="{lx + 14:.1f}" y="{legend_y}" class="k">{escape(text)}</text>')
         lx += 14 + 5.6 * len(text) + 16
@@ -131,11 +135,12 @@ def render(columns: list[list[Panel]], title: str = "", note: str = "") -> str:
         x = 8 + c * (PANEL_W + GAP)
         y = float(y_start)
         for p in panels:
-            parts, h = _panel(p, x, y, span)
+            parts, h = _panel(p, x, y, span, kinds)
             body += parts
             y += h
         height = max(height, y)
-    width = 8 + len(columns) * (PANEL_W + GAP)
+    # wide enough for the legend and the title too (text widths estimated from the font size)
+    width = max(8 + len(columns) * (PANEL_W + GAP), lx + 8, 16 + 7.5 * len(title))
     if note:
         body.append(f'<text x="8" y="{height + 10:.1f}" class="k">{escape(note)}</text>')
         height += 16
