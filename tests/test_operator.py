@@ -144,6 +144,8 @@ def test_opening_a_path_names_its_uri_and_whether_this_client_may_fetch_it(
         c.open("./tiny-llama")
     r = wide.ctl("prefetch", str(tiny_model), check=False)  # the admin typed a path too
     assert r.returncode == 2 and f"file://{tiny_model}/" in r.stderr, r.stderr
+    r = wide.ctl("show", str(tiny_model), check=False)  # and cachectl show gets open()'s hint
+    assert r.returncode == 1 and "NotFoundError" in r.stderr and f"file://{tiny_model}/" in r.stderr, r.stderr
 
 
 def test_wrong_python_types_are_named_with_the_fix(daemon: Any, tiny_model: Path) -> None:

@@ -372,15 +372,17 @@ def test_tenants_config_is_checked(tmp_path: Path) -> None:
 
 
 def test_tenant_socket_directories_are_its_own(root: Path, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
-    d, sock_a, sock_b = tenant_daemon(root, s3, bucket)
+    # A top-level client_sources applies to no tenant once tenants are declared: start-up says so.
+    d, sock_a, sock_b = tenant_daemon(root, s3, bucket, client_sources=["s3://elsewhere/**"])
     try:
+        assert "client_sources_ignored" in d.log_text()
         for sock in (sock_a, sock_b):
             assert sorted(p.name for p in sock.iterdir()) == ["fd.sock", "weightcache.sock"]
             assert os.stat(sock).st_gid == GROUP
             stub = pb_grpc.CacheStub(grpc.insecure_channel(f"unix://{sock / 'weightcache.sock'}"))
             assert stub.List(pb.ListRequest()).models == []
-        with connect(sock_b) as b, pytest.raises(PermissionDeniedError):
-            b.ensure("s3://elsewhere/model/")  # not in b's client_sources
+        with connect(sock_b) as b, pytest.raises(PermissionDeniedError, match="not in tenant b's client_sources"):
+            b.ensure("s3://elsewhere/model/")  # not in b's client_sources, whatever the top-level one says
         with connect(sock_a) as a, pytest.raises(NotFoundError):
             a.ensure("nothing-here")
     finally:

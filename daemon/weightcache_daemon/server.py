@@ -218,6 +218,14 @@ class Daemon:
         asyncio.get_running_loop().set_default_executor(self.core.client_io)
         report = await asyncio.to_thread(reconcile, self.store, self.index)
         log.info("reconciled", **report)
+        if self.cfg.declared_tenants and self.cfg.client_sources:
+            # Each tenant's own client_sources decides; the top-level list would mislead a reader.
+            log.warning(
+                "client_sources_ignored",
+                client_sources=list(self.cfg.client_sources),
+                reason="[[tenants]] are declared: each tenant's own client_sources applies, the top-level "
+                "client_sources to no one, and the top-level socket_dir is not bound",
+            )
         admin_gid = resolve_group(self.cfg.admin_group, "admin_group")
         self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tenants = self.cfg.tenants()
