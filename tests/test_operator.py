@@ -58,6 +58,8 @@ def test_json_numbers_are_numbers_in_every_listing(daemon: Any, tiny_model: Path
     assert all(isinstance(t["offset"], int) for t in show["manifest"]["tensors"])
     assert show["download"] is None  # an absent part is null, present in the shape all the same
     assert isinstance(docs["stats"]["logical_bytes"], int) and isinstance(docs["evict"]["bytes_freed"], int)
+    # 2 layers make 4 layer groups (embed, layers.0, layers.1, rest): the text says which it counts
+    assert "tensors (21 in 4 layer groups):" in daemon.ctl("show", "tiny", "--tensors").stdout
 
 
 def test_json_errors_are_one_document_on_stdout(daemon: Any, tmp_path: Path) -> None:

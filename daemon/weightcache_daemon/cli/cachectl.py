@@ -191,7 +191,7 @@ def cmd_show(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     for f in man.files:
         print(f"  {human(f.size):>10}  sha256:{f.sha256[:16]}…  {f.path}")
     if a.tensors:
-        print(f"tensors ({len(man.tensors)}, {len(man.layers)} layers):")
+        print(f"tensors ({len(man.tensors)} in {len(man.layers)} layer groups):")
         for t in man.tensors:
             print(f"  {t.layer:<12} {t.name:<60} {t.dtype:<8} {list(t.shape)!s:<20} {human(t.length):>10}  {t.file}")
     return 0
