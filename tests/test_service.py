@@ -202,6 +202,14 @@ def test_metrics_move_on_prefetch_and_hit(daemon_factory, s3_model: str) -> None
     r = d.ctl("prefetch", "s3://no-such-bucket-here/x/", check=False)
     assert r.returncode != 0
     assert any(k.startswith("weightcache_ingest_failures_total") for k in _scrape(port))
+    # Every metric the daemon exports is in the operator's list (prometheus_client's own
+    # *_created series aside), labels and all.
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
+    exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    documented = (ROOT / "docs/operations.md").read_text()
+    missing = [n for n in sorted(exported) if not n.endswith("_created") and f"`{n}`" not in documented
+               and f"`{n}{{" not in documented]  # fmt: skip
+    assert exported and not missing, missing
 
 
 def test_logs_are_json_lines_with_context(daemon: Daemon, s3_model: str) -> None:
