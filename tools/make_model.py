@@ -1,5 +1,7 @@
 """Generate a Llama-shaped safetensors model (shards + index + config + tokenizer) for tests
-and benchmarks. No hub access is needed: the weights are random bytes.
+and benchmarks. No hub access is needed: the weights are random bytes. transformers loads it
+as it is (``LlamaForCausalLM``: the config's head counts match the tensors, and the tokenizer
+is a small word-level one), so a forward pass runs; its output means nothing.
 
     python tools/make_model.py OUT_DIR --size 2GiB [--shards 2] [--dtype BF16] [--seed 0]
     python tools/make_model.py OUT_DIR --tiny          # a few KB, for tests
@@ -19,6 +21,13 @@ from pathlib import Path
 import numpy as np
 
 DTYPE_SIZE = {"BF16": 2, "F16": 2, "F32": 4}
+# The tokenizer's words (ids in this order, after <unk>, <s>, </s>): 32 ids in all, the tiny
+# model's vocab_size (a larger model's vocab only needs to hold them).
+WORDS = (
+    "the a an of to and in is it that model weights cache layer tensor node daemon client "
+    "hello world fast small llama token text one two three ."
+).split()
+SPECIAL = ("<unk>", "<s>", "</s>")
 
 
 def llama_tensors(hidden: int, layers: int, vocab: int, inter: int, kv: int) -> list[tuple[str, list[int]]]:
@@ -80,7 +89,9 @@ def make_model(out: Path, size: int, shards: int = 2, dtype: str = "BF16", seed:
     rng = np.random.default_rng(seed)
     if tiny:
         hidden, layers, vocab, inter, kv = 16, 2, 32, 32, 8
+        head_dim = 4  # 4 query heads, 2 key/value heads (kv = 2 * head_dim)
     else:
+        head_dim = 32  # hidden is a multiple of 128: hidden/32 query heads, a quarter of them for k/v
         # Llama-3 proportions: vocab 128256 scaled down, inter = 3.5 * hidden, kv = hidden / 4.
         layers = 16
         vocab = 32000
@@ -109,20 +120,56 @@ def make_model(out: Path, size: int, shards: int = 2, dtype: str = "BF16", seed:
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
-    (out / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "hidden_size": hidden,
-                "num_hidden_layers": layers,
-                "vocab_size": vocab,
-                "torch_dtype": "bfloat16" if dtype == "BF16" else dtype.lower(),
-            },
-            indent=2,
-        )
-    )
-    (out / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}}}))
+    (out / "config.json").write_text(json.dumps(llama_config(tensors, head_dim, dtype), indent=2))
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(), separators=(",", ":")))
     return out
+
+
+def llama_config(tensors: list[tuple[str, list[int]]], head_dim: int, dtype: str) -> dict[str, object]:
+    """A LlamaConfig that transformers builds the same shapes from as `tensors` has."""
+    shapes = dict(tensors)
+    vocab, hidden = shapes["model.embed_tokens.weight"]
+    kv = shapes["model.layers.0.self_attn.k_proj.weight"][0]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": shapes["model.layers.0.mlp.gate_proj.weight"][0],
+        "num_hidden_layers": sum(1 for n, _ in tensors if n.endswith(".input_layernorm.weight")),
+        "num_attention_heads": hidden // head_dim,
+        "num_key_value_heads": kv // head_dim,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,  # lm_head.weight is a tensor of its own
+        "bos_token_id": SPECIAL.index("<s>"),
+        "eos_token_id": SPECIAL.index("</s>"),
+        "torch_dtype": "bfloat16" if dtype == "BF16" else {"F16": "float16", "F32": "float32"}[dtype],
+    }
+
+
+def tokenizer_json() -> dict[str, object]:
+    """A word-level tokenizer in the `tokenizers` library's own format (what its
+    ``Tokenizer.to_str()`` writes), without needing that library to write it."""
+    vocab = {w: i for i, w in enumerate((*SPECIAL, *WORDS))}
+    special = [
+        {"id": vocab[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for t in SPECIAL
+    ]  # fmt: skip
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": special,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
 
 
 def main() -> None:

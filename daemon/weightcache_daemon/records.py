@@ -205,6 +205,19 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class ClientSockets:
+    """One tenant's client socket directory and the identity (st_dev, st_ino) of the sockets
+    this daemon bound there; 0 where one is not bound (yet). A checker compares them with what
+    the path holds now: another process may have bound a socket at the same path since."""
+
+    tenant: str  # "" for the single default tenant
+    socket_dir: str
+    device: int
+    client_socket_inode: int
+    fd_socket_inode: int
+
+
+@dataclass(frozen=True)
 class ActiveDownload:
     """A download in flight, for listings."""
 

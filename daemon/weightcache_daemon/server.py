@@ -31,6 +31,7 @@ from weightcache_daemon.edges.fdserver import FdServer, raise_nofile_limit
 from weightcache_daemon.edges.handlers import AdminService, CacheService
 from weightcache_daemon.observe import taskdump
 from weightcache_daemon.observe.metrics import Metrics
+from weightcache_daemon.records import ClientSockets
 from weightcache_daemon.storage.blobs import BlobStore, LocalBlobStore, StoreLock
 from weightcache_daemon.storage.index import Index
 
@@ -209,6 +210,7 @@ class Daemon:
         # these, so a start that fails (a socket of another running daemon) leaves that daemon's
         # sockets alone, and a socket someone re-created since is not ours to remove either.
         self._bound: dict[Path, int] = {}
+        self._bound_dev: dict[Path, int] = {}
 
     def _sockets(self) -> list[Path]:
         return [
@@ -221,6 +223,14 @@ class Daemon:
         asyncio.get_running_loop().set_default_executor(self.core.client_io)
         report = await asyncio.to_thread(reconcile, self.store, self.index)
         log.info("reconciled", **report)
+        if self.cfg.declared_tenants and self.cfg.client_sources:
+            # Each tenant's own client_sources decides; the top-level list would mislead a reader.
+            log.warning(
+                "client_sources_ignored",
+                client_sources=list(self.cfg.client_sources),
+                reason="[[tenants]] are declared: each tenant's own client_sources applies, the top-level "
+                "client_sources to no one, and the top-level socket_dir is not bound",
+            )
         admin_gid = resolve_group(self.cfg.admin_group, "admin_group")
         self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tenants = self.cfg.tenants()
@@ -246,7 +256,7 @@ class Daemon:
             ("grpc.max_concurrent_streams", limits.streams_per_connection),
         ]
         self.admin_server = grpc.aio.server(options=opts)
-        pb_grpc.add_AdminServicer_to_server(AdminService(self.core), self.admin_server)
+        pb_grpc.add_AdminServicer_to_server(AdminService(self.core, self.client_sockets), self.admin_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.admin_server)
         for t in tenants:
             # A connection's tenant is the socket it came in on: each tenant's sockets are
@@ -318,10 +328,27 @@ class Daemon:
                         risk="root with CAP_DAC_OVERRIDE in a client can reopen a granted descriptor for writing "
                         "(docs/security.md)")  # fmt: skip
 
+    def client_sockets(self) -> list[ClientSockets]:
+        """Each tenant's client sockets as this process bound them (Admin.Stats, cachectl health)."""
+        out = []
+        for t in self.cfg.tenants():
+            client, fd = t.socket_dir / paths.CLIENT_SOCKET_NAME, t.socket_dir / paths.FD_SOCKET_NAME
+            out.append(
+                ClientSockets(
+                    tenant=t.name,
+                    socket_dir=str(t.socket_dir),
+                    device=self._bound_dev.get(client, 0),
+                    client_socket_inode=self._bound.get(client, 0),
+                    fd_socket_inode=self._bound.get(fd, 0),
+                )
+            )
+        return out
+
     def _mark_bound(self, path: Path) -> None:
         """Remember a socket just bound (each path was claimed first: what is there now is ours)."""
         try:
-            self._bound[path] = os.stat(path, follow_symlinks=False).st_ino
+            st = os.stat(path, follow_symlinks=False)
+            self._bound[path], self._bound_dev[path] = st.st_ino, st.st_dev
         except FileNotFoundError:
             pass
 

@@ -134,10 +134,11 @@ def allowed(canonical: str, patterns: tuple[str, ...]) -> bool:
     return False
 
 
-def path_hint(reference: str, may_fetch: Callable[[str], bool] | None) -> str:
+def path_hint(reference: str, may_fetch: Callable[[str], bool] | None, allow_list: str = "the daemon's") -> str:
     """What to add to "model X is not in the cache" when X is a filesystem path: the URI that
     names that directory, and whether this caller may fetch it. '' for anything else.
-    `may_fetch(canonical)`: whether the caller may trigger that download (None: it may)."""
+    `may_fetch(canonical)`: whether the caller may trigger that download (None: it may);
+    `allow_list`: whose client_sources said no ("the daemon's", "tenant team-a's")."""
     if reference.startswith("/"):
         try:
             uri = normalize("file://" + reference)
@@ -146,7 +147,7 @@ def path_hint(reference: str, may_fetch: Callable[[str], bool] | None) -> str:
         if may_fetch is None or may_fetch(uri):
             return f"; a directory is opened by its URI, {uri}, which this caller may fetch"
         return (
-            f"; a directory is opened by its URI, {uri}, which this client may not fetch (not in the daemon's "
+            f"; a directory is opened by its URI, {uri}, which this client may not fetch (not in {allow_list} "
             f"client_sources allow-list): an admin can run cachectl prefetch {uri} --name NAME, then open NAME"
         )
     if reference.startswith(("./", "../", "~")) or reference in (".", ".."):

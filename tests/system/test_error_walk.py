@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import make_model, wait_for
+from harness import make_model, toml_text, wait_for, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "errors.md"
@@ -38,7 +38,9 @@ The daemons: one with the developer default allow-list (`client_sources = ["*"]`
 clients may fetch only from `s3://models-bucket/**`, and one with `max_size` of 10 000 bytes.
 `tiny` is a cached model (admin-named, pinned); `<tmp>/models/...` are directories on the node:
 `tiny` a model, `tokenizer-only` its files without the weights, `parent` a directory holding a
-model in `parent/llama/`, `linked` a directory of links to a model's files.
+model in `parent/llama/`, `linked` a directory of links to a model's files. A fourth daemon
+declares tenants `a` and `b`: `private` is a model tenant `a` downloaded for itself, which
+tenant `b` must find exactly as it finds a model that does not exist.
 """
 
 
@@ -116,6 +118,7 @@ def test_every_wrong_input_gets_an_answer_that_names_the_rule(daemon_factory: An
     w.ctl(d, "ls", env=dict(d.env, WEIGHTCACHE_ADMIN_SOCKET=str(tmp_path / "no-daemon" / "admin.sock")))
     w.ctl(d, "show")
     w.ctl(d, "show", "llama")
+    w.ctl(d, "show", str(dirs["tiny"]))
     w.ctl(d, "prefetch", str(dirs["tiny"]))
     w.ctl(d, "prefetch", "ftp://host/llama/")
     w.ctl(d, "prefetch", "file:///models/../etc/")
@@ -169,6 +172,7 @@ def test_every_wrong_input_gets_an_answer_that_names_the_rule(daemon_factory: An
     with weightcache.connect(narrow.socket_dir) as c:
         w.call("client.open('/models/tiny') (narrow allow-list)", lambda: c.open(str(dirs["tiny"])))
         w.call("client.open('s3://elsewhere/llama/') (narrow allow-list)", lambda: c.open("s3://elsewhere/llama/"))
+    _another_tenants_model(w, daemon_factory, tmp_path, tiny)
     stopped = daemon_factory("stopped")
     with weightcache.connect(stopped.socket_dir) as c:
         stopped.stop()
@@ -181,3 +185,33 @@ def test_every_wrong_input_gets_an_answer_that_names_the_rule(daemon_factory: An
         "docs/errors.md differs from what the daemons answered; rewrite it with WC_WRITE_ERRORS_MD=1 "
         "python -m pytest -q tests/system/test_error_walk.py and read the diff"
     )
+
+
+def _another_tenants_model(w: Walk, daemon_factory: Any, tmp_path: Path, tiny: str) -> None:
+    """Tenant b asks for tenant a's private model, by name and by snapshot id: the answer must be
+    word for word the one for a model that does not exist (nothing tells b the name is taken)."""
+    import weightcache
+
+    root = tmp_path / "tenants"
+    root.mkdir()
+    cfg = write_config(root / "weightcached.toml", None)
+    tenants = [{"name": "a", "socket_dir": str(root / "sock"), "client_sources": ["file:///**"]},
+               {"name": "b", "socket_dir": str(root / "sock-b"), "client_sources": ["file:///**"]}]  # fmt: skip
+    with open(cfg, "a") as f:
+        f.write(toml_text({}, None, {"tenants": tenants}))
+    daemon_factory("tenants", config=cfg)
+    with weightcache.connect(root / "sock") as a:
+        snapshot = a.ensure(tiny, name="private").snapshot_id
+    absent = "0123456789abcdef0123456789abcdef"  # a well-formed snapshot id no model has
+    with weightcache.connect(root / "sock-b") as b:
+        for given, ref, missing in (
+            ("client.open('private') (tenant b; tenant a's private model)", "private", "nothing-here"),
+            ("client.open(SNAPSHOT) (tenant b; tenant a's private model, by snapshot id)", snapshot, absent),
+        ):
+            with pytest.raises(weightcache.WeightcacheError) as taken:
+                b.open(ref)
+            with pytest.raises(weightcache.WeightcacheError) as free:
+                b.open(missing)
+            assert type(taken.value) is type(free.value), (taken.value, free.value)
+            assert str(taken.value).replace(ref, missing) == str(free.value), (taken.value, free.value)
+            w.call(given, lambda ref=ref: b.open(ref))

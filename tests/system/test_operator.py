@@ -58,6 +58,8 @@ def test_json_numbers_are_numbers_in_every_listing(daemon: Any, tiny_model: Path
     assert all(isinstance(t["offset"], int) for t in show["manifest"]["tensors"])
     assert show["download"] is None  # an absent part is null, present in the shape all the same
     assert isinstance(docs["stats"]["logical_bytes"], int) and isinstance(docs["evict"]["bytes_freed"], int)
+    # 2 layers make 4 layer groups (embed, layers.0, layers.1, rest): the text says which it counts
+    assert "tensors (21 in 4 layer groups):" in daemon.ctl("show", "tiny", "--tensors").stdout
 
 
 def test_json_errors_are_one_document_on_stdout(daemon: Any, tmp_path: Path) -> None:
@@ -144,6 +146,8 @@ def test_opening_a_path_names_its_uri_and_whether_this_client_may_fetch_it(
         c.open("./tiny-llama")
     r = wide.ctl("prefetch", str(tiny_model), check=False)  # the admin typed a path too
     assert r.returncode == 2 and f"file://{tiny_model}/" in r.stderr, r.stderr
+    r = wide.ctl("show", str(tiny_model), check=False)  # and cachectl show gets open()'s hint
+    assert r.returncode == 1 and "NotFoundError" in r.stderr and f"file://{tiny_model}/" in r.stderr, r.stderr
 
 
 def test_wrong_python_types_are_named_with_the_fix(daemon: Any, tiny_model: Path) -> None:

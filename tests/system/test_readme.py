@@ -14,6 +14,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,9 +72,41 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
         first = r.stdout.strip().splitlines()[-1]
         tensor_bytes = _first_bytes(home / "tiny-llama", "model.embed_tokens.weight", 8)
         assert first == tensor_bytes.hex()
+        # The README's client example, `weightcache.transformers.from_pretrained`, on that model:
+        # config, tokenizer and weights from the cache, then a forward pass.
+        r = subprocess.run([sys.executable, "-c", CLIENT_EXAMPLE], env=env, capture_output=True, text=True,
+                           timeout=300, stdin=subprocess.DEVNULL, cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{log.read_text()}"
+        assert r.stdout.split() == ["LlamaForCausalLM", "[1,", "4,", "32]"], r.stdout
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+CLIENT_EXAMPLE = """
+import torch
+import weightcache.transformers
+
+with weightcache.transformers.from_pretrained("tiny-llama") as loaded:
+    ids = loaded.tokenizer("hello world the model", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == [[21, 22, 3, 13]], ids  # words of the tokenizer, none unknown
+    with torch.no_grad():
+        logits = loaded.model(ids).logits
+    assert torch.isfinite(logits).all()
+    print(type(loaded.model).__name__, list(logits.shape))
+"""
+
+
+def test_the_quick_start_tokenizer_is_the_tokenizers_librarys_own_format(tmp_path: Path) -> None:
+    """tools/make_model.py writes tokenizer.json by hand (the quick start has no `tokenizers`):
+    the library reads it and writes back the same document."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from harness import make_model
+
+    path = make_model(tmp_path / "tiny-llama") / "tokenizer.json"
+    tok = tokenizers.Tokenizer.from_file(str(path))
+    assert json.loads(tok.to_str()) == json.loads(path.read_text())
+    assert tok.encode("hello world .").ids == [21, 22, 31] and tok.get_vocab_size() == 32
 
 
 def _first_bytes(model_dir: Path, name: str, n: int) -> bytes:

@@ -372,21 +372,69 @@ def test_tenants_config_is_checked(tmp_path: Path) -> None:
 
 
 def test_tenant_socket_directories_are_its_own(root: Path, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
-    d, sock_a, sock_b = tenant_daemon(root, s3, bucket)
+    # A top-level client_sources applies to no tenant once tenants are declared: start-up says so.
+    d, sock_a, sock_b = tenant_daemon(root, s3, bucket, client_sources=["s3://elsewhere/**"])
     try:
+        assert "client_sources_ignored" in d.log_text()
         for sock in (sock_a, sock_b):
             assert sorted(p.name for p in sock.iterdir()) == ["fd.sock", "weightcache.sock"]
             assert os.stat(sock).st_gid == GROUP
             stub = pb_grpc.CacheStub(grpc.insecure_channel(f"unix://{sock / 'weightcache.sock'}"))
             assert stub.List(pb.ListRequest()).models == []
-        with connect(sock_b) as b, pytest.raises(PermissionDeniedError):
-            b.ensure("s3://elsewhere/model/")  # not in b's client_sources
+        with connect(sock_b) as b, pytest.raises(PermissionDeniedError, match="not in tenant b's client_sources"):
+            b.ensure("s3://elsewhere/model/")  # not in b's client_sources, whatever the top-level one says
         with connect(sock_a) as a, pytest.raises(NotFoundError):
             a.ensure("nothing-here")
     finally:
         d.stop()
     for sock in (sock_a, sock_b):
         assert not any(sock.iterdir())  # both tenants' sockets removed at stop
+
+
+def test_doctor_and_health_check_every_tenant_and_only_this_daemons_sockets(  # type: ignore[no-untyped-def]
+    root: Path, s3, bucket: str, tmp_path: Path
+) -> None:
+    d, sock_a, sock_b = tenant_daemon(root, s3, bucket)
+    other = start_daemon(tmp_path / "other", s3)  # another daemon on the node, with its own sockets
+    # The client's own default directory is not one the tenant daemon binds: the checks must
+    # learn the tenants' directories from the admin socket, not from the client's default.
+    env = dict(d.env, WEIGHTCACHE_SOCKET_DIR=str(root / "not-bound"))
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["cachectl", *args], capture_output=True, text=True, env=env, timeout=120,
+                              stdin=subprocess.DEVNULL)  # fmt: skip
+
+    try:
+        r = ctl("doctor", "--json")
+        checks = {c["name"]: c for c in json.loads(r.stdout)}
+        for tenant, sock in (("a", sock_a), ("b", sock_b)):
+            for what in ("client health service", "descriptor socket"):
+                c = checks[f"{what} (tenant {tenant})"]
+                assert c["status"] == "PASS" and str(sock) in c["detail"], c
+        assert r.returncode == 0, r.stdout
+        r = ctl("health")
+        assert r.returncode == 0 and str(sock_a) in r.stdout and str(sock_b) in r.stdout, r.stdout + r.stderr
+        assert ctl("health", "--socket-dir", str(sock_b)).returncode == 0
+
+        # Another daemon's directory is not this daemon's, however healthy its sockets are.
+        r = ctl("health", "--json", "--socket-dir", str(other.socket_dir))
+        assert r.returncode == 1 and json.loads(r.stdout)["status"] == "FAIL", r.stdout
+        assert "holds none of the client sockets" in json.loads(r.stdout)["detail"]
+
+        # The other daemon's socket at tenant b's path: it answers SERVING, and is still a FAIL.
+        os.rename(other.socket_dir / "weightcache.sock", sock_b / "weightcache.sock")
+        r = ctl("doctor", "--json")
+        checks = {c["name"]: c for c in json.loads(r.stdout)}
+        assert r.returncode == 1
+        assert checks["client health service (tenant a)"]["status"] == "PASS"
+        bad = checks["client health service (tenant b)"]
+        assert bad["status"] == "FAIL" and "not the socket this daemon bound" in bad["detail"], bad
+        assert checks["descriptor socket (tenant b)"]["status"] == "PASS"  # fd.sock is still its own
+        r = ctl("health")
+        assert r.returncode == 1 and "not the socket this daemon bound" in r.stdout, r.stdout
+    finally:
+        other.stop()
+        d.stop()
 
 
 def test_kubernetes_tenants_example_gives_each_pod_only_its_tenant(tmp_path: Path) -> None:
@@ -414,6 +462,14 @@ def test_kubernetes_tenants_example_gives_each_pod_only_its_tenant(tmp_path: Pat
         )
         uids.add(spec["securityContext"]["runAsUser"])
     assert not tenants and len(uids) == len(pods)  # every tenant has its pod, each with its own uid
+    # The DaemonSet's probes ask the admin socket for the bound directories: they stay true
+    # when this ConfigMap replaces the one without tenants (whose socket_dir is not bound now).
+    (ds,) = [d for d in yaml.safe_load_all((root / "deploy/kubernetes/daemonset.yaml").read_text()) if d and d["kind"] == "DaemonSet"]  # fmt: skip
+    container = ds["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert "--socket-dir" not in command and "health" in command, command
+        assert command[command.index("--admin-socket") + 1] == str(cfg.admin_socket)
 
 
 def test_a_version_2_index_is_migrated_and_its_names_are_shared(tmp_path: Path) -> None:

@@ -320,7 +320,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("models", "snapshots", "blobs", "logical_bytes", "stored_bytes", "bytes_downloaded", "active_downloads", "leases", "cache_dir", "max_size", "filesystem_free", "held_bytes")
+    __slots__ = ("models", "snapshots", "blobs", "logical_bytes", "stored_bytes", "bytes_downloaded", "active_downloads", "leases", "cache_dir", "max_size", "filesystem_free", "held_bytes", "client_sockets")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     BLOBS_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +333,7 @@ class StatsResponse(_message.Message):
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
     FILESYSTEM_FREE_FIELD_NUMBER: _ClassVar[int]
     HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SOCKETS_FIELD_NUMBER: _ClassVar[int]
     models: int
     snapshots: int
     blobs: int
@@ -345,7 +346,22 @@ class StatsResponse(_message.Message):
     max_size: int
     filesystem_free: int
     held_bytes: int
-    def __init__(self, models: _Optional[int] = ..., snapshots: _Optional[int] = ..., blobs: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., bytes_downloaded: _Optional[int] = ..., active_downloads: _Optional[int] = ..., leases: _Optional[int] = ..., cache_dir: _Optional[str] = ..., max_size: _Optional[int] = ..., filesystem_free: _Optional[int] = ..., held_bytes: _Optional[int] = ...) -> None: ...
+    client_sockets: _containers.RepeatedCompositeFieldContainer[ClientSockets]
+    def __init__(self, models: _Optional[int] = ..., snapshots: _Optional[int] = ..., blobs: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., bytes_downloaded: _Optional[int] = ..., active_downloads: _Optional[int] = ..., leases: _Optional[int] = ..., cache_dir: _Optional[str] = ..., max_size: _Optional[int] = ..., filesystem_free: _Optional[int] = ..., held_bytes: _Optional[int] = ..., client_sockets: _Optional[_Iterable[_Union[ClientSockets, _Mapping]]] = ...) -> None: ...
+
+class ClientSockets(_message.Message):
+    __slots__ = ("tenant", "socket_dir", "device", "client_socket_inode", "fd_socket_inode")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_DIR_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SOCKET_INODE_FIELD_NUMBER: _ClassVar[int]
+    FD_SOCKET_INODE_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    socket_dir: str
+    device: int
+    client_socket_inode: int
+    fd_socket_inode: int
+    def __init__(self, tenant: _Optional[str] = ..., socket_dir: _Optional[str] = ..., device: _Optional[int] = ..., client_socket_inode: _Optional[int] = ..., fd_socket_inode: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("model", "repair")

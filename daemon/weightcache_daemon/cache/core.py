@@ -298,7 +298,8 @@ class Core:
             snapshot, row = self.names.resolve(model, scope)
         except NotFoundError as exc:
             allow = None if scope is None else (lambda u: uris.allowed(u, scope.tenant.client_sources))
-            raise NotFoundError(f"{exc}{uris.path_hint(model, allow)}") from None
+            whose = f"tenant {scope.tenant.name}'s" if scope is not None and scope.tenant.name else "the daemon's"
+            raise NotFoundError(f"{exc}{uris.path_hint(model, allow, whose)}") from None
         if row is not None and self.verifier.damaged(snapshot):
             # A blob failed verification or vanished: fetch the model again, then go on.
             log.warning("refetching_damaged_model", model=row.name, snapshot=snapshot)
@@ -318,8 +319,9 @@ class Core:
 
     def _check_client_source(self, uri: str, scope: Scope) -> None:
         if not uris.allowed(uri, scope.tenant.client_sources):
+            whose = f"tenant {scope.tenant.name}'s" if scope.tenant.name else "the daemon's"
             raise PermissionDeniedError(
-                f"source {uri}: clients may not trigger this download (not in the daemon's client_sources "
+                f"source {uri}: clients may not trigger this download (not in {whose} client_sources "
                 f"allow-list); an admin can run: cachectl prefetch {uri}"
             )
 
@@ -601,7 +603,10 @@ class Core:
         job = self._downloading(model)
         if job is not None and job.early is not None:
             return None, job.early.manifest, next((d for d in self.downloads() if d.name == job.label), None)
-        view, manifest = self.catalog.show(model)
+        try:
+            view, manifest = self.catalog.show(model)
+        except NotFoundError as exc:  # the hint open() gives: a directory is named by its URI
+            raise NotFoundError(f"{exc}{uris.path_hint(model, None)}") from None
         return view, manifest, None
 
     def set_pin(self, model: str, pinned: bool) -> ModelView:

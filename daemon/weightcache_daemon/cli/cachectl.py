@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -190,7 +191,7 @@ def cmd_show(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     for f in man.files:
         print(f"  {human(f.size):>10}  sha256:{f.sha256[:16]}…  {f.path}")
     if a.tensors:
-        print(f"tensors ({len(man.tensors)}, {len(man.layers)} layers):")
+        print(f"tensors ({len(man.tensors)} in {len(man.layers)} layer groups):")
         for t in man.tensors:
             print(f"  {t.layer:<12} {t.name:<60} {t.dtype:<8} {list(t.shape)!s:<20} {human(t.length):>10}  {t.file}")
     return 0
@@ -291,56 +292,139 @@ def cmd_gc(stub: pb_grpc.AdminStub, a: argparse.Namespace) -> int:
     return 0
 
 
-def _client_checks(socket_dir: Path) -> list[tuple[str, str, str, str]]:
-    """What a client on this host would see: the socket directory and the health service."""
-    import socket as socketmod
+@dataclass(frozen=True)
+class _Target:
+    """One client socket directory to check, and what the daemon says it bound there (None
+    when no daemon answered on the admin socket: then nothing can vouch for whose sockets
+    they are)."""
 
-    out = []
-    health = socket_dir / paths.CLIENT_SOCKET_NAME
+    label: str  # "" for the single default tenant, else "tenant NAME"
+    socket_dir: Path
+    bound: pb.ClientSockets | None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
     try:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
+
+def _daemon_sockets(admin: Path) -> list[pb.ClientSockets] | None:
+    """The client socket directories the daemon on `admin` bound; None when it does not answer."""
+    try:
+        resp = _call(_stub(admin).Stats, pb.StatsRequest(), timeout=5)
+    except WeightcacheError:
+        return None
+    return list(resp.client_sockets)
+
+
+def _targets(admin: Path, socket_dir: Path | None) -> tuple[list[_Target], list[tuple[str, str, str, str]]]:
+    """What to check: every tenant's directory the daemon reports, or (with --socket-dir) that one.
+
+    Without an answer on the admin socket, --socket-dir or the client's default is checked as
+    it is. With one, a --socket-dir that holds none of the daemon's sockets is a FAIL of its
+    own: its sockets, if they answer, belong to some other daemon."""
+    bound = _daemon_sockets(admin)
+    if not bound:  # no daemon answered (or one too old to say): the directory as given
+        return [_Target("", client_socket_dir(socket_dir), None)], []
+
+    def label(b: pb.ClientSockets) -> str:
+        return f"tenant {b.tenant}" if b.tenant else ""
+
+    if socket_dir is None:
+        return [_Target(label(b), Path(b.socket_dir), b) for b in bound], []
+    here = _identity(socket_dir / paths.CLIENT_SOCKET_NAME)
+    for b in bound:
+        if Path(b.socket_dir) == socket_dir or (here is not None and here == (b.device, b.client_socket_inode)):
+            # The same directory by path, or seen through another mount (a container's).
+            return [_Target(label(b), socket_dir, b)], []
+    known = ", ".join(b.socket_dir for b in bound)
+    return [], [
+        (
+            "client socket directory",
+            "FAIL",
+            f"{socket_dir} holds none of the client sockets of the daemon at {admin} (its directories: {known})",
+            "check the directory the daemon bound (leave --socket-dir out to check all of them), or point "
+            "--admin-socket at the daemon that serves this one",
+        )
+    ]
+
+
+def _not_ours(path: Path, target: _Target, inode: int) -> str:
+    """Why `path` is not the socket the daemon bound there; "" when it is."""
+    if target.bound is None:
+        return ""
+    if not inode:
+        return f"{path}: the daemon reports it did not bind this socket"
+    now = _identity(path)
+    if now is None:
+        return f"{path}: gone (the daemon bound it; something removed it since)"
+    if now != (target.bound.device, inode):
+        return f"{path} is not the socket this daemon bound: another process bound that path since"
+    return ""
+
+
+def _health_check(target: _Target) -> tuple[str, str, str, str]:
+    name = f"client health service ({target.label})" if target.label else "client health service"
+    health = target.socket_dir / paths.CLIENT_SOCKET_NAME
+    bound_ino = target.bound.client_socket_inode if target.bound is not None else 0
+    wrong = _not_ours(health, target, bound_ino)
+    if wrong:
+        return name, "FAIL", wrong, "stop whatever else serves that directory, then restart weightcached"
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
         stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"unix://{health}"))
         status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-        serving = status == health_pb2.HealthCheckResponse.SERVING
-        out.append(
-            (
-                "client health service",
-                "PASS" if serving else "FAIL",
-                f"{health}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}",
-                "" if serving else "the daemon is shutting down or not ready",
-            )
-        )
     except grpc.RpcError as exc:
-        out.append(
-            (
-                "client health service",
-                "FAIL",
-                f"{health}: {exc.details()}",
-                "start weightcached, or point --socket-dir / WEIGHTCACHE_SOCKET_DIR at its client directory",
-            )
+        return (
+            name,
+            "FAIL",
+            f"{health}: {exc.details()}",
+            "start weightcached, or point --socket-dir / WEIGHTCACHE_SOCKET_DIR at its client directory",
         )
-    fd = socket_dir / paths.FD_SOCKET_NAME
+    serving = status == health_pb2.HealthCheckResponse.SERVING
+    return (
+        name,
+        "PASS" if serving else "FAIL",
+        f"{health}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}",
+        "" if serving else "the daemon is shutting down or not ready",
+    )
+
+
+def _fd_check(target: _Target) -> tuple[str, str, str, str]:
+    import socket as socketmod
+
+    name = f"descriptor socket ({target.label})" if target.label else "descriptor socket"
+    fd = target.socket_dir / paths.FD_SOCKET_NAME
+    wrong = _not_ours(fd, target, target.bound.fd_socket_inode if target.bound is not None else 0)
+    if wrong:
+        return name, "FAIL", wrong, "stop whatever else serves that directory, then restart weightcached"
     with socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM) as s:
         try:
             s.connect(str(fd))
-            out.append(("descriptor socket", "PASS", f"{fd} accepts connections", ""))
         except OSError as exc:
-            out.append(
-                (
-                    "descriptor socket",
-                    "FAIL",
-                    f"{fd}: {exc.strerror}",
-                    "containers fall back to streamed reads without it",
-                )
-            )
+            return name, "FAIL", f"{fd}: {exc.strerror}", "containers fall back to streamed reads without it"
+    return name, "PASS", f"{fd} accepts connections", ""
+
+
+def _client_checks(admin: Path, socket_dir: Path | None, fd: bool = True) -> list[tuple[str, str, str, str]]:
+    """What a client would see on each client socket directory of the daemon: its health
+    service (and fd.sock), and that they are the sockets this daemon bound."""
+    targets, out = _targets(admin, socket_dir)
+    for t in targets:
+        out.append(_health_check(t))
+        if fd:
+            out.append(_fd_check(t))
     return out
 
 
 def cmd_doctor(admin: Path, a: argparse.Namespace) -> int:
     """Runs every check it can: with the daemon down, the client-side checks still run and the
     admin socket is one more FAIL with what to do, not a reason to stop."""
-    checks = _client_checks(client_socket_dir(a.socket_dir))
+    checks = _client_checks(admin, a.socket_dir)
     try:
         resp = _call(_stub(admin).Doctor, pb.DoctorRequest(timeout_seconds=a.timeout))
         checks += [(c.name, pb.Check.Status.Name(c.status), c.detail, c.hint) for c in resp.checks]
@@ -357,14 +441,18 @@ def cmd_doctor(admin: Path, a: argparse.Namespace) -> int:
     return 1 if any(s == "FAIL" for _, s, _, _ in checks) else 0
 
 
-def cmd_health(a: argparse.Namespace) -> int:
-    checks = _client_checks(client_socket_dir(a.socket_dir))[:1]
-    n, s, d, h = checks[0]
+def cmd_health(admin: Path, a: argparse.Namespace) -> int:
+    """One verdict for every tenant's client socket: PASS only when each says SERVING."""
+    checks = _client_checks(admin, a.socket_dir, fd=False)
+    status = "FAIL" if any(c[1] == "FAIL" for c in checks) else "PASS"
+    detail = "; ".join(c[2] for c in checks)
+    hint = "; ".join(c[3] for c in checks if c[3])
     if a.json:
-        _out({"name": n, "status": s, "detail": d, "hint": h})
+        _out({"name": "client health service", "status": status, "detail": detail, "hint": hint})
     else:
-        print(f"[{s}] {d}")
-    return 0 if s == "PASS" else 1
+        for _, s, d, _ in checks:
+            print(f"[{s}] {d}")
+    return 0 if status == "PASS" else 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -418,10 +506,18 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     p = add("gc", "remove orphan blobs, stale ingests and unnamed snapshots")
     p.add_argument("--dry-run", action="store_true")
     p = add("doctor", "check sockets, store, index, sources and page cache; exit 1 on any FAIL")
-    p.add_argument("--socket-dir", type=Path, help="client socket directory to check (default as the client)")
+    p.add_argument(
+        "--socket-dir",
+        type=Path,
+        help="client socket directory to check (default: every tenant's, as the daemon reports them)",
+    )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per source probe")
-    p = add("health", "exit 0 if the client socket's gRPC health service says SERVING (probes)")
-    p.add_argument("--socket-dir", type=Path)
+    p = add("health", "exit 0 if each client socket's gRPC health service says SERVING (probes)")
+    p.add_argument(
+        "--socket-dir",
+        type=Path,
+        help="client socket directory to check (default: every tenant's, as the daemon reports them)",
+    )
     return ap
 
 
@@ -452,7 +548,7 @@ HANDLERS: dict[str, Callable[[pb_grpc.AdminStub, argparse.Namespace], int]] = {
 def run(a: argparse.Namespace) -> int:
     try:
         if a.command == "health":
-            return cmd_health(a)
+            return cmd_health(admin_socket(a.admin_socket), a)
         if a.command == "doctor":
             return cmd_doctor(admin_socket(a.admin_socket), a)
         return HANDLERS[a.command](_stub(admin_socket(a.admin_socket)), a)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from weightcache.v1 import weightcache_pb2 as pb
 from weightcache_daemon.cache.eviction import EvictPlan, GCPlan
-from weightcache_daemon.records import ActiveDownload, Lease, Manifest, ModelView, ProgressState, Readiness, Stats
+from weightcache_daemon.records import (
+    ActiveDownload,
+    ClientSockets,
+    Lease,
+    Manifest,
+    ModelView,
+    ProgressState,
+    Readiness,
+    Stats,
+)
 
 
 def progress(p: ProgressState) -> pb.Progress:
@@ -84,7 +93,7 @@ def model(v: ModelView, with_leases: bool = True) -> pb.ModelInfo:
     )
 
 
-def stats(s: Stats, cache_dir: str) -> pb.StatsResponse:
+def stats(s: Stats, cache_dir: str, client_sockets: list[ClientSockets]) -> pb.StatsResponse:
     return pb.StatsResponse(
         models=s.models,
         snapshots=s.snapshots,
@@ -98,6 +107,16 @@ def stats(s: Stats, cache_dir: str) -> pb.StatsResponse:
         max_size=s.capacity,
         held_bytes=s.held_bytes,
         filesystem_free=s.filesystem_free,
+        client_sockets=[
+            pb.ClientSockets(
+                tenant=c.tenant,
+                socket_dir=c.socket_dir,
+                device=c.device,
+                client_socket_inode=c.client_socket_inode,
+                fd_socket_inode=c.fd_socket_inode,
+            )
+            for c in client_sockets
+        ],
     )
 
 

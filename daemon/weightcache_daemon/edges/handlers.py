@@ -31,7 +31,7 @@ from weightcache_daemon.cache.core import Core
 from weightcache_daemon.cache.tenants import Scope
 from weightcache_daemon.config import ClientLimits
 from weightcache_daemon.edges import convert
-from weightcache_daemon.records import Manifest, ProgressState, Readiness
+from weightcache_daemon.records import ClientSockets, Manifest, ProgressState, Readiness
 
 log = structlog.get_logger("weightcached.rpc")
 
@@ -281,9 +281,11 @@ class AdminService(pb_grpc.AdminServicer):
 
     SERVICE = "Admin"
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, client_sockets: Callable[[], list[ClientSockets]] = list) -> None:
         self.core = core
         self.stall_timeout: float | None = None  # the operator's own CLI: not bounded
+        # The daemon's own record of the client sockets it bound (Stats reports it).
+        self.client_sockets = client_sockets
 
     @streaming
     async def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> AsyncIterator[pb.PrefetchResponse]:
@@ -351,7 +353,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     @unary
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
-        return convert.stats(self.core.stats(), str(self.core.cfg.cache_dir))
+        return convert.stats(self.core.stats(), str(self.core.cfg.cache_dir), self.client_sockets())
 
     @streaming
     async def Verify(self, request: pb.VerifyRequest, context: Any) -> AsyncIterator[pb.VerifyResponse]:
