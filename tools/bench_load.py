@@ -140,10 +140,14 @@ def child(variant: str, files: list[str], socket_dir: str, tzfile: str, mode: st
     nbytes = 0
     first: float | None = None
     opened: float | None = None
+    usage = _Usage(os.environ.get("WC_DAEMON_PID"))
     t0 = time.perf_counter()
+
+    kept: list[Any] = []  # every tensor lives until the clock stops, as in a model: no variant frees in the window
 
     def got(name: str, t: Any) -> None:
         nonlocal nbytes, first
+        kept.append(t)
         nbytes += t.numel() * t.element_size()
         if first is None and name in first_layer_names:
             first_layer_names.discard(name)
@@ -178,9 +182,10 @@ def child(variant: str, files: list[str], socket_dir: str, tzfile: str, mode: st
             if done():
                 break
         elapsed = time.perf_counter() - t0
+        used = usage.delta()
         m.close()  # not timed: stopping the read-ahead of the groups not asked for
         c.close()
-        return {"seconds": elapsed, "bytes": nbytes, "first": first, "open": opened}
+        return {"seconds": elapsed, "bytes": nbytes, "first": first, "open": opened, **used}
     elif variant == "safetensors_load_file":
         from safetensors.torch import load_file
 
@@ -249,7 +254,46 @@ def child(variant: str, files: list[str], socket_dir: str, tzfile: str, mode: st
         nbytes = total
     else:
         raise SystemExit(f"unknown variant {variant}")
-    return {"seconds": time.perf_counter() - t0, "bytes": nbytes, "first": first, "open": opened}
+    elapsed = time.perf_counter() - t0
+    return {"seconds": elapsed, "bytes": nbytes, "first": first, "open": opened, **usage.delta()}
+
+
+def _proc_cpu(pid: str | None) -> float:
+    """CPU seconds (user + system) another process has used so far; 0 if it cannot be read."""
+    if not pid:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _Usage:
+    """What a timed load cost besides time: CPU seconds of this process (all its threads) and
+    of the children it waited for (dd), page faults, and the daemon's CPU over the same span."""
+
+    def __init__(self, daemon_pid: str | None) -> None:
+        import resource
+
+        self._daemon_pid = daemon_pid
+        self._self0 = resource.getrusage(resource.RUSAGE_SELF)
+        self._kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._daemon0 = _proc_cpu(daemon_pid)
+
+    def delta(self) -> dict[str, float]:
+        import resource
+
+        s, k = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        s0, k0 = self._self0, self._kids0
+        return {
+            "user_s": s.ru_utime - s0.ru_utime + k.ru_utime - k0.ru_utime,
+            "sys_s": s.ru_stime - s0.ru_stime + k.ru_stime - k0.ru_stime,
+            "minflt": s.ru_minflt - s0.ru_minflt + k.ru_minflt - k0.ru_minflt,
+            "majflt": s.ru_majflt - s0.ru_majflt + k.ru_majflt - k0.ru_majflt,
+            "daemon_cpu_s": _proc_cpu(self._daemon_pid) - self._daemon0,
+        }
 
 
 # ---------------------------------------------------------------- orchestrator
