@@ -152,6 +152,11 @@ class MappedFiles:
                     # MAP_PRIVATE: pages are shared with every process until one writes; a write
                     # makes a private copy, never touching the blob or another process.
                     mm = mmap.mmap(g.fd, g.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                    # Weights are read front to back (layer order is file order): sequential
+                    # readahead streams a cold file ahead of the faults, where the default
+                    # read-around reads one window around each fault and waits for it. Cold,
+                    # touched in order (1.2 GB): 0.50-0.67 s against 0.57-1.86 s, same run.
+                    mm.madvise(mmap.MADV_SEQUENTIAL)
                     # The mapping is never closed explicitly: tensors viewing it keep it alive,
                     # and it goes when the last of them does.
                     self._views[g.path] = memoryview(mm)
