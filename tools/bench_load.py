@@ -21,8 +21,17 @@ Scenarios:
   first-layer-zero-copy / first-layer-copy
                       cold, until the first layer group's bytes are in memory (each tensor
                       touched once per page), zero-copy variants and copying variants apart
-  limits              the machine: cold `dd bs=64M`, warm copy (pread from the page cache into
-                      touched memory), first touch of fresh memory (settled and recycled)
+  limits              the machine, in the same run: cold `dd bs=64M`; warm copy (pread from the
+                      page cache into touched memory: the copy alone); warm pread into fresh
+                      memory (1 thread, and one per CPU); first touch of fresh memory (fill of
+                      a model-sized tensor, 1 thread and one per CPU; settled and recycled)
+
+Besides time, every load reports what it cost: CPU seconds (user + system, every thread of the
+loading process and of the children it waited for) per GB, page faults per 4 KiB page loaded,
+and the daemon's CPU seconds over the same span, so that a reader can tell *why* a number is
+what it is (a copy bound by first-touching fresh memory, a loader spinning, a slow disk).
+Ratios are taken round by round (variant ÷ weightcache in the same round) and shown as the
+median with the spread of the rounds.
 
     python tools/bench_load.py --size 2GiB --rounds 3 [--out bench-out/load.json] [--doc docs/benchmarks.md]
     python tools/bench_load.py --from-json bench-out/load.json --doc docs/benchmarks.md
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import re
@@ -91,7 +101,10 @@ SCENARIOS: dict[str, tuple[list[str], str]] = {
         ["weightcache_stream", "weightcache_stream_reuse", "tensorizer", "runai_streamer", "fastsafetensors"],
         "weightcache_stream",
     ),
-    "limits": (["dd_cold", "copy_warm", "touch_fresh", "touch_recycled"], ""),
+    "limits": (
+        ["dd_cold", "copy_warm", "pread_fresh_1", "pread_fresh_n", "touch_fresh_1", "touch_fresh_n", "touch_recycled"],
+        "",
+    ),
 }
 
 
@@ -99,12 +112,14 @@ SCENARIOS: dict[str, tuple[list[str], str]] = {
 
 
 def _touch(t: Any) -> int:
-    """Read one byte per 4 KiB page: forces lazily mapped tensors in, costs little compute."""
+    """Read one byte per 4 KiB page: forces lazily mapped tensors in, costs little compute.
+    With numpy, on this thread: a torch reduction would wake torch's worker threads, which spin
+    while this one waits for the disk, and charge that spinning to the loader's CPU seconds."""
     import torch
 
     if t.numel() == 0:
         return 0
-    flat = t.reshape(-1).view(torch.uint8)
+    flat = t.reshape(-1).view(torch.uint8).numpy()
     return int(flat[::4096].sum()) + int(flat[-1])
 
 
@@ -140,10 +155,14 @@ def child(variant: str, files: list[str], socket_dir: str, tzfile: str, mode: st
     nbytes = 0
     first: float | None = None
     opened: float | None = None
+    usage = _Usage(os.environ.get("WC_DAEMON_PID"))
     t0 = time.perf_counter()
+
+    kept: list[Any] = []  # every tensor lives until the clock stops, as in a model: no variant frees in the window
 
     def got(name: str, t: Any) -> None:
         nonlocal nbytes, first
+        kept.append(t)
         nbytes += t.numel() * t.element_size()
         if first is None and name in first_layer_names:
             first_layer_names.discard(name)
@@ -178,9 +197,10 @@ def child(variant: str, files: list[str], socket_dir: str, tzfile: str, mode: st
             if done():
                 break
         elapsed = time.perf_counter() - t0
+        used = usage.delta()
         m.close()  # not timed: stopping the read-ahead of the groups not asked for
         c.close()
-        return {"seconds": elapsed, "bytes": nbytes, "first": first, "open": opened}
+        return {"seconds": elapsed, "bytes": nbytes, "first": first, "open": opened, **used}
     elif variant == "safetensors_load_file":
         from safetensors.torch import load_file
 
@@ -243,13 +263,78 @@ def child(variant: str, files: list[str], socket_dir: str, tzfile: str, mode: st
                 done_bytes += os.preadv(fd, [view[done_bytes:size]], done_bytes)
             os.close(fd)
             nbytes += size
+    elif variant.startswith("pread_fresh_"):
+        # Warm bytes into fresh memory with plain preads: what any copying loader is bound by.
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = 1 if variant.endswith("_1") else len(os.sched_getaffinity(0))
+        jobs = []
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            size = os.path.getsize(f)
+            dest = torch.empty(size, dtype=torch.uint8)
+            kept.append(dest)
+            view = memoryview(dest.numpy())
+            step = -(-size // threads)
+            jobs += [(fd, view[o : o + step], o) for o in range(0, size, step)]
+            nbytes += size
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda j: _pread_all(*j), jobs))
     elif variant.startswith("touch_"):
         b = torch.empty(total, dtype=torch.uint8)
+        if variant == "touch_fresh_1":
+            torch.set_num_threads(1)
         b.fill_(1)
+        kept.append(b)
         nbytes = total
     else:
         raise SystemExit(f"unknown variant {variant}")
-    return {"seconds": time.perf_counter() - t0, "bytes": nbytes, "first": first, "open": opened}
+    elapsed = time.perf_counter() - t0
+    return {"seconds": elapsed, "bytes": nbytes, "first": first, "open": opened, **usage.delta()}
+
+
+def _pread_all(fd: int, dest: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(dest):
+        done += os.preadv(fd, [dest[done:]], offset + done)
+
+
+def _proc_cpu(pid: str | None) -> float:
+    """CPU seconds (user + system) another process has used so far; 0 if it cannot be read."""
+    if not pid:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _Usage:
+    """What a timed load cost besides time: CPU seconds of this process (all its threads) and
+    of the children it waited for (dd), page faults, and the daemon's CPU over the same span."""
+
+    def __init__(self, daemon_pid: str | None) -> None:
+        import resource
+
+        self._daemon_pid = daemon_pid
+        self._self0 = resource.getrusage(resource.RUSAGE_SELF)
+        self._kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._daemon0 = _proc_cpu(daemon_pid)
+
+    def delta(self) -> dict[str, float]:
+        import resource
+
+        s, k = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        s0, k0 = self._self0, self._kids0
+        return {
+            "user_s": s.ru_utime - s0.ru_utime + k.ru_utime - k0.ru_utime,
+            "sys_s": s.ru_stime - s0.ru_stime + k.ru_stime - k0.ru_stime,
+            "minflt": s.ru_minflt - s0.ru_minflt + k.ru_minflt - k0.ru_minflt,
+            "majflt": s.ru_majflt - s0.ru_majflt + k.ru_majflt - k0.ru_majflt,
+            "daemon_cpu_s": _proc_cpu(self._daemon_pid) - self._daemon0,
+        }
 
 
 # ---------------------------------------------------------------- orchestrator
@@ -278,8 +363,11 @@ def warm(paths: list[str]) -> None:
 
 
 def run(variant: str, ctx: dict[str, Any], mode: str, recycled: bool = False) -> dict[str, Any]:
-    env = dict(os.environ, WC_FIRST_LAYER=json.dumps(ctx["first_layer"]))
+    env = dict(os.environ, WC_FIRST_LAYER=json.dumps(ctx["first_layer"]), WC_DAEMON_PID=str(ctx.get("daemon_pid", "")))
     load = os.getloadavg()[0]
+    module = IMPORTS.get(variant)
+    if module is not None and importlib.util.find_spec(module.split(".")[0]) is None:
+        return {"error": f"{module} is not installed", "load": load}
     r = subprocess.run(
         [sys.executable, str(HERE), "--child", variant, "--socket-dir", ctx["socket_dir"], "--tzfile", ctx["tzfile"],
          "--mode", mode, *(["--recycled"] if recycled else []), *ctx["files"]],
@@ -319,7 +407,8 @@ def main() -> None:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset to run")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--doc", type=Path, help="rewrite the table between the bench-load markers in this file")
+    ap.add_argument("--doc", "--readme", dest="doc", type=Path,
+                    help="rewrite the table between the bench-load markers in this file (docs/benchmarks.md)")  # fmt: skip
     ap.add_argument("--from-json", type=Path, help="no run: print (and --doc) the table of a saved --out report")
     ap.add_argument("--child")
     ap.add_argument("--socket-dir", default="")
@@ -359,7 +448,7 @@ def main() -> None:
         view = Path(info["path"])
         files = [str((view / n).resolve()) for n in sorted(os.listdir(view)) if n.endswith(".safetensors")]
         tzfile = str(work / "model.tensors")
-        subprocess.run(
+        subprocess.run(  # the tensorizer peer's own format (a missing tensorizer fails its rows only)
             [
                 sys.executable,
                 "-c",
@@ -371,7 +460,7 @@ def main() -> None:
                 tzfile,
                 *files,
             ],
-            check=True,
+            check=importlib.util.find_spec("tensorizer") is not None,
         )
         import weightcache
 
@@ -379,7 +468,13 @@ def main() -> None:
             first = m.layers()[0]
             first_layer = list(first.tensors)
         total = sum(os.path.getsize(f) for f in files)
-        ctx = {"socket_dir": str(daemon.socket_dir), "files": files, "tzfile": tzfile, "first_layer": first_layer}
+        ctx = {
+            "socket_dir": str(daemon.socket_dir),
+            "files": files,
+            "tzfile": tzfile,
+            "first_layer": first_layer,
+            "daemon_pid": daemon.proc.pid,
+        }
         res: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in scenarios}
         for rnd in range(a.rounds):
             for scen in scenarios:
@@ -436,6 +531,35 @@ def _ms(x: float | None) -> str:
     return f"{x * 1000:.0f}" if x is not None else "-"
 
 
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _ratio(runs: list[dict[str, Any]], base: list[dict[str, Any]], key: str) -> str:
+    """The variant's time over weightcache's, round by round: median [min-max] of the rounds."""
+    rs = sorted(
+        r[key] / b[key]
+        for r, b in zip(runs, base, strict=False)
+        if "error" not in r and "error" not in b and r.get(key) and b.get(key)
+    )
+    if not rs:
+        return ""
+    return f"{statistics.median(rs):.2f}x [{rs[0]:.2f}-{rs[-1]:.2f}]"
+
+
+def _costs(runs: list[dict[str, Any]], size: int) -> tuple[str, str, str]:
+    """CPU seconds per GB, page faults per 4 KiB page, daemon CPU seconds: medians of the rounds."""
+    ok = [r for r in runs if "error" not in r and "user_s" in r and r.get("bytes")]
+    cpu = _median([(r["user_s"] + r["sys_s"]) / (r["bytes"] / 1e9) for r in ok])
+    faults = _median([(r["minflt"] + r["majflt"]) / (r["bytes"] / 4096) for r in ok])
+    daemon = _median([r["daemon_cpu_s"] for r in ok])
+    return (
+        f"{cpu:.2f}" if cpu is not None else "-",
+        f"{faults:.2f}" if faults is not None else "-",
+        f"{daemon:.2f}" if daemon is not None else "-",
+    )
+
+
 def _table(report: dict[str, Any]) -> str:
     total = report["bytes"]
     fl = report["first_layer"]
@@ -444,23 +568,29 @@ def _table(report: dict[str, Any]) -> str:
         f"model: {total / 2**30:.2f} GiB, 2 shards; first layer group `{fl['name']}`: {fl['bytes'] / 2**20:.0f} MiB, "
         f"{fl['tensors']} tensors; {report['rounds']} rounds on {report['cpus']} CPUs, 1-minute load average "
         f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} during the runs\n",
-        "| scenario | variant | min ms | median ms | max ms | GB/s (median) | variant median ÷ weightcache median |",
-        "|---|---|---|---|---|---|---|",
+        "| scenario | variant | min ms | median ms | max ms | GB/s (median) | CPU s/GB | faults/page | daemon CPU s "
+        "| variant ÷ weightcache, median [spread] of the rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scen, rows in report["scenarios"].items():
         ours = SCENARIOS[scen][1]
-        base = rows.get(ours, {}).get("median_s")
+        base_runs = rows.get(ours, {}).get("runs", [])
+        key = "first" if scen.startswith("first-layer") else "seconds"
         for v, r in rows.items():
             m = r["median_s"]
             if m is None:
                 err = next((x.get("error") for x in r["runs"] if "error" in x), "n/a")
-                out.append(f"| {scen} | {v} | failed: {str(err).replace('|', '/')} | | | | |")
+                out.append(f"| {scen} | {v} | failed: {str(err).replace('|', '/')} | | | | | | | |")
                 continue
             size = fl["bytes"] if scen.startswith("first-layer") else total
             gbs = f"{size / m / 1e9:.2f}" if scen != "warm-open" else ""
-            ratio = f"{m / base:.2f}x" if base and ours else ""
+            ratio = _ratio(r["runs"], base_runs, key) if ours else ""
+            cpu, faults, daemon = _costs(r["runs"], size)
             name = f"**{v}**" if v == ours else v
-            out.append(f"| {scen} | {name} | {_ms(r['min_s'])} | {_ms(m)} | {_ms(r['max_s'])} | {gbs} | {ratio} |")
+            out.append(
+                f"| {scen} | {name} | {_ms(r['min_s'])} | {_ms(m)} | {_ms(r['max_s'])} | {gbs} | {cpu} | {faults} "
+                f"| {daemon} | {ratio} |"
+            )
     return "\n".join(out) + "\n"
 
 

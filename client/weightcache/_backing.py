@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ._fd import FdConnection
     from ._records import FileInfo
 
-__all__ = ["Backing", "FetchedFiles", "MappedFiles", "Prefaulting", "check_range"]
+__all__ = ["Backing", "FetchedFiles", "MappedFiles", "Prefaulting", "Residency", "check_range"]
 
 
 @runtime_checkable
@@ -97,6 +97,17 @@ class Prefaulting(Backing, Protocol):
         ...
 
 
+@runtime_checkable
+class Residency(Backing, Protocol):
+    """A backing that can tell whether a range is in the page cache now. ``stream()`` copies
+    cached runs with at most one thread per CPU (more would only contend for the cores), and
+    keeps more reads in flight for runs that must come from the disk."""
+
+    def resident(self, file: str, offset: int, length: int) -> bool:
+        """Whether every page of the range is in the page cache now (False if that cannot be told)."""
+        ...
+
+
 def check_range(file: str, size: int, offset: int, length: int) -> None:
     """CorruptedError unless [offset, offset+length) lies inside a file of ``size`` bytes."""
     if offset < 0 or length < 0 or offset + length > size:
@@ -108,6 +119,22 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # madvise(2) advice: fault a range's pages in, reading them from the file as needed (Linux 5.14;
 # Python's mmap module does not name it yet).
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def populate_write(dest: memoryview) -> None:
+    """Make the pages wholly inside a writable buffer now, in one madvise(2) call, rather than
+    one page fault at a time when they are first written (a kernel before 5.14 refuses; then
+    they fault in as before)."""
+    if len(dest) < PAGE:
+        return
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(dest))
+    start = -(-addr // PAGE) * PAGE
+    end = (addr + len(dest)) // PAGE * PAGE
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_POPULATE_WRITE)
 
 
 def _resident(addr: int, length: int) -> bool:
@@ -124,7 +151,9 @@ def _resident(addr: int, length: int) -> bool:
 class MappedFiles:
     """Descriptors from fd.sock, each file mapped ``MAP_PRIVATE``; ``close()`` ends the lease.
 
-    Besides the ``Backing`` methods it offers ``prefault`` (it is ``Prefaulting``)."""
+    Besides the ``Backing`` methods it offers ``prefault`` (it is ``Prefaulting``) and
+    ``resident`` (it is ``Residency``), which lets ``stream()`` copy cached bytes with no more
+    threads than CPUs."""
 
     zero_copy = True
 
@@ -206,6 +235,24 @@ class MappedFiles:
         if _resident(addr + offset, length):
             return  # warm: one mincore instead of a call per window
         willneed(fd, offset, length)
+
+    def read_sequentially(self) -> None:
+        """Mark every mapping for sequential readahead (``MADV_SEQUENTIAL``). Weights are read
+        front to back (layer order is file order): sequential readahead streams a cold file
+        ahead of the faults, where the default read-around reads one window around each fault
+        and waits for it (cold, 1.2 GB touched in order: 0.50-0.67 s against 0.57-1.86 s, same
+        run). Only for files that are complete: on a file still being written it would read
+        ahead into bytes not written yet, caching zeros."""
+        for mm in self._maps.values():
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+
+    def resident(self, file: str, offset: int, length: int) -> bool:
+        """Whether every page of the range is in the page cache now (False if that cannot be told)."""
+        addr = self._addrs.get(file)
+        if addr is None or length <= 0:
+            return False
+        check_range(file, self._sizes[file], offset, length)
+        return _resident(addr + offset, length)
 
     def prefault(self, file: str, offset: int, length: int) -> None:
         """Read the range into the page cache and map it into this process now (blocking), so

@@ -75,6 +75,9 @@ class Model:
         self._pathdir: DescriptorDirectory | None = None
         self._pathdir_lock = threading.Lock()
         self._closed = False
+        sequential = getattr(backing, "read_sequentially", None)
+        if sequential is not None and self._following is None:
+            sequential()  # committed files only (see MappedFiles.read_sequentially)
         if backing.zero_copy:
             self._hint_first_group()
 

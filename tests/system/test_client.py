@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import Daemon, make_model, sha256_file, wait_for
@@ -700,3 +701,63 @@ def test_every_exported_name_exists() -> None:
         cls = getattr(weightcache, record)
         assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, record  # type: ignore[attr-defined]
     assert weightcache.nn.load_into and weightcache.transformers.from_pretrained  # lazy submodules
+
+
+def test_mapped_files_read_ahead_sequentially(daemon: Daemon, tmp_path: Path) -> None:
+    """Each mapped file is marked for sequential readahead (the kernel's VmFlags ``sr``), so a
+    cold model touched in order streams ahead of its page faults."""
+    model = make_model(tmp_path / "m", tiny=False, size=8 << 20)
+    daemon.ctl("prefetch", f"file://{model}/", "--name", "seq")
+    with weightcache.connect(daemon.socket_dir) as c, c.open("seq") as m:
+        addr = m.get_tensor(m.keys()[0]).data_ptr()
+        flags, inside = None, False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()
+                if "-" in head[0] and not head[0].endswith(":"):
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    inside = lo <= addr < hi
+                elif head[0] == "VmFlags:" and inside:
+                    flags = head[1:]
+                    break
+        assert flags is not None, f"no mapping holds {addr:#x}"
+        assert "sr" in flags, f"mapping flags {flags}: not marked sequential"
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux) to see the page cache")
+def test_stream_copies_cached_and_evicted_groups_alike(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stream("cpu") copies cached groups in batches of at most one per CPU and evicted ones one
+    read per piece; both give the source's bytes, and the backing tells the two apart."""
+    import weightcache._stream as stream_mod
+
+    model = make_model(tmp_path / "m", tiny=False, size=48 << 20)
+    want: dict[str, Any] = {}
+    for f in sorted(model.glob("*.safetensors")):
+        want.update(load_file(f))
+    daemon.ctl("prefetch", f"file://{model}/", "--name", "copies")
+    batches: list[int] = []
+    real_read_all = stream_mod._read_all
+
+    def spy(read_into: Any, pieces: list[Any]) -> None:
+        batches.append(len(pieces))
+        real_read_all(read_into, pieces)
+
+    monkeypatch.setattr(stream_mod, "_read_all", spy)
+    with weightcache.connect(daemon.socket_dir) as c, c.open("copies") as m:
+        first = m.meta(m.keys()[0])
+        blobs = sorted({(Path(m.store_path) / t.file).resolve() for t in (m.meta(n) for n in m.keys())})
+        m.state_dict()  # not read: the tensors only map the files
+        for b in blobs:
+            subprocess.run(["cat", str(b)], stdout=subprocess.DEVNULL, check=True)
+        assert m.backing.resident(first.file, first.offset, first.length)  # type: ignore[attr-defined]
+        got = {k: v for _, g in m.stream("cpu") for k, v in g.items()}
+        assert batches, "cached groups were not copied in batches"
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+        _evict_after_open(blobs, 0)
+        assert not m.backing.resident(first.file, first.offset, first.length)  # type: ignore[attr-defined]
+        batches.clear()
+        got = {k: v for _, g in m.stream("cpu") for k, v in g.items()}
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
