@@ -136,3 +136,23 @@ with connect(sock) as c:
         assert sorted(m["name"] for m in d.ctl_json("ls")) == ["b:first", "b:second"]
     finally:
         d.stop()
+
+
+def test_a_tenant_has_at_most_max_names_names(root: Path, s3, bucket: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    uri = _model(s3, bucket, tmp_path, "variants", seed=44)
+    d, _, sock_b = tenant_daemon(root, s3, bucket, b={"max_names": 2})
+    try:
+        code = """
+sock, uri = sys.argv[1:]
+with connect(sock) as c:
+    out = [outcome(lambda inc=inc: c.ensure(uri, include=["*.safetensors", inc]).name) for inc in ("*.json", "x*", "y*")]
+    out.append(outcome(lambda: c.ensure(out[0]["ok"]).name))  # a name it has still answers
+print(json.dumps(out))
+"""
+        first, second, third, again = as_tenant(2001, code, str(sock_b), uri)
+        assert "ok" in first and "ok" in second, (first, second)
+        assert third.get("error") == "ExhaustedError" and "max_names is 2" in third["message"], third
+        assert again == first
+        assert len(d.ctl_json("ls")) == 2
+    finally:
+        d.stop()

@@ -117,6 +117,7 @@ class TenantConfig:
     download_quota_percent: float = 0.0
     max_downloads: int = 0  # downloads its requests may run at once; 0 = no bound
     max_clients: int = 4096  # fd.sock connections of this tenant, all uids together
+    max_names: int = 0  # model names in its own namespace (filter variants count); 0 = no bound
 
     @property
     def default(self) -> bool:
@@ -292,11 +293,13 @@ _TENANT_KEYS = {
     "download_quota",
     "max_downloads",
     "max_clients",
+    "max_names",
 }
 DEFAULT_TENANT_LEASE_QUOTA = "25%"
 DEFAULT_TENANT_DOWNLOAD_QUOTA = "25%"
 DEFAULT_TENANT_MAX_DOWNLOADS = 2
 DEFAULT_TENANT_MAX_CLIENTS = 256
+DEFAULT_TENANT_MAX_NAMES = 256
 
 
 def _size_or_percent(raw: Any, what: str) -> tuple[int, float]:
@@ -354,6 +357,7 @@ def _tenants(raw: Any, where: str, admin_socket: Path, default_group: str | None
         for key, default in (
             ("max_downloads", DEFAULT_TENANT_MAX_DOWNLOADS),
             ("max_clients", DEFAULT_TENANT_MAX_CLIENTS),
+            ("max_names", DEFAULT_TENANT_MAX_NAMES),
         ):
             v = item.get(key, default)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -372,6 +376,7 @@ def _tenants(raw: Any, where: str, admin_socket: Path, default_group: str | None
                 download_quota_percent=dl_pct,
                 max_downloads=counts["max_downloads"],
                 max_clients=counts["max_clients"],
+                max_names=counts["max_names"],
             )
         )
     names = [t.name for t in out]

@@ -33,6 +33,7 @@ import structlog
 
 from weightcache.contract.errors import (
     BusyError,
+    ExhaustedError,
     InternalError,
     InvalidInputError,
     NotFoundError,
@@ -211,6 +212,7 @@ class Core:
                 yield await self.manifest_async(cached.snapshot_id, cached.name)
                 return
             name = self._client_name(name, key, scope)
+            self._check_names_left(name, scope)
             self.names.check_owner(name, key, owner)
             shown.append(scope.display(name))
         else:
@@ -249,6 +251,20 @@ class Core:
                 "shadows a shared one: use another name"
             )
         return scope.key(name)
+
+    def _check_names_left(self, name: str, scope: Scope) -> None:
+        """A new name of a declared tenant's counts toward its max_names (each filter variant of
+        a source is a name of its own, with its own view directory)."""
+        cap = scope.tenant.max_names
+        if not cap or self.index.model(name) is not None or name in self._claims:
+            return
+        mine = {r.name for r in self.index.models() if r.tenant == scope.ns}
+        mine |= {n for n in self._claims if split_name(n)[0] == scope.ns}
+        if len(mine) >= cap:
+            raise ExhaustedError(
+                f"tenant {scope.label}: model name {split_name(name)[1]!r} would be its {len(mine) + 1}th; its "
+                f"max_names is {cap}: ask for a model it already has by name, or have the admin evict unused ones"
+            )
 
     def _admin_name(self, name: str, uri: str) -> str:
         """An admin's name: shared, or '<tenant>:<name>' in a declared tenant's namespace."""
