@@ -152,6 +152,11 @@ class ClientLimits:
     glob_cache_size: int = 256
     # Characters of caller-supplied text repeated in one error message or log field.
     echo_max: int = 200
+    # Per declared tenant, all its connections together (the default tenant of a node that
+    # declares none is not bounded by these): calls in progress (unary and streams), and bytes
+    # of ReadRange chunks read for its streams and not yet taken by their readers.
+    calls_per_tenant: int = 256
+    read_buffer_per_tenant: int = 128 << 20
 
     def echo(self, value: object) -> str:
         """`value` as it may be repeated back (repr of a string, lists as lists), cut at
@@ -402,7 +407,7 @@ def _limits(raw: Any, where: str) -> ClientLimits:
     values: dict[str, Any] = {}
     for key, f in ClientLimits.__dataclass_fields__.items():
         v = raw.get(key, f.default)
-        if key in ("read_chunk_max", "request_bytes_max") and isinstance(v, str):
+        if key in ("read_chunk_max", "request_bytes_max", "read_buffer_per_tenant") and isinstance(v, str):
             v = parse_size(v, f"limits.{key}")
         if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
             raise InvalidInputError(f"limits.{key} {v!r}: must be a positive number")
