@@ -7,13 +7,16 @@ them, and tenant a is served meanwhile.
 
 from __future__ import annotations
 
+import json
+import os
+import resource
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Daemon, wait_for
+from harness import Daemon, daemon_argv, make_model, upload_dir, wait_for
 from test_tenants import CHILD_PRELUDE, GROUP, _model, as_tenant, tenant_daemon
 from tests_helpers import as_uid_argv, dir_for_others
 
@@ -117,3 +120,70 @@ def test_bytes_read_for_a_tenants_unread_streams_are_bounded(root: Path, s3, buc
 
 def _buffer_waits(d: Daemon) -> int:
     return d.log_text().count("read_buffer_wait")
+
+
+HOLD_UNREAD = """
+import socket, struct
+from weightcache.v1 import weightcache_pb2 as pb
+sock, sid = sys.argv[1:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sock + "/fd.sock")
+req = pb.FdRequest(acquire=pb.AcquireRequest(snapshot_id=sid)).SerializeToString()
+s.sendall(struct.pack(">I", len(req)) + req)
+print("sent", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_descriptors_in_flight_are_bounded_per_tenant_whatever_its_uids(  # type: ignore[no-untyped-def]
+    root: Path, s3, bucket: str, tmp_path: Path
+) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    wide = make_model(tmp_path / "wide", shards=1)
+    for i in range(25):
+        (wide / f"extra-{i:02d}.json").write_text(json.dumps({"i": i}))
+    upload_dir(s3, bucket, "wide/", wide)
+    victim = _model(s3, bucket, tmp_path, "victim", seed=72)
+    # Written as tenant_daemon does, then run without CAP_SYS_RESOURCE/CAP_SYS_ADMIN: like an
+    # unprivileged daemon, the kernel holds it to RLIMIT_NOFILE for descriptors in flight.
+    tenant_daemon(root, s3, bucket, fd_frame_timeout=2)[0].stop()
+    argv = daemon_argv(root / "store", root / "sock", root / "admin" / "admin.sock", config=root / "weightcached.toml")
+    with open(root / "daemon.log", "ab") as lf:
+        proc = subprocess.Popen(["setpriv", "--bounding-set", "-sys_resource,-sys_admin", "--inh-caps=-all", *argv],
+                                stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    d = Daemon(root, root / "store", root / "sock", root / "admin" / "admin.sock", proc, root / "daemon.log")
+    sock_a, sock_b = root / "sock", root / "sock-b"
+    children: list[subprocess.Popen[str]] = []
+    try:
+        d.wait_ready()
+        with connect(sock_a) as a:
+            va = a.ensure(victim, name="victim").snapshot_id
+        with connect(sock_b) as b:
+            wb = b.ensure(f"s3://{bucket}/wide/", name="wide").snapshot_id
+        fds0 = len(os.listdir(f"/proc/{proc.pid}/fd"))
+        soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (fds0 + 120, hard))
+        # tenant b: eight uids (a container picks its uids), one connection each, never read
+        for k in range(8):
+            argv_k = [*as_uid_argv(3100 + k, [GROUP], HOLD_UNREAD, preload=CHILD_PRELUDE), str(sock_b), wb]
+            p = subprocess.Popen(argv_k, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/tmp")
+            children.append(p)
+            assert p.stdout is not None and p.stdout.readline().strip() == "sent"
+        # past b's share the daemon sends nothing more and refuses b's readers that do not read ...
+        wait_for(lambda: d.log_text().count('"fd_client_refused"') >= 4, 120, "b's unread connections refused")
+        # ... and the kernel never refuses the daemon's descriptors to tenant a
+        code = """
+sock, sid = sys.argv[1:]
+with FdConnection(sock + "/fd.sock") as fd:
+    print(json.dumps(outcome(lambda: len(fd.acquire(sid)))))
+"""
+        assert "ok" in as_tenant(2001, code, str(sock_a), va)
+        assert "ETOOMANYREFS" not in d.log_text() and "fd_send_failed" not in d.log_text()
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    finally:
+        for p in children:
+            if p.stdin is not None:
+                p.stdin.close()
+            p.wait(timeout=60)
+        d.stop()
