@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import shutil
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +188,56 @@ with FdConnection(sock + "/fd.sock") as fd:
                 p.stdin.close()
             p.wait(timeout=60)
         d.stop()
+
+
+def test_unread_manifests_of_a_huge_model_wait_for_the_tenants_read_buffer(  # type: ignore[no-untyped-def]
+    root: Path, s3, bucket: str, tmp_path: Path
+) -> None:
+    n = 20_000  # tensors: a manifest message of a few MiB
+    header = {
+        f"model.layers.{i % 64}.t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n)
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (tmp_path / "wide").mkdir()
+    (tmp_path / "wide" / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(n))
+    upload_dir(s3, bucket, "wide/", tmp_path / "wide")
+    victim = _model(s3, bucket, tmp_path, "victim", seed=73)
+    limits = {"read_buffer_per_tenant": "1MiB", "stream_stall_timeout": 600}
+    d, sock_a, sock_b = tenant_daemon(root, s3, bucket, limits=limits)
+    try:
+        with connect(sock_b) as b:
+            assert len(b.ensure(f"s3://{bucket}/wide/", name="wide").tensors) == n
+        code = """
+sock, = sys.argv[1:]
+from weightcache.v1 import weightcache_pb2 as pb, weightcache_pb2_grpc as pb_grpc
+opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
+stubs = [pb_grpc.CacheStub(grpc.insecure_channel("unix://" + sock + "/weightcache.sock", options=opts)) for _ in range(3)]
+calls = [stubs[i % 3].Ensure(pb.EnsureRequest(model="wide")) for i in range(12)]
+print("sent", flush=True)
+sys.stdin.readline()
+for c in calls:
+    c.cancel()
+"""
+        argv = [*as_uid_argv(2001, [GROUP], code, preload=CHILD_PRELUDE), str(sock_b)]
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/tmp")
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "sent"
+            # b's unread Ensures wait for room in its read buffer instead of each holding a
+            # manifest message (and a client I/O thread to build it) ...
+            wait_for(lambda: '"rpc": "Ensure"' in _buffer_wait_lines(d), 120, "an Ensure of b's to wait for room")
+            # ... while tenant a is served
+            with connect(sock_a) as a:
+                assert a.ensure(victim, name="victim").snapshot_id
+                assert [x.name for x in a.list()] == ["victim"]
+        finally:
+            assert child.stdin is not None
+            child.stdin.write("\n")
+            child.stdin.close()
+            child.wait(timeout=120)
+    finally:
+        d.stop()
+
+
+def _buffer_wait_lines(d: Daemon) -> str:
+    return "\n".join(ln for ln in d.log_text().splitlines() if "read_buffer_wait" in ln)

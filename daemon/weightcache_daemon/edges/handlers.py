@@ -204,6 +204,11 @@ def _manifest_message(m: Manifest) -> pb.Manifest:
     return msg
 
 
+def _manifest_estimate(m: Manifest) -> int:
+    """About the bytes of a manifest's message, before building it (names, paths, shapes)."""
+    return 4096 + 200 * len(m.files) + 160 * len(m.tensors)
+
+
 async def _in(pool: Executor, fn: Callable[..., T], *args: Any) -> T:
     """Run blocking work in one of the core's pools (never the event loop, never the downloads')."""
     return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -235,13 +240,30 @@ class CacheService(pb_grpc.CacheServicer):
             early=request.early,
             scope=self.scope,
         )
-        async for ev in events:
-            if isinstance(ev, Manifest):
-                yield pb.EnsureResponse(manifest=await _in(self.core.client_io, _manifest_message, ev))
-            elif isinstance(ev, Readiness):
-                yield pb.EnsureResponse(ready=convert.readiness(ev))
-            else:
-                yield pb.EnsureResponse(progress=convert.progress(ev))
+        # A manifest message (tens of MiB for a model of 131,072 tensors) counts toward the
+        # tenant's read buffer from before it is built until the stream's next message has been
+        # handed to gRPC, as a ReadRange chunk does: unread Ensures of a huge model wait for
+        # room instead of each holding a message and a client I/O thread to build it.
+        assert self.load is not None
+        held = 0
+        try:
+            async for ev in events:
+                if isinstance(ev, Manifest):
+                    size = _manifest_estimate(ev)
+                    await self.load.reserve(size, "Ensure", self.stall_timeout)
+                    held += size
+                    yield pb.EnsureResponse(manifest=await _in(self.core.client_io, _manifest_message, ev))
+                    self.load.release(held - size)  # an earlier manifest has left the transport
+                    held = size
+                    continue
+                if isinstance(ev, Readiness):
+                    yield pb.EnsureResponse(ready=convert.readiness(ev))
+                else:
+                    yield pb.EnsureResponse(progress=convert.progress(ev))
+                self.load.release(held)  # the manifest before this message has left the transport
+                held = 0
+        finally:
+            self.load.release(held)
 
     @unary
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
