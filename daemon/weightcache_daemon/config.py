@@ -117,6 +117,7 @@ class TenantConfig:
     download_quota_percent: float = 0.0
     max_downloads: int = 0  # downloads its requests may run at once; 0 = no bound
     max_clients: int = 4096  # fd.sock connections of this tenant, all uids together
+    max_names: int = 0  # model names in its own namespace (filter variants count); 0 = no bound
 
     @property
     def default(self) -> bool:
@@ -151,6 +152,11 @@ class ClientLimits:
     glob_cache_size: int = 256
     # Characters of caller-supplied text repeated in one error message or log field.
     echo_max: int = 200
+    # Per declared tenant, all its connections together (the default tenant of a node that
+    # declares none is not bounded by these): calls in progress (unary and streams), and bytes
+    # of ReadRange chunks read for its streams and not yet taken by their readers.
+    calls_per_tenant: int = 256
+    read_buffer_per_tenant: int = 64 << 20  # the daemon's memory for it is about 5x (copies on the way into gRPC)
 
     def echo(self, value: object) -> str:
         """`value` as it may be repeated back (repr of a string, lists as lists), cut at
@@ -292,11 +298,13 @@ _TENANT_KEYS = {
     "download_quota",
     "max_downloads",
     "max_clients",
+    "max_names",
 }
 DEFAULT_TENANT_LEASE_QUOTA = "25%"
 DEFAULT_TENANT_DOWNLOAD_QUOTA = "25%"
 DEFAULT_TENANT_MAX_DOWNLOADS = 2
 DEFAULT_TENANT_MAX_CLIENTS = 256
+DEFAULT_TENANT_MAX_NAMES = 256
 
 
 def _size_or_percent(raw: Any, what: str) -> tuple[int, float]:
@@ -354,6 +362,7 @@ def _tenants(raw: Any, where: str, admin_socket: Path, default_group: str | None
         for key, default in (
             ("max_downloads", DEFAULT_TENANT_MAX_DOWNLOADS),
             ("max_clients", DEFAULT_TENANT_MAX_CLIENTS),
+            ("max_names", DEFAULT_TENANT_MAX_NAMES),
         ):
             v = item.get(key, default)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -372,6 +381,7 @@ def _tenants(raw: Any, where: str, admin_socket: Path, default_group: str | None
                 download_quota_percent=dl_pct,
                 max_downloads=counts["max_downloads"],
                 max_clients=counts["max_clients"],
+                max_names=counts["max_names"],
             )
         )
     names = [t.name for t in out]
@@ -397,7 +407,7 @@ def _limits(raw: Any, where: str) -> ClientLimits:
     values: dict[str, Any] = {}
     for key, f in ClientLimits.__dataclass_fields__.items():
         v = raw.get(key, f.default)
-        if key in ("read_chunk_max", "request_bytes_max") and isinstance(v, str):
+        if key in ("read_chunk_max", "request_bytes_max", "read_buffer_per_tenant") and isinstance(v, str):
             v = parse_size(v, f"limits.{key}")
         if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
             raise InvalidInputError(f"limits.{key} {v!r}: must be a positive number")

@@ -7,7 +7,10 @@ turns them into wire messages.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 
 from weightcache.contract.errors import NotFoundError
 from weightcache_daemon.cache.leases import Leases
@@ -18,7 +21,12 @@ from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
 from weightcache_daemon.storage.views import view_path
 
-__all__ = ["Catalog"]
+__all__ = ["MANIFESTS_KEPT", "Catalog"]
+
+# Committed snapshots whose manifests are kept built (least recently used dropped). A snapshot
+# id names its content, so a kept manifest never goes stale; one of 131,072 tensors took seconds
+# of a client I/O thread to build, and every Ensure of it built it again.
+MANIFESTS_KEPT = 8
 
 
 class Catalog:
@@ -27,19 +35,49 @@ class Catalog:
         self.index = index
         self.leases = leases
         self.names = names
+        self._kept: OrderedDict[str, Manifest] = OrderedDict()
+        self._kept_lock = threading.Lock()
+        self._building: dict[str, threading.Lock] = {}
 
     def manifest(self, snapshot_id: str, model: str = "", with_tensors: bool = True) -> Manifest:
+        if not with_tensors:
+            return self._build(snapshot_id, model, with_tensors)
+        if self.index.snapshot_source(snapshot_id) is None:  # gone (evicted) since it was kept
+            with self._kept_lock:
+                self._kept.pop(snapshot_id, None)
+            self.index.files(snapshot_id)  # raises its NotFoundError
+        with self._kept_lock:
+            lock = self._building.setdefault(snapshot_id, threading.Lock())
+        with lock:  # one build per snapshot at a time: concurrent askers take the one built
+            with self._kept_lock:
+                kept = self._kept.get(snapshot_id)
+                if kept is not None:
+                    self._kept.move_to_end(snapshot_id)
+            if kept is None:
+                kept = self._build(snapshot_id, "", with_tensors)
+                with self._kept_lock:
+                    self._kept[snapshot_id] = kept
+                    while len(self._kept) > MANIFESTS_KEPT:
+                        self._kept.popitem(last=False)
+        with self._kept_lock:
+            if self._building.get(snapshot_id) is lock and not lock.locked():
+                del self._building[snapshot_id]
+        return replace(kept, model=model, path=self._view(snapshot_id, model))
+
+    def _view(self, snapshot_id: str, model: str) -> str:
+        names = self.index.models_of_snapshot(snapshot_id)
+        view_model = model or (names[0].name if names else "")
+        return str(view_path(self.store, view_model, snapshot_id)) if view_model else ""
+
+    def _build(self, snapshot_id: str, model: str, with_tensors: bool) -> Manifest:
         files = self.index.files(snapshot_id)
         tensors: dict[str, Sequence[TensorInfo]] = {}
         if with_tensors:
             for f in files:
                 if f.path.endswith(".safetensors"):
                     tensors[f.path] = self.index.tensors(f.sha256)
-        names = self.index.models_of_snapshot(snapshot_id)
-        view_model = model or (names[0].name if names else "")
-        path = str(view_path(self.store, view_model, snapshot_id)) if view_model else ""
         source = self.index.snapshot_source(snapshot_id) or ""
-        return build_manifest(model, snapshot_id, source, files, tensors, path)
+        return build_manifest(model, snapshot_id, source, files, tensors, self._view(snapshot_id, model))
 
     def file_span(self, snapshot_id: str, path: str, offset: int, length: int) -> Span:
         """Bytes [offset, offset+length) of one file of a snapshot (length 0: to its end)."""

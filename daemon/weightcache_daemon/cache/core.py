@@ -26,7 +26,6 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,6 +33,7 @@ import structlog
 
 from weightcache.contract.errors import (
     BusyError,
+    ExhaustedError,
     InternalError,
     InvalidInputError,
     NotFoundError,
@@ -173,9 +173,20 @@ class Core:
         shown: list[str] = []  # the name a declared tenant's manifests carry (its namespace, unprefixed)
         async for ev in self._fetch(model, name, include, exclude, admin, pin, owner, early, scope, shown):
             if scope is not None and scope.ns and isinstance(ev, Manifest):
-                # A download this tenant joined may carry another tenant's name: never shown.
-                ev = replace(ev, model=shown[-1] if shown else "")
+                # A snapshot keeps the source of whoever committed its bytes first, maybe another
+                # tenant's private one: a tenant is shown its own name and a source it knows.
+                asked = uris.normalize(model) if "://" in model else ""
+                ev = replace(ev, model=shown[-1] if shown else "", source=self._source_for(scope, ev, asked))
             yield ev
+
+    def _source_for(self, scope: Scope, manifest: Manifest, asked: str) -> str:
+        """The source a tenant's manifest names: the one it asked for, else that of a name it
+        sees pointing at the snapshot, else none."""
+        if asked:
+            return asked
+        rows = [r for r in self.index.models_of_snapshot(manifest.snapshot_id) if scope.sees(r)]
+        rows.sort(key=lambda r: scope.display(r.name) != manifest.model)  # its own name first
+        return rows[0].source if rows else ""
 
     async def _fetch(self, model: str, name: str, include: Sequence[str], exclude: Sequence[str], admin: bool,
                      pin: bool | None, owner: str, early: bool, scope: Scope | None,
@@ -201,6 +212,7 @@ class Core:
                 yield await self.manifest_async(cached.snapshot_id, cached.name)
                 return
             name = self._client_name(name, key, scope)
+            self._check_names_left(name, scope)
             self.names.check_owner(name, key, owner)
             shown.append(scope.display(name))
         else:
@@ -209,8 +221,12 @@ class Core:
         claimed = self._claim(name, key) if scope is not None else False
         try:
             # admitted downloads never evict the name being made; a tenant's downloads are bounded
-            with self.quotas.downloading(scope) if scope is not None else nullcontext(), self.admission.fetching(name):
+            with self.admission.fetching(name):
                 await self._after_same_source(key)
+                await self._after_other_tenants(key, scope)
+                running = self.jobs.running()
+                if scope is not None and not any(j.key == key for j in running):  # a new job of this tenant's
+                    self.quotas.may_start(scope, [j.label for j in running])
                 job = self.jobs.start(key, name, pin, owner)  # a new job, or the running one to follow
                 if claimed:
                     job.result.add_done_callback(functools.partial(self._unclaimed, name, key))
@@ -235,6 +251,20 @@ class Core:
                 "shadows a shared one: use another name"
             )
         return scope.key(name)
+
+    def _check_names_left(self, name: str, scope: Scope) -> None:
+        """A new name of a declared tenant's counts toward its max_names (each filter variant of
+        a source is a name of its own, with its own view directory)."""
+        cap = scope.tenant.max_names
+        if not cap or self.index.model(name) is not None or name in self._claims:
+            return
+        mine = {r.name for r in self.index.models() if r.tenant == scope.ns}
+        mine |= {n for n in self._claims if split_name(n)[0] == scope.ns}
+        if len(mine) >= cap:
+            raise ExhaustedError(
+                f"tenant {scope.label}: model name {split_name(name)[1]!r} would be its {len(mine) + 1}th; its "
+                f"max_names is {cap}: ask for a model it already has by name, or have the admin evict unused ones"
+            )
 
     def _admin_name(self, name: str, uri: str) -> str:
         """An admin's name: shared, or '<tenant>:<name>' in a declared tenant's namespace."""
@@ -281,6 +311,19 @@ class Core:
             if not others:
                 return
             await asyncio.wait(others)
+
+    async def _after_other_tenants(self, key: JobKey, scope: Scope | None) -> None:
+        """A declared tenant never joins another tenant's download: a job carries its starter's
+        name, quota and errors. It waits for that job to end (without its outcome), then starts
+        its own, admitted against its own quota, which reuses every file already fetched
+        (index.known_object): the bytes are still shared by content, the job is not."""
+        if scope is None:
+            return
+        while True:
+            job = next((j for j in self.jobs.running() if j.key == key), None)
+            if job is None or split_name(job.label)[0] == scope.ns:
+                return
+            await asyncio.wait([job.result])
 
     async def _fetch_reference(
         self, model: str, *, admin: bool, pin: bool | None, early: bool, scope: Scope | None, shown: list[str]

@@ -14,7 +14,7 @@ not visible is answered exactly like something that does not exist (naming.Names
 check_snapshot). The default tenant of a node that declares none is the shared namespace itself
 and sees every shared name: the node behaves as before tenants.
 
-``TenantQuotas`` keeps the per-tenant download bounds: downloads its requests run at once
+``TenantQuotas`` keeps the per-tenant download bounds: its download jobs running at once
 (max_downloads) and the bytes its own names may take in the store (download_quota), made room
 for by evicting its own least recently used, unleased, unpinned models, never anyone else's.
 ``TenantAdmission`` is what the download jobs admit through: the tenant's share first, then
@@ -24,8 +24,7 @@ the cache's capacity (admission.py).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 
 import structlog
@@ -131,31 +130,20 @@ class TenantQuotas:
         self.metrics = metrics
         self.quota_of = quota_of  # bytes a tenant's names may take (download_quota resolved); 0 = none
         self._lock = threading.Lock()
-        self._downloads: dict[str, int] = {}
         self._admitted: dict[int, tuple[str, int]] = {}  # running job id -> (its label, bytes admitted)
 
-    @contextmanager
-    def downloading(self, scope: Scope) -> Iterator[None]:
-        """One download of this tenant's, refused past its max_downloads (ExhaustedError for
-        it alone: other tenants' downloads do not count)."""
+    def may_start(self, scope: Scope, running: Sequence[str]) -> None:
+        """Before this tenant starts a new download job (`running`: the labels of every job
+        running or waiting now): refused past its max_downloads (ExhaustedError for it alone:
+        other tenants' downloads do not count). A job counts until it ends, whether or not
+        anyone still waits on it: cancelling requests never frees the tenant's share."""
         cap = scope.tenant.max_downloads
-        with self._lock:
-            n = self._downloads.get(scope.ns, 0)
-            if cap and n >= cap:
-                raise ExhaustedError(
-                    f"tenant {scope.label}: {n} download(s) of this tenant are running, its max_downloads is {cap}; "
-                    "retry when one has finished"
-                )
-            self._downloads[scope.ns] = n + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                left = self._downloads.get(scope.ns, 1) - 1
-                if left:
-                    self._downloads[scope.ns] = left
-                else:
-                    self._downloads.pop(scope.ns, None)
+        n = sum(1 for label in running if split_name(label)[0] == scope.ns)
+        if cap and n >= cap:
+            raise ExhaustedError(
+                f"tenant {scope.label}: {n} download(s) of this tenant are running, its max_downloads is {cap}; "
+                "retry when one has finished"
+            )
 
     def usage(self, tenant: str, without: frozenset[str] = frozenset()) -> int:
         """Bytes this tenant's names (but those in `without`) take: every distinct blob they

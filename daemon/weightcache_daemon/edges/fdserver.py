@@ -93,9 +93,13 @@ class FdBudget:
     grant_slots: int  # grants that may hold an open batch at once
     connections: int  # fd.sock connections the limit leaves room for
     inflight_per_uid: int  # descriptors one peer uid may have sent-but-unread
+    # Descriptors one declared tenant's connections may have sent-but-unread, all its uids
+    # together (a container picks its uids): half the limit shared by the tenants. 0: no
+    # tenants declared, the per-uid share alone.
+    inflight_per_tenant: int = 0
 
     @staticmethod
-    def now(max_clients: int) -> FdBudget:
+    def now(max_clients: int, tenants: int = 0) -> FdBudget:
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if limit == resource.RLIM_INFINITY or limit > 1 << 24:
             limit = 1 << 24
@@ -103,7 +107,8 @@ class FdBudget:
         slots = max(1, min(4, (limit // 4) // batch))
         reserve = min(256, limit // 4)  # the index, gRPC, downloads, logs
         connections = max(1, min(max_clients, limit - batch * slots - reserve))
-        return FdBudget(limit, batch, slots, connections, max(batch, limit // 4))
+        per_tenant = max(batch, limit // (2 * tenants)) if tenants else 0
+        return FdBudget(limit, batch, slots, connections, max(batch, limit // 4), per_tenant)
 
 
 class _Refuse(Exception):
@@ -179,6 +184,8 @@ class FdServer:
         self._per_uid: dict[int, int] = {}
         self._grants: asyncio.Semaphore | None = None
         self._grant_slots = 0
+        # Declared tenants share the in-flight budget; the default tenant keeps the per-uid share.
+        self._tenants = len(core.scopes) if scope is not None and not scope.tenant.default else 0
 
     async def start(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -186,9 +193,10 @@ class FdServer:
         sock.listen(512)
         sock.setblocking(False)
         self._sock = sock
-        b = FdBudget.now(self.max_clients)
+        b = FdBudget.now(self.max_clients, self._tenants)
         log.info("fd_limits", nofile=b.limit, connections=b.connections, per_uid=self.max_per_uid,
-                 batch=b.batch, grant_slots=b.grant_slots, inflight_per_uid=b.inflight_per_uid)  # fmt: skip
+                 batch=b.batch, grant_slots=b.grant_slots, inflight_per_uid=b.inflight_per_uid,
+                 inflight_per_tenant=b.inflight_per_tenant)  # fmt: skip
         self._accept_task = asyncio.get_running_loop().create_task(self._accept())
 
     async def stop(self) -> None:
@@ -256,7 +264,7 @@ class FdServer:
             self._per_uid.pop(c.uid, None)
 
     def _admit(self, uid: int) -> tuple[WeightcacheError, str] | None:
-        budget = FdBudget.now(self.max_clients)
+        budget = FdBudget.now(self.max_clients, self._tenants)
         if len(self._conns) >= budget.connections:
             return ExhaustedError(
                 f"fd.sock: too many clients (limit {budget.connections}); retry later"
@@ -370,7 +378,7 @@ class FdServer:
         files = grant.files
         entries = [pb.FileEntry(path=f.path, sha256=f.sha256, size=f.size) for f in files]
         first: pb.FdResponse | None = pb.FdResponse(acquire=pb.AcquireResponse(snapshot_id=sid, files=entries))
-        budget = FdBudget.now(self.max_clients)
+        budget = FdBudget.now(self.max_clients, self._tenants)
         if self._grants is None or self._grant_slots != budget.grant_slots:
             self._grants, self._grant_slots = asyncio.Semaphore(budget.grant_slots), budget.grant_slots
         grants = self._grants
@@ -408,20 +416,25 @@ class FdServer:
 
     async def _wait_for_reader(self, c: _Conn, n: int, budget: FdBudget) -> None:
         """Send `n` more descriptors only when this connection's unread ones leave room (two
-        batches) and its uid's stay under its share; a client that does not read within the
-        frame timeout is refused (only this connection waits meanwhile)."""
+        batches) and its uid's and its tenant's (every connection of this socket's) stay under
+        their shares; a client that does not read within the frame timeout is refused (only
+        this connection waits meanwhile)."""
         deadline = time.monotonic() + self.frame_timeout
         while True:
             mine = c.in_flight()
             uid_total = sum(o.in_flight() for o in self._conns.values() if o.uid == c.uid)
-            if (mine == 0 or mine + n <= 2 * budget.batch) and (
-                uid_total == 0 or uid_total + n <= budget.inflight_per_uid
+            tenant_total = sum(o.in_flight() for o in self._conns.values()) if budget.inflight_per_tenant else 0
+            if (
+                (mine == 0 or mine + n <= 2 * budget.batch)
+                and (uid_total == 0 or uid_total + n <= budget.inflight_per_uid)
+                and (tenant_total == 0 or tenant_total + n <= budget.inflight_per_tenant)
             ):
                 return
             if time.monotonic() > deadline:
                 raise _Refuse(
                     DeadlineError(
-                        f"fd.sock: {mine} descriptor(s) sent to this connection (uid {c.uid}: {uid_total}) were not read "
+                        f"fd.sock: {mine} descriptor(s) sent to this connection (uid {c.uid}: {uid_total}; its tenant: "
+                        f"{tenant_total}) were not read "
                         f"within {self.frame_timeout:g} s; read responses as they come"
                     ),
                     "descriptors unread",

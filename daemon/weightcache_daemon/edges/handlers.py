@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import grpc
@@ -31,6 +32,7 @@ from weightcache_daemon.cache.core import Core
 from weightcache_daemon.cache.tenants import Scope
 from weightcache_daemon.config import ClientLimits
 from weightcache_daemon.edges import convert
+from weightcache_daemon.edges.tenant_load import TenantLoad
 from weightcache_daemon.records import ClientSockets, Manifest, ProgressState, Readiness
 
 log = structlog.get_logger("weightcached.rpc")
@@ -61,12 +63,19 @@ def _code(exc: BaseException) -> str:
     return code_for(exc).name if isinstance(exc, WeightcacheError) else "INTERNAL"
 
 
+def _call(self: Any, rpc: str) -> AbstractContextManager[None]:
+    """One call of the service's tenant, counted toward its bounds (the admin's: none)."""
+    load: TenantLoad | None = self.load
+    return load.call(rpc) if load is not None else nullcontext()
+
+
 def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> T:
         started = time.monotonic()
         try:
-            out = await fn(self, request, context)
+            with _call(self, fn.__name__):
+                out = await fn(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             _observe(self, fn.__name__, started, "CANCELLED")
             raise
@@ -91,8 +100,9 @@ def streaming(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., Awaitable[No
         started = time.monotonic()
         items = fn(self, request, context)
         try:
-            async for item in items:
-                await _write(self, fn.__name__, context, item)
+            with _call(self, fn.__name__):
+                async for item in items:
+                    await _write(self, fn.__name__, context, item)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             _observe(self, fn.__name__, started, "CANCELLED")
             raise
@@ -194,6 +204,11 @@ def _manifest_message(m: Manifest) -> pb.Manifest:
     return msg
 
 
+def _manifest_estimate(m: Manifest) -> int:
+    """About the bytes of a manifest's message, before building it (names, paths, shapes)."""
+    return 4096 + 200 * len(m.files) + 160 * len(m.tensors)
+
+
 async def _in(pool: Executor, fn: Callable[..., T], *args: Any) -> T:
     """Run blocking work in one of the core's pools (never the event loop, never the downloads')."""
     return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -211,6 +226,7 @@ class CacheService(pb_grpc.CacheServicer):
         self.limits = core.cfg.limits
         self.stall_timeout: float | None = self.limits.stream_stall_timeout
         self.bounds = _Bounds(self.limits, core.metrics)
+        self.load: TenantLoad | None = TenantLoad(scope.label, self.limits, core.metrics, not scope.tenant.default)
 
     @streaming
     async def Ensure(self, request: pb.EnsureRequest, context: Any) -> AsyncIterator[pb.EnsureResponse]:
@@ -224,13 +240,30 @@ class CacheService(pb_grpc.CacheServicer):
             early=request.early,
             scope=self.scope,
         )
-        async for ev in events:
-            if isinstance(ev, Manifest):
-                yield pb.EnsureResponse(manifest=await _in(self.core.client_io, _manifest_message, ev))
-            elif isinstance(ev, Readiness):
-                yield pb.EnsureResponse(ready=convert.readiness(ev))
-            else:
-                yield pb.EnsureResponse(progress=convert.progress(ev))
+        # A manifest message (tens of MiB for a model of 131,072 tensors) counts toward the
+        # tenant's read buffer from before it is built until the stream's next message has been
+        # handed to gRPC, as a ReadRange chunk does: unread Ensures of a huge model wait for
+        # room instead of each holding a message and a client I/O thread to build it.
+        assert self.load is not None
+        held = 0
+        try:
+            async for ev in events:
+                if isinstance(ev, Manifest):
+                    size = _manifest_estimate(ev)
+                    await self.load.reserve(size, "Ensure", self.stall_timeout)
+                    held += size
+                    yield pb.EnsureResponse(manifest=await _in(self.core.client_io, _manifest_message, ev))
+                    self.load.release(held - size)  # an earlier manifest has left the transport
+                    held = size
+                    continue
+                if isinstance(ev, Readiness):
+                    yield pb.EnsureResponse(ready=convert.readiness(ev))
+                else:
+                    yield pb.EnsureResponse(progress=convert.progress(ev))
+                self.load.release(held)  # the manifest before this message has left the transport
+                held = 0
+        finally:
+            self.load.release(held)
 
     @unary
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
@@ -256,24 +289,38 @@ class CacheService(pb_grpc.CacheServicer):
             layers=(rl.first, rl.last) if kind == "layers" else None,
             scope=self.scope,
         )
-        for sp in spans:
-            path, off, length, tensor = sp.path, sp.offset, sp.length, sp.tensor
-            if length == 0:  # an empty tensor still announces itself
-                yield pb.ReadRangeChunk(file=path, file_offset=off, tensor=tensor)
-                continue
-            done = 0
-            while done < length:
-                n = min(chunk, length - done)
-                await self.core.wait_span(sid, path, off + done, n)  # a file still downloading
-                fd = self.core.open_span(sid, sp)
-                try:
-                    data = await _in(self.core.client_io, os.pread, fd, n, off + done)
-                finally:
-                    os.close(fd)
-                if len(data) != n:
-                    raise CorruptedError(f"file {path} of snapshot {sid} is shorter than its manifest says")
-                yield pb.ReadRangeChunk(file=path, file_offset=off + done, tensor=tensor, tensor_offset=done, data=data)
-                done += n
+        # A chunk counts toward the tenant's read buffer from its read until the stream's next
+        # message has been handed to gRPC: a write returns once its message is queued in the
+        # transport, not once the reader has taken it, so the last chunk sent may still be there.
+        assert self.load is not None
+        held = 0
+        try:
+            for sp in spans:
+                path, off, length, tensor = sp.path, sp.offset, sp.length, sp.tensor
+                if length == 0:  # an empty tensor still announces itself
+                    yield pb.ReadRangeChunk(file=path, file_offset=off, tensor=tensor)
+                    continue
+                done = 0
+                while done < length:
+                    n = min(chunk, length - done)
+                    await self.core.wait_span(sid, path, off + done, n)  # a file still downloading
+                    await self.load.reserve(n, "ReadRange", self.stall_timeout)
+                    held += n
+                    fd = self.core.open_span(sid, sp)
+                    try:
+                        data = await _in(self.core.client_io, os.pread, fd, n, off + done)
+                    finally:
+                        os.close(fd)
+                    if len(data) != n:
+                        raise CorruptedError(f"file {path} of snapshot {sid} is shorter than its manifest says")
+                    yield pb.ReadRangeChunk(
+                        file=path, file_offset=off + done, tensor=tensor, tensor_offset=done, data=data
+                    )
+                    self.load.release(held - n)  # every chunk before this one has left the transport
+                    held = n
+                    done += n
+        finally:
+            self.load.release(held)
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -286,6 +333,7 @@ class AdminService(pb_grpc.AdminServicer):
         self.stall_timeout: float | None = None  # the operator's own CLI: not bounded
         # The daemon's own record of the client sockets it bound (Stats reports it).
         self.client_sockets = client_sockets
+        self.load: TenantLoad | None = None
 
     @streaming
     async def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> AsyncIterator[pb.PrefetchResponse]:

@@ -33,8 +33,9 @@ from weightcache_daemon.ingest.job import Job
 from weightcache_daemon.ingest.ledger import Ledger
 from weightcache_daemon.ingest.pipeline import Admitter, Parts, Pipeline, store_error
 from weightcache_daemon.ingest.resume import ingest_dir_name, record_intent
+from weightcache_daemon.ingest.slots import FairSlots
 from weightcache_daemon.observe.metrics import Metrics, source_label
-from weightcache_daemon.records import JobKey
+from weightcache_daemon.records import JobKey, split_name
 from weightcache_daemon.sources import Clients, Source, open_source
 from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
@@ -107,6 +108,8 @@ class JobRegistry:
         # (ReadRange, fd.sock helpers) never queue behind downloads. A job past MAX_JOBS waits
         # its turn here (LISTING) rather than taking a thread from everyone else.
         self.job_pool = ThreadPoolExecutor(max_workers=MAX_JOBS, thread_name_prefix="wc-job")
+        # Which waiting job gets a freed thread: fair between tenants (slots.py).
+        self.slots = FairSlots(MAX_JOBS, len(cfg.tenants()))
 
     def _open_source(self, uri: str, links: bool) -> Source:
         return open_source(uri, self.cfg, self.clients, links=links)
@@ -181,7 +184,11 @@ class JobRegistry:
         loop = asyncio.get_running_loop()
         ticker = loop.create_task(self._tick(job))
         started = time.monotonic()
+        tenant = split_name(job.label)[0]
+        slot = False
         try:
+            await self.slots.acquire(tenant)
+            slot = True
             snapshot = await loop.run_in_executor(self.job_pool, self._fetch, job, loop)
             job.progress.phase = "DONE"
             job.result.set_result(snapshot)
@@ -195,6 +202,8 @@ class JobRegistry:
             self.metrics.ingest_failures.labels("InternalError").inc()
             job.result.set_exception(InternalError(f"fetching {job.key.uri}: {type(exc).__name__}: {exc}"))
         finally:
+            if slot:
+                self.slots.release(tenant)
             self.metrics.download_seconds.labels(source_label(job.key.uri)).inc(time.monotonic() - started)
             ticker.cancel()
             del self._jobs[job.key]
