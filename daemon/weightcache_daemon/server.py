@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from weightcache.contract import paths
 from weightcache.contract.errors import BusyError, CorruptedError, InvalidInputError, PermissionDeniedError
 from weightcache.v1 import weightcache_pb2_grpc as pb_grpc
-from weightcache_daemon.cache.core import Core
+from weightcache_daemon.cache.assembly import build_core
 from weightcache_daemon.cache.declarative import ModelsDir
 from weightcache_daemon.cache.leases import Leases
 from weightcache_daemon.cache.reconcile import reconcile
@@ -194,8 +194,8 @@ class Daemon:
             raise
         self.leases = Leases(lease_quota(cfg), tenant_lease_quotas(cfg))
         self.metrics = Metrics()
-        self.core = Core(cfg, self.store, self.index, self.leases, self.metrics,
-                         download_quota=lambda t: download_quota(cfg, t))  # fmt: skip
+        self.core = build_core(cfg, self.store, self.index, self.leases, self.metrics,
+                               download_quota=lambda t: download_quota(cfg, t))  # fmt: skip
         self.metrics.watch_sizes(self._sizes)
         self._metrics_server: Any = None
         self.admin_server: grpc.aio.Server | None = None

@@ -13,7 +13,7 @@ import pytest
 from fakes import FakeJobs, commit_snapshot, config_in
 
 from weightcache.contract.errors import CorruptedError, PermissionDeniedError
-from weightcache_daemon.cache.core import Core
+from weightcache_daemon.cache.assembly import build_core
 from weightcache_daemon.cache.leases import Leases
 from weightcache_daemon.observe.metrics import Metrics
 from weightcache_daemon.records import Manifest, ProgressState
@@ -31,7 +31,7 @@ class World:
         self.store = LocalBlobStore(self.cfg.cache_dir)
         self.index = Index(self.cfg.cache_dir / "index.db")
         self.jobs = FakeJobs()
-        self.core = Core(self.cfg, self.store, self.index, Leases(), Metrics(), jobs=self.jobs)
+        self.core = build_core(self.cfg, self.store, self.index, Leases(), Metrics(), jobs=self.jobs)
 
     def close(self) -> None:
         self.core.client_io.shutdown()

@@ -1,6 +1,6 @@
 """The cache core: the one object the gRPC handlers and the descriptor server call.
 
-It wires the parts that decide, each in its own module, and owns only what spans them:
+It coordinates the parts that decide, each in its own module, and owns only what spans them:
 fetching a model (resolve or download, then name it, then its manifest), resuming
 interrupted downloads, and granting a snapshot's files over fd.sock.
 
@@ -9,7 +9,10 @@ interrupted downloads, and granting a snapshot's files over fd.sock.
 - admission.py: usage and capacity admission for downloads; stats
 - eviction.py: eviction and gc plans (immutable records with their effect) and their execution
 - verify.py: verify, quarantine, the damaged check, repair
-- ingest.jobs: the download jobs (`Jobs`), built here with what they need from the cache
+- tenants.py: what a tenant sees (`Scope`) and its download bounds (`TenantQuotas`)
+- ingest.jobs: the download jobs (`Jobs`)
+
+None of them is built here: assembly.py builds them and passes them in (`CoreParts`).
 
 A fetch reads as its steps: resolve (`_fetch_reference` for a name or snapshot id) → cached?
 (`_cached_for_client`) → admit (`Admission.fetching`, then the job's own admission) → start
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,15 +47,13 @@ from weightcache_daemon import uris
 from weightcache_daemon.cache.admission import Admission
 from weightcache_daemon.cache.catalog import Catalog
 from weightcache_daemon.cache.eviction import Evictor, EvictPlan, GCPlan
-from weightcache_daemon.cache.ingest_links import IngestLinks
 from weightcache_daemon.cache.leases import Leases
 from weightcache_daemon.cache.naming import Names, check_name, default_name, snapshot_not_found
-from weightcache_daemon.cache.tenants import Scope, TenantAdmission, TenantQuotas
+from weightcache_daemon.cache.tenants import Scope, TenantQuotas
 from weightcache_daemon.cache.verify import Verifier
-from weightcache_daemon.config import Config, TenantConfig
+from weightcache_daemon.config import Config
 from weightcache_daemon.ingest.early import EarlySnapshot
-from weightcache_daemon.ingest.jobs import TICK, Job, JobRegistry, Jobs
-from weightcache_daemon.ingest.ledger import Ledger
+from weightcache_daemon.ingest.jobs import TICK, Job, Jobs
 from weightcache_daemon.ingest.resume import IngestState
 from weightcache_daemon.observe.metrics import Metrics
 from weightcache_daemon.records import (
@@ -74,7 +75,7 @@ from weightcache_daemon.records import (
 from weightcache_daemon.storage.blobs import BlobStore
 from weightcache_daemon.storage.index import Index
 
-__all__ = ["Core", "Grant"]
+__all__ = ["Core", "CoreParts", "Grant"]
 
 log = structlog.get_logger("weightcached.core")
 
@@ -101,41 +102,41 @@ class Grant:
         return store.open(f.sha256)
 
 
+@dataclass(frozen=True)
+class CoreParts:
+    """The services a Core coordinates, built once and passed in (cache/assembly.py builds the
+    daemon's; a test may pass fakes): nothing below the core is built by the core itself."""
+
+    names: Names
+    catalog: Catalog
+    evictor: Evictor
+    admission: Admission
+    verifier: Verifier
+    scopes: dict[str, Scope]  # every tenant whose sockets are bound, by namespace ("" = the default)
+    quotas: TenantQuotas
+    jobs: Jobs
+
+
 class Core:
     def __init__(
-        self,
-        cfg: Config,
-        store: BlobStore,
-        index: Index,
-        leases: Leases,
-        metrics: Metrics,
-        jobs: Jobs | None = None,
-        download_quota: Callable[[TenantConfig], int] = lambda tenant: 0,
+        self, cfg: Config, store: BlobStore, index: Index, leases: Leases, metrics: Metrics, parts: CoreParts
     ) -> None:
-        """`jobs`: the download jobs; by default the daemon's own registry, built here with what it
-        needs from the cache (tests pass a fake). `download_quota`: the bytes a tenant's names
-        may take (its download_quota resolved against the capacity; 0 = no quota)."""
         self.cfg = cfg
         self.metrics = metrics
         self.store = store
         self.index = index
         self.leases = leases
-        self.names = Names(cfg, store, index)
-        self.catalog = Catalog(store, index, leases, self.names)
-        ledger = Ledger()  # what running downloads hold: admission and eviction read it
-        self.evictor = Evictor(store, index, leases, ledger, self.names.resolve)
-        self.admission = Admission(cfg, store, index, leases, ledger, metrics, self.evictor)
-        self.verifier = Verifier(store, index, self.names)
+        self.names = parts.names
+        self.catalog = parts.catalog
+        self.evictor = parts.evictor
+        self.admission = parts.admission
+        self.verifier = parts.verifier
         self.capacity = self.admission.capacity
-        # Every tenant whose sockets are bound, by namespace ("" = the default tenant).
-        self.scopes = {t.name: Scope(t, index) for t in cfg.tenants()}
-        self.quotas = TenantQuotas(self.scopes, store, index, leases, self.evictor, metrics, download_quota)
+        self.scopes = parts.scopes
+        self.quotas = parts.quotas
+        self.jobs = parts.jobs
         # Client names being fetched, with the source and filters they are fetched for (_claim).
         self._claims: dict[str, JobKey] = {}
-        if jobs is None:
-            admitter = TenantAdmission(self.quotas, self.admission)  # its tenant's share first, then capacity
-            jobs = JobRegistry(cfg, store, index, metrics, ledger, admitter, IngestLinks(self.names, leases))
-        self.jobs = jobs
         # Client-serving work (manifests, listings, ReadRange; also the loop's default executor)
         # has its own threads: downloads run in the job registry's pool and admin work (verify,
         # doctor) in another, so none waits on the others.
