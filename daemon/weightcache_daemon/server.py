@@ -218,11 +218,46 @@ class Daemon:
         ] + [self.cfg.admin_socket]
 
     async def start(self) -> None:
+        """Reconcile, then bind and serve: the sockets' directories, the servers (one client gRPC
+        server and one fd.sock server per tenant), binding, widening their modes, background
+        work; ready (health SERVING) only once a cold open can start fetching at once."""
         # Whatever uses the loop's default executor (asyncio.to_thread anywhere) shares the
         # client I/O pool, never the downloads' threads (JobRegistry.job_pool).
         asyncio.get_running_loop().set_default_executor(self.core.client_io)
         report = await asyncio.to_thread(reconcile, self.store, self.index)
         log.info("reconciled", **report)
+        self._warn_unused_client_sources()
+        tenants = self.cfg.tenants()
+        admin_gid, gids = self._prepare_socket_dirs(tenants)
+        # The health service answers SERVING for "" from its creation; until start-up is done
+        # it must say otherwise, or a probe (or a test) would send work to a daemon not ready.
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._build_servers(tenants)
+        await self._bind(tenants)
+        _own(self.cfg.admin_socket, admin_gid, 0o660 if admin_gid is not None else ADMIN_SOCKET_MODE)
+        for t in tenants:
+            for n in (paths.CLIENT_SOCKET_NAME, paths.FD_SOCKET_NAME):
+                _own(t.socket_dir / n, gids[t.name], self.cfg.socket_mode)
+        self._start_background()
+        # Ready means a cold open starts fetching at once: the S3 clients (boto3's import and
+        # client build, ~0.25 s of CPU) are built by now, not by the first request.
+        await asyncio.to_thread(self.core.jobs.clients_ready.wait, CLIENT_WARMUP_SECONDS)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("weightcache.v1.Cache", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "ready",
+            cache_dir=str(self.cfg.cache_dir),
+            socket_dirs={t.name or "default": str(t.socket_dir) for t in tenants},
+            admin_socket=str(self.cfg.admin_socket),
+            pid=os.getpid(),
+            readonly_descriptors=self.store.view.protected,
+        )
+        if not self.store.view.protected:
+            log.warning("descriptors_writable_path", reason=self.store.view.reason,
+                        risk="root with CAP_DAC_OVERRIDE in a client can reopen a granted descriptor for writing "
+                        "(docs/security.md)")  # fmt: skip
+
+    def _warn_unused_client_sources(self) -> None:
         if self.cfg.declared_tenants and self.cfg.client_sources:
             # Each tenant's own client_sources decides; the top-level list would mislead a reader.
             log.warning(
@@ -231,9 +266,12 @@ class Daemon:
                 reason="[[tenants]] are declared: each tenant's own client_sources applies, the top-level "
                 "client_sources to no one, and the top-level socket_dir is not bound",
             )
+
+    def _prepare_socket_dirs(self, tenants: tuple[TenantConfig, ...]) -> tuple[int | None, dict[str, int | None]]:
+        """Every socket directory, owned by its group; any stale socket claimed. The admin
+        group's id and each tenant's socket group id."""
         admin_gid = resolve_group(self.cfg.admin_group, "admin_group")
         self.cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tenants = self.cfg.tenants()
         gids = {}
         for t in tenants:
             t.socket_dir.mkdir(parents=True, exist_ok=True)
@@ -241,14 +279,14 @@ class Daemon:
             _own(t.socket_dir, gids[t.name], self.cfg.socket_dir_mode)
         for p in self._sockets():
             _claim_socket(p)
+        return admin_gid, gids
+
+    def _build_servers(self, tenants: tuple[TenantConfig, ...]) -> None:
         opts = [
             ("grpc.max_receive_message_length", 4 << 20),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_concurrent_streams", 1024),
         ]
-        # The health service answers SERVING for "" from its creation; until start-up is done
-        # it must say otherwise, or a probe (or a test) would send work to a daemon not ready.
-        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         limits = self.cfg.limits
         client_opts = [
             ("grpc.max_receive_message_length", limits.request_bytes_max),
@@ -278,8 +316,11 @@ class Daemon:
                     scope=scope,
                 )
             )
-        # Every socket is created 0600 and widened only after its group is set: never, even
-        # briefly, reachable by someone the configuration does not name.
+
+    async def _bind(self, tenants: tuple[TenantConfig, ...]) -> None:
+        """Bind and start every server. Every socket is created 0600 and widened only after its
+        group is set: never, even briefly, reachable by someone the configuration does not name."""
+        assert self.admin_server is not None
         old = os.umask(0o177)
         try:
             self.admin_server.add_insecure_port(f"unix://{self.cfg.admin_socket}")
@@ -295,10 +336,9 @@ class Daemon:
                 self._mark_bound(t.socket_dir / paths.FD_SOCKET_NAME)
         finally:
             os.umask(old)
-        _own(self.cfg.admin_socket, admin_gid, 0o660 if admin_gid is not None else ADMIN_SOCKET_MODE)
-        for t in tenants:
-            for n in (paths.CLIENT_SOCKET_NAME, paths.FD_SOCKET_NAME):
-                _own(t.socket_dir / n, gids[t.name], self.cfg.socket_mode)
+
+    def _start_background(self) -> None:
+        """Metrics, the use-time flusher, interrupted downloads, the models.d watcher."""
         if self.cfg.metrics_address:
             try:
                 self._metrics_server = self.metrics.serve(self.cfg.metrics_address)
@@ -310,23 +350,6 @@ class Daemon:
         if self.cfg.models_dir is not None:
             self.models_dir = ModelsDir(self.core, self.cfg.models_dir)
             self.models_dir.start()
-        # Ready means a cold open starts fetching at once: the S3 clients (boto3's import and
-        # client build, ~0.25 s of CPU) are built by now, not by the first request.
-        await asyncio.to_thread(self.core.jobs.clients_ready.wait, CLIENT_WARMUP_SECONDS)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set("weightcache.v1.Cache", health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "ready",
-            cache_dir=str(self.cfg.cache_dir),
-            socket_dirs={t.name or "default": str(t.socket_dir) for t in tenants},
-            admin_socket=str(self.cfg.admin_socket),
-            pid=os.getpid(),
-            readonly_descriptors=self.store.view.protected,
-        )
-        if not self.store.view.protected:
-            log.warning("descriptors_writable_path", reason=self.store.view.reason,
-                        risk="root with CAP_DAC_OVERRIDE in a client can reopen a granted descriptor for writing "
-                        "(docs/security.md)")  # fmt: skip
 
     def client_sockets(self) -> list[ClientSockets]:
         """Each tenant's client sockets as this process bound them (Admin.Stats, cachectl health)."""
