@@ -35,7 +35,8 @@ OPEN_UNREAD = """
 sock, sid, path, n, conns = sys.argv[1:]
 from weightcache.v1 import weightcache_pb2 as pb, weightcache_pb2_grpc as pb_grpc
 stubs = [pb_grpc.CacheStub(grpc.insecure_channel("unix://" + sock + "/weightcache.sock",
-                                                 options=[("grpc.use_local_subchannel_pool", 1)]))
+                                                 options=[("grpc.use_local_subchannel_pool", 1),
+                                                          ("grpc.max_receive_message_length", 8 << 20)]))
          for _ in range(int(conns))]
 req = pb.ReadRangeRequest(snapshot_id=sid, file=pb.FileRange(path=path), chunk_size=4 << 20)
 calls = [stubs[i % len(stubs)].ReadRange(req) for i in range(int(n))]
@@ -44,7 +45,8 @@ calls = [stubs[i % len(stubs)].ReadRange(req) for i in range(int(n))]
 
 def test_a_tenants_calls_are_bounded_across_its_connections(root: Path, s3, bucket: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     uri = _model(s3, bucket, tmp_path, "big", seed=70, size=32 << 20)
-    d, sock_a, sock_b = tenant_daemon(root, s3, bucket, limits={"calls_per_tenant": 4})
+    # a long stall timeout: b's unread streams must stay in progress however slow this machine is
+    d, sock_a, sock_b = tenant_daemon(root, s3, bucket, limits={"calls_per_tenant": 4, "stream_stall_timeout": 600})
     try:
         with connect(sock_a) as a:
             m = a.ensure(uri, name="big")
@@ -55,9 +57,11 @@ def test_a_tenants_calls_are_bounded_across_its_connections(root: Path, s3, buck
             OPEN_UNREAD
             + """
 import time
+for c in calls:  # each stream's first chunk: the daemon has started (and counts) all four before any List
+    next(c)
 stub = pb_grpc.CacheStub(grpc.insecure_channel("unix://" + sock + "/weightcache.sock"))
 deadline = time.monotonic() + 60
-while True:  # the four streams are counted once the daemon has started them
+while True:  # the four streams are in progress, reading nothing more
     try:
         stub.List(pb.ListRequest())
     except grpc.RpcError as e:
