@@ -33,10 +33,17 @@ what it is (a copy bound by first-touching fresh memory, a loader spinning, a sl
 Ratios are taken round by round (variant ÷ weightcache in the same round) and shown as the
 median with the spread of the rounds.
 
-    python tools/bench_load.py --size 2GiB --rounds 3 [--out bench-out/load.json] [--doc docs/benchmarks.md]
+    python tools/bench_load.py --size 2GiB --rounds 3 [--busy 2] [--out bench-out/load.json] [--doc docs/benchmarks.md]
     python tools/bench_load.py --from-json bench-out/load.json --doc docs/benchmarks.md
 
---doc rewrites the table between the bench-load markers in that file.
+--busy N keeps N CPU-bound processes spinning through every round (settle included), so that
+every loader competes for the CPUs as it would beside other work; 0 (the default) is a quiet
+run. They run in a session of their own (--busy-group node: the kernel schedules them as another
+group, as it does other containers' work) or in the loader's (--busy-group process: each
+runnable thread gets an equal share, so a loader with more threads gets more of the CPUs).
+
+--doc rewrites the table between the bench-load markers in that file (a busy run's between the
+bench-load-busy-node or bench-load-busy-process markers).
 """
 
 from __future__ import annotations
@@ -405,6 +412,11 @@ def main() -> None:
     ap.add_argument("--size", default="2GiB")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset to run")
+    ap.add_argument("--variants", default="", help="comma-separated: only these variants of each scenario")
+    ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes spinning through the rounds")
+    ap.add_argument("--busy-group", choices=("node", "process"), default="node",
+                    help="node: the spinning processes in a session of their own (other work on the node); "
+                         "process: in the loader's session (other work in the same container)")  # fmt: skip
     ap.add_argument("--work", type=Path)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--doc", "--readme", dest="doc", type=Path,
@@ -424,12 +436,17 @@ def main() -> None:
         table = _table(json.loads(a.from_json.read_text()))
         print(table)
         if a.doc:
-            _write_doc(a.doc, table)
+            saved = json.loads(a.from_json.read_text())
+            _write_doc(a.doc, table, _doc_tag(saved.get("busy", 0), saved.get("busy_group", "node")))
         return
     scenarios = [x for x in a.scenarios.split(",") if x]
     unknown = [x for x in scenarios if x not in SCENARIOS]
     if unknown:
         raise SystemExit(f"--scenarios: unknown {unknown}; known: {', '.join(SCENARIOS)}")
+    only = {x for x in a.variants.split(",") if x}
+    known = {v for s in scenarios for v in SCENARIOS[s][0]}
+    if only - known:
+        raise SystemExit(f"--variants: {sorted(only - known)} not in {scenarios}; known: {', '.join(sorted(known))}")
     import make_model  # tools/ is on sys.path when this runs as `python tools/bench_load.py`
     from harness import start_daemon
 
@@ -476,18 +493,23 @@ def main() -> None:
             "daemon_pid": daemon.proc.pid,
         }
         res: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in scenarios}
-        for rnd in range(a.rounds):
-            for scen in scenarios:
-                variants = SCENARIOS[scen][0]
-                k = rnd % len(variants)
-                for v in variants[k:] + variants[:k]:  # rotated: no variant always runs first
-                    res[scen].setdefault(v, []).append(one(scen, v, ctx))
-            print(f"round {rnd + 1} done", flush=True)
+        with _Busy(a.busy, a.busy_group):
+            for rnd in range(a.rounds):
+                for scen in scenarios:
+                    variants = [v for v in SCENARIOS[scen][0] if not only or v in only]
+                    if not variants:
+                        continue
+                    k = rnd % len(variants)
+                    for v in variants[k:] + variants[:k]:  # rotated: no variant always runs first
+                        res[scen].setdefault(v, []).append(one(scen, v, ctx))
+                print(f"round {rnd + 1} done", flush=True)
         report: dict[str, Any] = {
             "bytes": total,
             "first_layer": {"name": first.name, "bytes": first.nbytes, "tensors": len(first_layer)},
             "rounds": a.rounds,
             "cpus": os.cpu_count(),
+            "busy": a.busy,
+            "busy_group": a.busy_group,
             "scenarios": {},
         }
         for scen, by_variant in res.items():
@@ -509,22 +531,49 @@ def main() -> None:
             a.out.write_text(json.dumps(report, indent=1))
             a.out.with_suffix(".md").write_text(table)
         if a.doc:
-            _write_doc(a.doc, table)
+            _write_doc(a.doc, table, _doc_tag(a.busy, a.busy_group))
     finally:
         daemon.stop()
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-START, END = "<!-- bench-load:start -->", "<!-- bench-load:end -->"
+class _Busy:
+    """``n`` processes spinning on a CPU each while the rounds run. ``group="node"``: in a
+    session of their own, like other containers' work on a node, which the kernel schedules as
+    another group (autogroup, or a pod's cgroup), so the loader's share of the CPUs does not
+    depend on how many threads it runs; ``group="process"``: in the loader's own session, where
+    each runnable thread gets an equal share (like other work inside the serving container)."""
+
+    def __init__(self, n: int, group: str = "node") -> None:
+        self._n = n
+        self._own_session = group == "node"
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> _Busy:
+        for _ in range(self._n):
+            self._procs.append(
+                subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=self._own_session)
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self._procs:
+            p.kill()
+            p.wait()
 
 
-def _write_doc(path: Path, table: str) -> None:
+def _doc_tag(busy: int, group: str) -> str:
+    return f"bench-load-busy-{group}" if busy else "bench-load"
+
+
+def _write_doc(path: Path, table: str, tag: str) -> None:
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
     text = path.read_text()
-    pat = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    pat = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pat.search(text):
-        raise SystemExit(f"{path}: no {START} ... {END} markers to write the table between")
-    path.write_text(pat.sub(lambda _: f"{START}\n{table}{END}", text, count=1))
+        raise SystemExit(f"{path}: no {start} ... {end} markers to write the table between")
+    path.write_text(pat.sub(lambda _: f"{start}\n{table}{end}", text, count=1))
 
 
 def _ms(x: float | None) -> str:
@@ -560,13 +609,21 @@ def _costs(runs: list[dict[str, Any]], size: int) -> tuple[str, str, str]:
     )
 
 
+def _busy_text(n: int, group: str) -> str:
+    if not n:
+        return ", nothing else started"
+    where = "in a session of their own" if group == "node" else "in the loader's session"
+    return f" with {n} CPU-bound processes spinning beside every load ({where})"
+
+
 def _table(report: dict[str, Any]) -> str:
     total = report["bytes"]
     fl = report["first_layer"]
     loads = [r["load"] for rows in report["scenarios"].values() for v in rows.values() for r in v["runs"]]
     out = [
         f"model: {total / 2**30:.2f} GiB, 2 shards; first layer group `{fl['name']}`: {fl['bytes'] / 2**20:.0f} MiB, "
-        f"{fl['tensors']} tensors; {report['rounds']} rounds on {report['cpus']} CPUs, 1-minute load average "
+        f"{fl['tensors']} tensors; {report['rounds']} rounds on {report['cpus']} CPUs"
+        f"{_busy_text(report.get('busy', 0), report.get('busy_group', 'node'))}, 1-minute load average "
         f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} during the runs\n",
         "| scenario | variant | min ms | median ms | max ms | GB/s (median) | CPU s/GB | faults/page | daemon CPU s "
         "| variant ÷ weightcache, median [spread] of the rounds |",

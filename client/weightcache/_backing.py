@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ._fd import FdConnection
     from ._records import FileInfo
 
-__all__ = ["Backing", "FetchedFiles", "MappedFiles", "Prefaulting", "Residency", "check_range"]
+__all__ = ["Backing", "FetchedFiles", "MappedFiles", "Prefaulting", "check_range"]
 
 
 @runtime_checkable
@@ -97,17 +97,6 @@ class Prefaulting(Backing, Protocol):
         ...
 
 
-@runtime_checkable
-class Residency(Backing, Protocol):
-    """A backing that can tell whether a range is in the page cache now. ``stream()`` copies
-    cached runs with at most one thread per CPU (more would only contend for the cores), and
-    keeps more reads in flight for runs that must come from the disk."""
-
-    def resident(self, file: str, offset: int, length: int) -> bool:
-        """Whether every page of the range is in the page cache now (False if that cannot be told)."""
-        ...
-
-
 def check_range(file: str, size: int, offset: int, length: int) -> None:
     """CorruptedError unless [offset, offset+length) lies inside a file of ``size`` bytes."""
     if offset < 0 or length < 0 or offset + length > size:
@@ -151,9 +140,7 @@ def _resident(addr: int, length: int) -> bool:
 class MappedFiles:
     """Descriptors from fd.sock, each file mapped ``MAP_PRIVATE``; ``close()`` ends the lease.
 
-    Besides the ``Backing`` methods it offers ``prefault`` (it is ``Prefaulting``) and
-    ``resident`` (it is ``Residency``), which lets ``stream()`` copy cached bytes with no more
-    threads than CPUs."""
+    Besides the ``Backing`` methods it offers ``prefault`` (it is ``Prefaulting``)."""
 
     zero_copy = True
 
@@ -245,14 +232,6 @@ class MappedFiles:
         ahead into bytes not written yet, caching zeros."""
         for mm in self._maps.values():
             mm.madvise(mmap.MADV_SEQUENTIAL)
-
-    def resident(self, file: str, offset: int, length: int) -> bool:
-        """Whether every page of the range is in the page cache now (False if that cannot be told)."""
-        addr = self._addrs.get(file)
-        if addr is None or length <= 0:
-            return False
-        check_range(file, self._sizes[file], offset, length)
-        return _resident(addr + offset, length)
 
     def prefault(self, file: str, offset: int, length: int) -> None:
         """Read the range into the page cache and map it into this process now (blocking), so

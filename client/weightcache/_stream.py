@@ -1,4 +1,4 @@
-"""model.stream(): layer groups read ahead by a background thread, bounded by ``prefetch``.
+"""model.stream(): layer groups read ahead in the background, bounded by ``prefetch``.
 
 CPU: each group's bytes are read straight into freshly allocated tensors (pread from the
 shared page cache), or handed out as
@@ -7,16 +7,22 @@ each group's pages in (``prefault``: read into the page cache in large requests 
 piece by piece, like a copy) before handing it over, so the consumer computes on resident
 pages while the next group is brought in.
 
-Threads: a copy from the page cache into fresh memory is CPU work (the kernel zeroes each new
-page at its first write, then the copy fills it), so cached bytes are copied by at most as many
-threads as there are CPUs: more threads add no bandwidth, only contention in the page-fault
-path of one address space (on 2 busy CPUs, 8 threads took 2-5 s for 1.2 GB where 2 took 1.4-2.9
-s, the same CPU seconds). Bytes not yet cached are read by up to ``READ_THREADS`` requests in
-flight, so that a cold disk always has work queued.
+Threads: every piece of a copy is one read (``READ_SPLIT`` bytes at most), and up to
+``READ_THREADS`` reads are in flight, across groups: once the reader has submitted a group's
+reads it hands the group to a second thread (``_hand_over``), which waits for them and hands
+groups over in order, while the reader goes on to the next group within the ``prefetch``
+bound. So no thread idles at the end of a group waiting for the slowest read of it, and the
+loader keeps as many threads runnable as a disk or a busy CPU needs: on 2 CPUs with two other
+processes spinning, the copy took 0.57 s for 1.07 GB this way against 0.79 s with one thread
+per CPU and a barrier at each group's end, for the same CPU seconds per GB; with nothing else
+running the two were alike (tools/bench_load.py, docs/benchmarks.md). Views (``copy=False``)
+are faulted in one group at a time: the first group's reads must not share the disk with the
+next's.
 
 CUDA: a ring of ``prefetch + 1`` pinned host buffers, each as large as the largest group.
-The reader fills a slot (waiting first for that slot's previous H2D copy to finish), then
-issues ``non_blocking`` copies on a side stream and records one event per group. The
+The reader fills a slot (waiting first for that slot's previous H2D copy to finish); once
+the slot's reads are done, the hand-over thread issues ``non_blocking`` copies on a side
+stream and records one event per group. The
 consumer's current stream waits on that event only, so layer i+1 is copied while layer i
 computes; tensors are marked with ``record_stream`` for the caching allocator.
 
@@ -31,7 +37,6 @@ forward pass that uses every group can finish on bytes that fail verification.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections import deque
@@ -41,17 +46,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ._backing import Prefaulting, Residency, populate_write
+from ._backing import Prefaulting, populate_write
 from ._dtypes import torch_dtype, torch_module
 from ._model import _file_ranges
-from .contract.errors import InvalidInputError
+from .contract.errors import InvalidInputError, WeightcacheError
 
 if TYPE_CHECKING:
     from ._model import Model, TensorMeta
 
 READ_SPLIT = 8 << 20  # bytes per parallel read
-READ_THREADS = 8  # reads in flight for bytes that come from the disk
-COPY_THREADS = max(1, min(READ_THREADS, len(os.sched_getaffinity(0))))  # copies of cached bytes
+READ_THREADS = 8  # reads in flight, from the page cache or the disk
 
 _DONE = object()
 
@@ -121,10 +125,6 @@ class LayerStream:
         self._views_only = not copy and not self._cuda and not reuse
         backing = model.backing
         self._prefault = backing.prefault if self._views_only and isinstance(backing, Prefaulting) else None
-        # Copies only: whether a run of pieces is cached (then COPY_THREADS batches, see above).
-        self._resident: Callable[[str, int, int], bool] | None = (
-            backing.resident if not self._views_only and isinstance(backing, Residency) else None
-        )
         biggest = max((_packed_size(ts) for _, ts in groups), default=0)
         if self._cuda:
             if not torch.cuda.is_available():
@@ -142,14 +142,21 @@ class LayerStream:
             raise InvalidInputError(f"device {self.device}: stream() supports cpu and cuda")
         elif reuse:
             self._ring = [torch.empty(max(biggest, 1), dtype=torch.uint8) for _ in range(prefetch + 1)]
+        # Groups whose reads are all submitted, in order, for _hand_over; then _DONE or the
+        # reader's failure.
+        self._submitted: queue.Queue[Any] = queue.Queue()
+        self._begun: set[int] = set()  # groups the reader has started (for _hint_next)
         self._thread = threading.Thread(target=self._reader, name="wc-stream", daemon=True)
+        self._handing = threading.Thread(target=self._hand_over, name="wc-stream-out", daemon=True)
         self._thread.start()
+        self._handing.start()
 
     # ---------------------------------------------------------------- reader thread
 
     def _start(self, i: int, metas: list[TensorMeta]) -> _Group:
         """Group i's destinations, and its reads cut into READ_SPLIT pieces (not submitted)."""
         torch = torch_module()
+        self._begun.add(i)
         spans: list[tuple[TensorMeta, memoryview | None]] = []
         finish: Callable[[], tuple[dict[str, Any], Any]]
         if self._cuda:
@@ -199,10 +206,10 @@ class LayerStream:
         last part lands is one piece. Several pieces in flight keep a cold disk busy."""
         backing = self.model.backing
         while g.pieces and backing.ready(*g.pieces[0][:3]):
-            if g.pieces[0][3] is not None:
-                self._submit_copies(g)
+            file, offset, length, dest = g.pieces.popleft()
+            if dest is not None:
+                g.futures.append(self._pool.submit(_copy_piece, backing.read_into, file, offset, dest))
                 continue
-            file, offset, length, _ = g.pieces.popleft()
             # Views: one prefault for the run of ready pieces that follow in the file (a whole
             # group, on a committed model), so that the kernel's readahead streams it: faulted
             # in piece by piece, a cold group took twice as long.
@@ -211,28 +218,6 @@ class LayerStream:
                 end += g.pieces.popleft()[2]
             if self._prefault is not None:
                 g.futures.append(self._pool.submit(self._prefault, file, offset, end - offset))
-
-    def _submit_copies(self, g: _Group) -> None:
-        """Submit the run of ready copy pieces at the head of g: one read per piece while any of
-        them is still on disk (reads in flight keep the disk busy), else COPY_THREADS batches of
-        about equal bytes, each read one piece after the other."""
-        backing = self.model.backing
-        run: list[tuple[str, int, memoryview]] = []
-        while g.pieces and g.pieces[0][3] is not None and backing.ready(*g.pieces[0][:3]):
-            file, offset, _, dest = g.pieces.popleft()
-            assert dest is not None
-            run.append((file, offset, dest))
-        resident = self._resident
-        if len(run) <= 1 or resident is None or not all(resident(*span) for span in _spans(run)):
-            g.futures.extend(self._pool.submit(backing.read_into, f, o, d) for f, o, d in run)
-            return
-        batches: list[list[tuple[str, int, memoryview]]] = [[] for _ in range(min(COPY_THREADS, len(run)))]
-        loads = [0] * len(batches)
-        for piece in sorted(run, key=lambda p: -len(p[2])):
-            k = loads.index(min(loads))
-            batches[k].append(piece)
-            loads[k] += len(piece[2])
-        g.futures.extend(self._pool.submit(_read_all, backing.read_into, b) for b in batches)
 
     def _finish(self, g: _Group) -> tuple[Any, ...]:
         for f in g.futures:
@@ -332,16 +317,42 @@ class LayerStream:
                         # In short steps, so close() stops a reader that waits for bytes.
                         if not backing.wait_ready(file, offset, length, timeout=0.1) and self._stop.is_set():
                             return
-                self._queue.put(self._finish(g))
-                if i + 1 < len(self.groups) and not views and i + 1 not in early:
-                    # After this group is in and handed over, not before: the hint must not
-                    # compete with it, and queuing a cold group's reads can block for a while.
-                    # Views (copy=False) are faulted in piece by piece as the next group
-                    # starts: a hint here would only add a second request for the same pages.
-                    self._advise(self.groups[i + 1][1])
-            self._queue.put(_DONE)
+                if views:
+                    for f in g.futures:  # one group at a time (see the module docstring)
+                        f.result()
+                self._submitted.put(g)
+            self._submitted.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            self._queue.put(exc)
+            self._submitted.put(exc)
+        finally:
+            self._submitted.put(_DONE)  # after a stop too, so that _hand_over ends
+
+    def _hand_over(self) -> None:
+        """Wait for each submitted group's reads and hand the groups over in order; forward the
+        end (or the reader's failure) after the last one."""
+        while True:
+            item = self._submitted.get()
+            if not isinstance(item, _Group):
+                self._queue.put(item)
+                return
+            try:
+                self._queue.put(self._finish(item))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                self._queue.put(exc)
+                return
+            self._hint_next(item.index)
+
+    def _hint_next(self, i: int) -> None:
+        """Group i is in: if the reader has not started group i + 1 (all ``prefetch`` slots are
+        held by groups the consumer has not taken), ask the kernel to read it meanwhile. Not
+        for views: they are faulted in as the next group starts, and a hint would only add a
+        second request for the same pages."""
+        if self._views_only or i + 1 >= len(self.groups) or i + 1 in self._begun:
+            return
+        try:
+            self._advise(self.groups[i + 1][1])
+        except (OSError, WeightcacheError):
+            pass  # closed or failed meanwhile: a hint; the reader's next read reports it
 
     # ---------------------------------------------------------------- consumer
 
@@ -385,35 +396,20 @@ class LayerStream:
     def close(self) -> None:
         self._stop.set()
         self._slots.release()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
+        for t in (self._thread, self._handing):
+            if t.is_alive() and threading.current_thread() is not t:
+                t.join(timeout=30)
         self._pool.shutdown(wait=True)
 
     def __del__(self) -> None:
         self._stop.set()
 
 
-def _read_all(read_into: Callable[[str, int, memoryview], None], pieces: list[tuple[str, int, memoryview]]) -> None:
-    """Copy cached pieces one after the other, each destination's pages made first in one call
-    rather than faulted one by one inside the copy. Measured on a busy 2-CPU VM, the CPU saved
-    is within the noise (one run 0.67-0.75 against 0.76-0.82 CPU-s/GB, another the reverse);
-    the fault count is the same, one per page."""
-    for file, offset, dest in pieces:
-        populate_write(dest)
-        read_into(file, offset, dest)
-
-
-def _spans(pieces: list[tuple[str, int, memoryview]]) -> list[tuple[str, int, int]]:
-    """(file, offset, length) of the pieces, merged where they follow each other in a file:
-    a group's residency is asked once per file, not once per piece."""
-    out: list[tuple[str, int, int]] = []
-    for file, offset, dest in sorted(pieces, key=lambda p: (p[0], p[1])):
-        if out and out[-1][0] == file and out[-1][1] + out[-1][2] >= offset:
-            f, o, n = out[-1]
-            out[-1] = (f, o, max(n, offset + len(dest) - o))
-        else:
-            out.append((file, offset, len(dest)))
-    return out
+def _copy_piece(read_into: Callable[[str, int, memoryview], None], file: str, offset: int, dest: memoryview) -> None:
+    """Copy one piece, its destination's pages made first in one call rather than faulted one
+    by one inside the copy (the same one fault per page; it saved a little CPU, within noise)."""
+    populate_write(dest)
+    read_into(file, offset, dest)
 
 
 ALIGN = 64  # each tensor in a staging buffer starts aligned for any dtype view

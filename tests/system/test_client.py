@@ -725,39 +725,70 @@ def test_mapped_files_read_ahead_sequentially(daemon: Daemon, tmp_path: Path) ->
 
 
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux) to see the page cache")
-def test_stream_copies_cached_and_evicted_groups_alike(
-    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """stream("cpu") copies cached groups in batches of at most one per CPU and evicted ones one
-    read per piece; both give the source's bytes, and the backing tells the two apart."""
-    import weightcache._stream as stream_mod
+def test_stream_copies_cached_and_evicted_groups_alike(daemon: Daemon, tmp_path: Path) -> None:
+    """stream("cpu") gives the source's bytes whether the blobs are in the page cache or not."""
+    from weightcache._backing import _resident as mapped_resident
 
     model = make_model(tmp_path / "m", tiny=False, size=48 << 20)
     want: dict[str, Any] = {}
     for f in sorted(model.glob("*.safetensors")):
         want.update(load_file(f))
     daemon.ctl("prefetch", f"file://{model}/", "--name", "copies")
-    batches: list[int] = []
-    real_read_all = stream_mod._read_all
-
-    def spy(read_into: Any, pieces: list[Any]) -> None:
-        batches.append(len(pieces))
-        real_read_all(read_into, pieces)
-
-    monkeypatch.setattr(stream_mod, "_read_all", spy)
     with weightcache.connect(daemon.socket_dir) as c, c.open("copies") as m:
-        first = m.meta(m.keys()[0])
+        sd = m.state_dict()  # not read: the tensors only map the files
+        first = m.keys()[0]
         blobs = sorted({(Path(m.store_path) / t.file).resolve() for t in (m.meta(n) for n in m.keys())})
-        m.state_dict()  # not read: the tensors only map the files
         for b in blobs:
             subprocess.run(["cat", str(b)], stdout=subprocess.DEVNULL, check=True)
-        assert m.backing.resident(first.file, first.offset, first.length)  # type: ignore[attr-defined]
+        assert mapped_resident(sd[first].data_ptr(), sd[first].nbytes)
         got = {k: v for _, g in m.stream("cpu") for k, v in g.items()}
-        assert batches, "cached groups were not copied in batches"
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
         _evict_after_open(blobs, 0)
-        assert not m.backing.resident(first.file, first.offset, first.length)  # type: ignore[attr-defined]
-        batches.clear()
+        assert not mapped_resident(sd[first].data_ptr(), sd[first].nbytes)
         got = {k: v for _, g in m.stream("cpu") for k, v in g.items()}
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_stream_reads_the_next_group_while_a_group_finishes(daemon: Daemon, tmp_path: Path) -> None:
+    """A copy's reads do not stop at a group's end: while one read of group 0 is still
+    running, the reads of group 1 go on (within the prefetch bound), and the groups are still
+    handed over in order with the source's bytes."""
+    model = make_model(tmp_path / "m", tiny=False, size=24 << 20)
+    want: dict[str, Any] = {}
+    for f in sorted(model.glob("*.safetensors")):
+        want.update(load_file(f))
+    daemon.ctl("prefetch", f"file://{model}/", "--name", "overlap")
+    with weightcache.connect(daemon.socket_dir) as c, c.open("overlap") as m:
+        groups = m.groups()
+        first = {(t.file, t.offset) for t in groups[0][1]}
+        second = {(t.file, t.offset) for t in groups[1][1]}
+        real = m.backing
+        second_read = threading.Event()
+        held: list[bool] = []
+
+        class Slow:
+            """The real backing, but the first read of group 0 waits until group 1 is read."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def read_into(self, file: str, offset: int, dest: memoryview) -> None:
+                if (file, offset) in second:
+                    second_read.set()
+                if (file, offset) in first and not held:
+                    held.append(second_read.wait(timeout=120))
+                real.read_into(file, offset, dest)
+
+        m._backing = Slow()  # type: ignore[assignment]
+        try:
+            order = []
+            got: dict[str, Any] = {}
+            for name, g in m.stream("cpu", prefetch=2):
+                order.append(name)
+                got.update(g)
+        finally:
+            m._backing = real
+        assert held == [True], "group 1's reads waited for group 0's to finish"
+        assert order == [name for name, _ in groups]
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
