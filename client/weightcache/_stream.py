@@ -13,9 +13,9 @@ reads it hands the group to a second thread (``_hand_over``), which waits for th
 groups over in order, while the reader goes on to the next group within the ``prefetch``
 bound. So no thread idles at the end of a group waiting for the slowest read of it, and the
 loader keeps as many threads runnable as a disk or a busy CPU needs: on 2 CPUs with two other
-processes spinning, the copy took 0.57 s for 1.07 GB this way against 0.79 s with one thread
-per CPU and a barrier at each group's end, for the same CPU seconds per GB; with nothing else
-running the two were alike (tools/bench_load.py, docs/benchmarks.md). Views (``copy=False``)
+processes spinning, 1.07 GB was copied in 0.79 s this way against 1.24 s with one thread per
+CPU and a barrier at each group's end, for about the same CPU seconds per GB; with nothing
+else running the two were alike (docs/benchmarks.md, "Load"). Views (``copy=False``)
 are faulted in one group at a time: the first group's reads must not share the disk with the
 next's.
 

@@ -724,16 +724,22 @@ def test_mapped_files_read_ahead_sequentially(daemon: Daemon, tmp_path: Path) ->
         assert "sr" in flags, f"mapping flags {flags}: not marked sequential"
 
 
+def _cached_model(daemon: Daemon, tmp_path: Path, size: int, name: str) -> dict[str, Any]:
+    """A generated model of about ``size`` bytes, prefetched as ``name``; its tensors."""
+    model = make_model(tmp_path / "m", tiny=False, size=size)
+    daemon.ctl("prefetch", f"file://{model}/", "--name", name)
+    want: dict[str, Any] = {}
+    for f in sorted(model.glob("*.safetensors")):
+        want.update(load_file(f))
+    return want
+
+
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux) to see the page cache")
 def test_stream_copies_cached_and_evicted_groups_alike(daemon: Daemon, tmp_path: Path) -> None:
     """stream("cpu") gives the source's bytes whether the blobs are in the page cache or not."""
     from weightcache._backing import _resident as mapped_resident
 
-    model = make_model(tmp_path / "m", tiny=False, size=48 << 20)
-    want: dict[str, Any] = {}
-    for f in sorted(model.glob("*.safetensors")):
-        want.update(load_file(f))
-    daemon.ctl("prefetch", f"file://{model}/", "--name", "copies")
+    want = _cached_model(daemon, tmp_path, 48 << 20, "copies")
     with weightcache.connect(daemon.socket_dir) as c, c.open("copies") as m:
         sd = m.state_dict()  # not read: the tensors only map the files
         first = m.keys()[0]
@@ -754,11 +760,7 @@ def test_stream_reads_the_next_group_while_a_group_finishes(daemon: Daemon, tmp_
     """A copy's reads do not stop at a group's end: while one read of group 0 is still
     running, the reads of group 1 go on (within the prefetch bound), and the groups are still
     handed over in order with the source's bytes."""
-    model = make_model(tmp_path / "m", tiny=False, size=24 << 20)
-    want: dict[str, Any] = {}
-    for f in sorted(model.glob("*.safetensors")):
-        want.update(load_file(f))
-    daemon.ctl("prefetch", f"file://{model}/", "--name", "overlap")
+    want = _cached_model(daemon, tmp_path, 24 << 20, "overlap")
     with weightcache.connect(daemon.socket_dir) as c, c.open("overlap") as m:
         groups = m.groups()
         first = {(t.file, t.offset) for t in groups[0][1]}
