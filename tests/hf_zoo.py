@@ -68,6 +68,14 @@ def _tiny(cls: Any, cfg: Any) -> Callable[[], Any]:
 def archs() -> dict[str, Arch]:
     t = transformers
     moe = dict(LM, num_local_experts=4, num_experts_per_tok=2)
+
+    def tiny_bert() -> Any:  # plain and in the sentence-transformers layout; a config each
+        return t.BertModel(
+            t.BertConfig(
+                vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+            )
+        )
+
     return {
         "gpt2": Arch(_tiny(t.GPT2LMHeadModel, t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4)), _ids),
         "llama-tied": Arch(
@@ -103,12 +111,7 @@ def archs() -> dict[str, Arch]:
             _seq2seq_ids,
         ),
         "bert": Arch(
-            _tiny(
-                t.BertModel,
-                t.BertConfig(
-                    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-                ),
-            ),
+            tiny_bert,
             _bert_ids,
             output="last_hidden_state",
         ),
@@ -176,12 +179,7 @@ def archs() -> dict[str, Arch]:
             _audio,
         ),
         "st-bert": Arch(
-            _tiny(
-                t.BertModel,
-                t.BertConfig(
-                    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-                ),
-            ),
+            tiny_bert,
             _bert_ids,
             output="last_hidden_state",
             extra=lambda d: _sentence_transformers_layout(d),

@@ -321,11 +321,10 @@ class LayerStream:
                     for f in g.futures:  # one group at a time (see the module docstring)
                         f.result()
                 self._submitted.put(g)
-            self._submitted.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             self._submitted.put(exc)
         finally:
-            self._submitted.put(_DONE)  # after a stop too, so that _hand_over ends
+            self._submitted.put(_DONE)  # the end; after a failure or a stop too, so that _hand_over ends
 
     def _hand_over(self) -> None:
         """Wait for each submitted group's reads and hand the groups over in order; forward the

@@ -115,12 +115,17 @@ def test_bytes_read_for_a_tenants_unread_streams_are_bounded(root: Path, s3, buc
                 ma = a.ensure(uri, name="big")
                 assert len(a.read_range(ma.snapshot_id, shard, length=8 << 20)) == 8 << 20
         finally:
-            assert child.stdin is not None
-            child.stdin.write("\n")
-            child.stdin.close()
-            child.wait(timeout=120)
+            _release(child)
     finally:
         d.stop()
+
+
+def _release(child: subprocess.Popen[str]) -> None:
+    """Tell a child that holds its calls open (it waits for a line on stdin) to finish."""
+    assert child.stdin is not None
+    child.stdin.write("\n")
+    child.stdin.close()
+    child.wait(timeout=120)
 
 
 def _buffer_waits(d: Daemon) -> int:
@@ -235,10 +240,7 @@ for c in calls:
                 assert a.ensure(victim, name="victim").snapshot_id
                 assert [x.name for x in a.list()] == ["victim"]
         finally:
-            assert child.stdin is not None
-            child.stdin.write("\n")
-            child.stdin.close()
-            child.wait(timeout=120)
+            _release(child)
     finally:
         d.stop()
 
