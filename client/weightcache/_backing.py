@@ -105,25 +105,29 @@ def check_range(file: str, size: int, offset: int, length: int) -> None:
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
-# madvise(2) advice: fault a range's pages in, reading them from the file as needed (Linux 5.14;
-# Python's mmap module does not name it yet).
+# madvise(2) advice: fault a range's pages in, reading them from the file as needed, or making
+# them writable (Linux 5.14; Python's mmap module does not name them yet).
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-
-
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def _populate(start: int, end: int, advice: int) -> None:
+    """madvise(2) over the page-aligned [start, end), through ctypes, which lets go of the GIL
+    for the call: ``mmap.madvise`` holds it, so a populate that waits for the disk would stop
+    every other thread of the process meanwhile, the one queuing the readahead included (a
+    cold 164 MiB group of views: 308 ms held against 126 ms let go, docs/benchmarks.md).
+    A kernel before 5.14 refuses the advice; then the pages fault in at first use as before."""
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
 
 
 def populate_write(dest: memoryview) -> None:
     """Make the pages wholly inside a writable buffer now, in one madvise(2) call, rather than
-    one page fault at a time when they are first written (a kernel before 5.14 refuses; then
-    they fault in as before)."""
+    one page fault at a time when they are first written."""
     if len(dest) < PAGE:
         return
     addr = ctypes.addressof(ctypes.c_char.from_buffer(dest))
-    start = -(-addr // PAGE) * PAGE
-    end = (addr + len(dest)) // PAGE * PAGE
-    if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_POPULATE_WRITE)
+    _populate(-(-addr // PAGE) * PAGE, (addr + len(dest)) // PAGE * PAGE, MADV_POPULATE_WRITE)
 
 
 def _resident(addr: int, length: int) -> bool:
@@ -247,11 +251,8 @@ class MappedFiles:
             # the readahead on from there. Queuing every window first (``willneed``) was slower
             # here (133 MiB cold: 70-100 ms against 45 ms).
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-        start = offset - offset % PAGE
-        try:
-            mm.madvise(MADV_POPULATE_READ, start, offset + length - start)
-        except OSError:
-            pass  # a kernel before 5.14: the pages fault in at first touch, after the readahead above
+        begin = addr + offset
+        _populate(begin - begin % PAGE, -(-(begin + length) // PAGE) * PAGE, MADV_POPULATE_READ)
 
     def descriptors(self) -> Mapping[str, int] | None:
         return dict(self._fds)
