@@ -297,6 +297,46 @@ def test_kill_9_at_random_points_20_times(tmp_path: Path, s3, bucket: str, repor
     _resume_case(tmp_path, s3, bucket, iterations=20, seed=int(os.environ.get("WC_SEED", "7")), report=report)
 
 
+def test_kill_between_the_commits_moves_and_its_index_transaction(tmp_path: Path, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    """A crash after the commit moved the verified files into the store but before the index
+    transaction: the restarted job finds its blobs (adopted at start-up) and fetches nothing
+    again. The test holds SQLite's write lock on index.db from another connection, so the
+    daemon's commit waits right there (a real lock, no hook in the daemon), and kills it then."""
+    import sqlite3
+
+    model = make_model(tmp_path / "m", tiny=False, size=4 << 20, shards=2)
+    upload_dir(s3, bucket, "cut/", model)
+    expected = {p.name: sha256_file(p) for p in model.iterdir()}
+    total = sum(p.stat().st_size for p in model.iterdir())
+    root = tmp_path / "d"
+    root.mkdir()
+    cfg = write_config(root / "w.toml", s3, client_sources=["*"])
+    d = start_daemon(root, s3, config=cfg)
+    lock = sqlite3.connect(d.cache_dir / "index.db", isolation_level=None, timeout=60)
+    try:
+        p = _prefetch_accepted(d, f"s3://{bucket}/cut/", "cut")
+        lock.execute("BEGIN IMMEDIATE")  # from here every write of the daemon to its index waits
+        blobs = d.cache_dir / "blobs" / "sha256"
+        wait_for(lambda: sum(1 for _ in blobs.glob("*/*")) == len(expected), 120, "the commit to move every file")
+        assert '"event": "fetch_done"' not in d.log_text()  # the index transaction is still waiting
+        _kill(d)
+        p.communicate(timeout=120)
+    finally:
+        lock.rollback() if lock.in_transaction else None
+        lock.close()
+    d2 = start_daemon(root, s3, config=cfg)
+    try:
+        wait_for(lambda: "cut" in _names(d2), 120, "the resumed prefetch")
+        view = Path(d2.ctl_json("show", "cut")["manifest"]["path"])
+        assert {f.name: sha256_file(f) for f in view.iterdir()} == expected
+        assert d2.ctl("verify").returncode == 0
+        no_partial_files(d2)
+        # Every file was in the store before the kill: not one byte of it is fetched again.
+        assert int(d2.ctl_json("stats")["bytes_downloaded"]) == 0, total
+    finally:
+        d2.stop()
+
+
 def test_kill_before_the_daemon_accepts_a_prefetch(tmp_path: Path, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
     """The kill lands before the request reaches the daemon: the client says which daemon it could
     not reach, nothing is half-written, and the next start has nothing to resume."""

@@ -48,7 +48,7 @@ from weightcache_daemon.ingest.headers import read_headers
 from weightcache_daemon.ingest.job import Job
 from weightcache_daemon.ingest.layout import check_layout
 from weightcache_daemon.ingest.ledger import Ledger
-from weightcache_daemon.ingest.resume import load_resume, save_resume
+from weightcache_daemon.ingest.resume import load_committed, load_resume, save_resume
 from weightcache_daemon.ingest.schedule import group_ranks, other_file_ranks, safetensors_ranks
 from weightcache_daemon.observe.metrics import Metrics, source_label
 from weightcache_daemon.records import FileRow, JobKey, NewFile, build_manifest
@@ -129,6 +129,9 @@ class Listed:
     known: dict[str, str]  # relpath -> sha256 of a blob already in the store
     todo: list[RemoteObject]
     expected: dict[str, str]  # relpath -> sha256 the source vouches for
+    # relpath -> sha256 of objects in todo whose verified bytes a previous run of the job moved
+    # into the store before it stopped short of the index transaction: not fetched again
+    committed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -324,19 +327,25 @@ class Pipeline:
             if digest is not None and self.parts.store.has(digest):  # same bytes under another name
                 known[o.relpath] = digest
                 todo.remove(o)
+        committed = {
+            rel: digest
+            for rel, digest in load_committed(self.ingest, job.key, todo).items()
+            if self.parts.store.has(digest)
+        }
         for o in objects:
             if o.relpath in known:
                 p.bytes_done += o.size
                 p.files_done += 1
         log.info("fetch_start", source=job.key.uri, model=job.label, files=len(objects), cached=len(known),
-                 bytes=p.bytes_total)  # fmt: skip
-        return Listed(objects, known, todo, expected)
+                 committed=len(committed), bytes=p.bytes_total)  # fmt: skip
+        return Listed(objects, known, todo, expected, committed)
 
     # ---------------------------------------------------------------- admit
 
     def admit(self, listed: Listed) -> None:
         """Protect the blobs the snapshot reuses, then admit the bytes still to fetch."""
-        self.parts.ledger.protect(self.job.id, frozenset(listed.known.values()))  # before eviction can run
+        reused = frozenset(listed.known.values()) | frozenset(listed.committed.values())
+        self.parts.ledger.protect(self.job.id, reused)  # before eviction can run
         self.parts.admitter.admit(self.job.id, self.job.label, sum(o.size for o in listed.todo))
 
     # ---------------------------------------------------------------- headers
@@ -415,21 +424,44 @@ class Pipeline:
         """Fetch what the store lacks, resuming parts a previous run wrote; each file is verified
         as soon as its hash is known (verify_file)."""
         job, cfg = self.job, self.parts.cfg
-        resume = load_resume(self.ingest, job.key, listed.todo, cfg.download.part_size)
+        fetch = [o for o in listed.todo if o.relpath not in listed.committed]
+        resume = load_resume(self.ingest, job.key, fetch, cfg.download.part_size)
         if resume:
             log.info("fetch_resume", source=job.key.uri, model=job.label, parts=sum(len(v) for v in resume.values()))
         if not listed.todo:
             return [], {}
         job.progress.phase = "DOWNLOADING"
         ps = cfg.download.part_size
-        for o in listed.todo:
+        for o in fetch:
             job.progress.bytes_done += sum(min(ps, o.size - i * ps) for i in resume.get(o.relpath, ()))
         events = _JobEvents(self, listed, plan)
-        got = download(
-            source, listed.todo, self.ingest, cfg.download, self.parts.pool, self.parts.limiter, events, job.cancelled,
+        got = self._already_committed(listed, plan, events)
+        if not fetch:
+            events.started()
+            return got, events.tensors
+        got += download(
+            source, fetch, self.ingest, cfg.download, self.parts.pool, self.parts.limiter, events, job.cancelled,
             resume=resume, priority=plan.priority if cfg.download.order == "layer" else None, heads=plan.heads,
         )  # fmt: skip
         return got, events.tensors
+
+    def _already_committed(self, listed: Listed, plan: Plan, events: _JobEvents) -> list[HashedFile]:
+        """The files a cut-short commit of a previous run moved into the store: verified again
+        from their blobs as a download would be (their header against the one read), ready for
+        early readers at once, and committed with the rest."""
+        out: list[HashedFile] = []
+        for o in listed.todo:
+            digest = listed.committed.get(o.relpath)
+            if digest is None:
+                continue
+            blob = self.parts.store.path(digest)
+            plan.early.moved(o.relpath, blob)
+            f = HashedFile(o, blob, digest, restarts=0, read_back=o.size)
+            events.hashed(f)
+            plan.early.mark_whole(o.relpath)
+            self.job.progress.bytes_done += o.size
+            out.append(f)
+        return out
 
     # ---------------------------------------------------------------- commit
 
@@ -437,7 +469,9 @@ class Pipeline:
         """The content id is read back from the disk once nothing can change the files any more
         (made read-only, writers closed): a change that slipped in after the bytes were hashed
         on the way in fails the job here, before anything is published."""
-        changed = self.parts.store.seal([(d.path, d.sha256) for d in got])
+        # Blobs a previous run moved in are sealed already (and re-hashed when start-up adopted them).
+        store = self.parts.store
+        changed = store.seal([(d.path, d.sha256) for d in got if d.path != store.path(d.sha256)])
         if not changed:
             return
         job = self.job
@@ -467,6 +501,15 @@ class Pipeline:
                 "snapshot may have (its manifest must fit one message); nothing published"
             )
         self.seal(got)
+        # From here files move into the store: the record names their digests, so that a crash
+        # before the index transaction below costs a re-check of their blobs, not a refetch.
+        ps = self.parts.cfg.download.part_size
+        save_resume(
+            self.ingest, job.record, ps,
+            [(d.obj, d.path.name if d.path.parent == self.ingest else f"{d.sha256}.committed",
+              list(range(-(-d.obj.size // ps)))) for d in got],
+            {d.obj.relpath: d.sha256 for d in got},
+        )  # fmt: skip
         files: list[NewFile] = []
         for o in listed.objects:
             if o.relpath in listed.known:
@@ -478,6 +521,9 @@ class Pipeline:
                 raise InvalidInputError(
                     f"file {o.relpath} of model {job.label}: expected {d.obj.size} bytes, got {size}"
                 )
+            if d.path == store.path(d.sha256):  # moved by a previous run (_already_committed)
+                files.append(NewFile(o.relpath, d.sha256, d.obj.size, tensors.get(o.relpath, ())))
+                continue
             if job.early is not None:
                 job.early.moved(o.relpath, store.path(d.sha256))
             store.commit(d.path, d.sha256)

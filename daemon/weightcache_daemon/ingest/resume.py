@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "IngestState",
     "JobRecord",
     "ingest_dir_name",
+    "load_committed",
     "load_resume",
     "record_intent",
     "save_resume",
@@ -45,10 +47,16 @@ class IngestFile:
     size: int
     file: str  # the ingest file's name inside the job's directory
     written: tuple[int, ...]
+    # Set just before the commit moves the (sealed, verified) file into the store: a crash
+    # between that move and the index transaction leaves the bytes as this blob, not here.
+    sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"relpath": self.relpath, "version": self.version, "size": self.size, "file": self.file,
-                "written": list(self.written)}  # fmt: skip
+        d = {"relpath": self.relpath, "version": self.version, "size": self.size, "file": self.file,
+             "written": list(self.written)}  # fmt: skip
+        if self.sha256:
+            d["sha256"] = self.sha256
+        return d
 
     @classmethod
     def from_json(cls, d: object) -> IngestFile | None:
@@ -59,7 +67,10 @@ class IngestFile:
             return None
         if not isinstance(file, str) or not isinstance(written, list) or not all(isinstance(i, int) for i in written):
             return None
-        return cls(relpath, version, size, file, tuple(written))
+        digest = d.get("sha256", "")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            digest = ""
+        return cls(relpath, version, size, file, tuple(written), digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +143,16 @@ class JobRecord:
     owner: str
 
 
-def save_resume(ingest: Path, job: JobRecord, part_size: int, files: list[tuple[RemoteObject, str, list[int]]]) -> None:
+def save_resume(
+    ingest: Path,
+    job: JobRecord,
+    part_size: int,
+    files: list[tuple[RemoteObject, str, list[int]]],
+    digests: Mapping[str, str] | None = None,
+) -> None:
+    """The job's record with the parts on disk of each file; ``digests`` (relpath -> sha256) for
+    files about to be moved into the store (see ``load_committed``)."""
+    digests = digests or {}
     IngestState(
         uri=job.key.uri,
         include=job.key.include,
@@ -141,7 +161,10 @@ def save_resume(ingest: Path, job: JobRecord, part_size: int, files: list[tuple[
         pin=job.pin,
         owner=job.owner,
         part_size=part_size,
-        files=tuple(IngestFile(o.relpath, o.version, o.size, name, tuple(written)) for o, name, written in files),
+        files=tuple(
+            IngestFile(o.relpath, o.version, o.size, name, tuple(written), digests.get(o.relpath, ""))
+            for o, name, written in files
+        ),
     ).save(ingest)
 
 
@@ -175,4 +198,23 @@ def load_resume(ingest: Path, key: JobKey, todo: list[RemoteObject], part_size: 
             continue
         if parts and max(min((i + 1) * part_size, o.size) for i in parts) <= on_disk:
             out[o.relpath] = parts
+    return out
+
+
+def load_committed(ingest: Path, key: JobKey, todo: list[RemoteObject]) -> dict[str, str]:
+    """Files a previous run of this job had verified and moved into the store when it stopped
+    (between the move and the index transaction, which start-up reconciliation then adopts as
+    blobs): relpath -> sha256, for objects whose version is unchanged and whose ingest file is
+    gone. The caller still checks that the store has each blob."""
+    state = IngestState.load(ingest)
+    if state is None or state.uri != key.uri:
+        return {}
+    current = {o.relpath: o for o in todo}
+    out: dict[str, str] = {}
+    for f in state.files:
+        o = current.get(f.relpath)
+        if not f.sha256 or o is None or o.version != f.version or o.size != f.size:
+            continue
+        if not (ingest / f.file).exists():
+            out[o.relpath] = f.sha256
     return out
