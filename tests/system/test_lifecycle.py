@@ -297,15 +297,30 @@ def test_kill_9_at_random_points_20_times(tmp_path: Path, s3, bucket: str, repor
     _resume_case(tmp_path, s3, bucket, iterations=20, seed=int(os.environ.get("WC_SEED", "7")), report=report)
 
 
-def test_kill_between_the_commits_moves_and_its_index_transaction(tmp_path: Path, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("checksums", [False, True], ids=["no-checksums", "sha256-checksums"])
+def test_kill_between_the_commits_moves_and_its_index_transaction(tmp_path: Path, s3, bucket: str,  # type: ignore[no-untyped-def]
+                                                                  checksums: bool) -> None:  # fmt: skip
     """A crash after the commit moved the verified files into the store but before the index
     transaction: the restarted job finds its blobs (adopted at start-up) and fetches nothing
-    again. The test holds SQLite's write lock on index.db from another connection, so the
-    daemon's commit waits right there (a real lock, no hook in the daemon), and kills it then."""
+    again, and the model it names has every tensor. The test holds SQLite's write lock on
+    index.db from another connection, so the daemon's commit waits right there (a real lock, no
+    hook in the daemon), and kills it then. With SHA256 checksums at the source the restarted
+    job could also take the adopted blobs for known bytes; they carry no tensor records."""
     import sqlite3
 
+    from safetensors import safe_open
+
     model = make_model(tmp_path / "m", tiny=False, size=4 << 20, shards=2)
-    upload_dir(s3, bucket, "cut/", model)
+    if checksums:
+        c = s3.client()
+        for f in sorted(model.iterdir()):
+            c.put_object(Bucket=bucket, Key=f"cut/{f.name}", Body=f.read_bytes(), ChecksumAlgorithm="SHA256")
+    else:
+        upload_dir(s3, bucket, "cut/", model)
+    tensors = {}
+    for f in model.glob("*.safetensors"):
+        with safe_open(str(f), "np") as h:
+            tensors.update({k: f.name for k in h.keys()})
     expected = {p.name: sha256_file(p) for p in model.iterdir()}
     total = sum(p.stat().st_size for p in model.iterdir())
     root = tmp_path / "d"
@@ -333,6 +348,10 @@ def test_kill_between_the_commits_moves_and_its_index_transaction(tmp_path: Path
         no_partial_files(d2)
         # Every file was in the store before the kill: not one byte of it is fetched again.
         assert int(d2.ctl_json("stats")["bytes_downloaded"]) == 0, total
+        import weightcache
+
+        with weightcache.connect(d2.socket_dir) as client, client.open("cut") as m:
+            assert {t: m.meta(t).file for t in m.keys()} == tensors
     finally:
         d2.stop()
 

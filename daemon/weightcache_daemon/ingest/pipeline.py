@@ -324,7 +324,7 @@ class Pipeline:
         expected = source.expected_sha256(todo) if todo else {}
         for o in list(todo):
             digest = expected.get(o.relpath)
-            if digest is not None and self.parts.store.has(digest):  # same bytes under another name
+            if digest is not None and self._stored_with_records(o.relpath, digest):  # same bytes, another name
                 known[o.relpath] = digest
                 todo.remove(o)
         committed = {
@@ -339,6 +339,14 @@ class Pipeline:
         log.info("fetch_start", source=job.key.uri, model=job.label, files=len(objects), cached=len(known),
                  committed=len(committed), bytes=p.bytes_total)  # fmt: skip
         return Listed(objects, known, todo, expected, committed)
+
+    def _stored_with_records(self, rel: str, digest: str) -> bool:
+        """Whether the store has the blob and, for a safetensors file, the index its tensors: a
+        blob that start-up adopted (a crash between a commit's moves and its index transaction)
+        has no tensor records, and reused as it is it would publish a model without tensors."""
+        if not self.parts.store.has(digest):
+            return False
+        return not rel.endswith(".safetensors") or bool(self.parts.index.tensors(digest))
 
     # ---------------------------------------------------------------- admit
 
