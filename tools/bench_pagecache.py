@@ -46,21 +46,15 @@ PATHS = ("read-around", "sequential", "hinted")
 MEMORY = ("settled", "recycled")
 
 
-def evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def child(path: str, offset: int, size: int, how: str, memory: str) -> dict[str, float]:
     import numpy as np
+    from bench_load import drop  # tools/ is on sys.path when this runs as `python tools/bench_pagecache.py`
 
     from weightcache.contract.readahead import willneed
 
-    evict(path)
+    left = drop([path])
+    if left:
+        raise SystemExit(f"{path}: {left} bytes still resident after eviction (fincore); the touch would not be cold")
     scratch = np.ones(2 << 30, dtype=np.uint8)  # 2 GiB first-touched, then freed, as a previous load would
     del scratch
     if memory == "settled":
@@ -91,7 +85,7 @@ def _cell(xs: list[float], fmt: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="164MiB", help="bytes touched (a number with KiB/MiB/GiB, or plain bytes)")
+    ap.add_argument("--size", default="164MiB", help="bytes touched (e.g. 164MiB, 1GB)")
     ap.add_argument("--offset", type=int, default=8472, help="where the range starts (a safetensors header's end)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp", help="where the test file goes: a disk, not tmpfs")
@@ -101,9 +95,9 @@ def main() -> None:
         p, off, size, how, memory = a.child
         print(json.dumps(child(p, int(off), int(size), how, memory)))
         return
-    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-    unit = next((u for u in units if a.size.endswith(u)), "")
-    size = int(float(a.size[: len(a.size) - len(unit)]) * units.get(unit, 1))
+    from weightcache_daemon.config import parse_size
+
+    size = parse_size(a.size, "--size")
     if size <= 0 or a.offset < 0:
         raise SystemExit(f"--size {a.size} / --offset {a.offset}: a positive size and a non-negative offset")
     with tempfile.TemporaryDirectory(dir=a.dir) as work:

@@ -49,7 +49,7 @@ from weightcache_daemon.ingest.job import Job
 from weightcache_daemon.ingest.layout import check_layout
 from weightcache_daemon.ingest.ledger import Ledger
 from weightcache_daemon.ingest.resume import load_committed, load_resume, save_resume
-from weightcache_daemon.ingest.schedule import group_ranks, other_file_ranks, safetensors_ranks
+from weightcache_daemon.ingest.schedule import group_ranks, other_file_ranks, part_count, safetensors_ranks
 from weightcache_daemon.observe.metrics import Metrics, source_label
 from weightcache_daemon.records import FileRow, JobKey, NewFile, build_manifest
 from weightcache_daemon.safetensors_format import TensorInfo, validate_file
@@ -131,7 +131,7 @@ class Listed:
     expected: dict[str, str]  # relpath -> sha256 the source vouches for
     # relpath -> sha256 of objects in todo whose verified bytes a previous run of the job moved
     # into the store before it stopped short of the index transaction: not fetched again
-    committed: dict[str, str] = field(default_factory=dict)
+    committed: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -473,13 +473,16 @@ class Pipeline:
 
     # ---------------------------------------------------------------- commit
 
+    def _in_store(self, d: HashedFile) -> bool:
+        """Whether the file is its blob already (moved in by a previous run's cut-short commit)."""
+        return d.path == self.parts.store.path(d.sha256)
+
     def seal(self, got: list[HashedFile]) -> None:
         """The content id is read back from the disk once nothing can change the files any more
         (made read-only, writers closed): a change that slipped in after the bytes were hashed
         on the way in fails the job here, before anything is published."""
         # Blobs a previous run moved in are sealed already (and re-hashed when start-up adopted them).
-        store = self.parts.store
-        changed = store.seal([(d.path, d.sha256) for d in got if d.path != store.path(d.sha256)])
+        changed = self.parts.store.seal([(d.path, d.sha256) for d in got if not self._in_store(d)])
         if not changed:
             return
         job = self.job
@@ -514,8 +517,7 @@ class Pipeline:
         ps = self.parts.cfg.download.part_size
         save_resume(
             self.ingest, job.record, ps,
-            [(d.obj, d.path.name if d.path.parent == self.ingest else f"{d.sha256}.committed",
-              list(range(-(-d.obj.size // ps)))) for d in got],
+            [(d.obj, ingest_name(d.obj.relpath), list(range(part_count(d.obj.size, ps)))) for d in got],
             {d.obj.relpath: d.sha256 for d in got},
         )  # fmt: skip
         files: list[NewFile] = []
@@ -529,7 +531,7 @@ class Pipeline:
                 raise InvalidInputError(
                     f"file {o.relpath} of model {job.label}: expected {d.obj.size} bytes, got {size}"
                 )
-            if d.path == store.path(d.sha256):  # moved by a previous run (_already_committed)
+            if self._in_store(d):  # moved by a previous run (_already_committed)
                 files.append(NewFile(o.relpath, d.sha256, d.obj.size, tensors.get(o.relpath, ())))
                 continue
             if job.early is not None:
